@@ -1,0 +1,11 @@
+"""tdpipe_hf: TD-Pipe temporally disaggregated pipeline inference for Hugging Face causal LMs."""
+
+from __future__ import annotations
+
+from .config import TDPipeConfig
+from .plugins import register_switch_policy
+from .wrap import from_pretrained, unwrap, wrap
+
+__version__ = "0.1.0"
+
+__all__ = ["TDPipeConfig", "from_pretrained", "register_switch_policy", "unwrap", "wrap", "__version__"]

@@ -1,0 +1,60 @@
+"""TDPipeConfig: every knob of the engine in one validated place."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+EXECUTORS = ("local",)
+
+
+@dataclass
+class TDPipeConfig:
+    """Engine settings. Invalid values raise ``ValueError`` naming the field, at construction.
+
+    The KV budget is given either in blocks (``kv_blocks``) or in bytes (``kv_cache_bytes``);
+    with neither, it is sized from free memory when the engine starts.
+    """
+
+    num_stages: int = 1
+    block_size: int = 16
+    kv_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 256
+    prefill_chunk_tokens: int = 512
+    policy: str = "tdpipe"
+    switch_policy: str = "threshold"
+    switch_fraction: float = 0.5
+    executor: str = "local"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TDPipeConfig.{name} must be a positive integer, got {value!r}")
+
+        for name in ("num_stages", "block_size", "max_num_seqs", "prefill_chunk_tokens"):
+            positive_int(name)
+        positive_int("kv_blocks", allow_none=True)
+        positive_int("kv_cache_bytes", allow_none=True)
+        if self.kv_blocks is not None and self.kv_cache_bytes is not None:
+            raise ValueError("TDPipeConfig: give kv_blocks or kv_cache_bytes, not both")
+        if not isinstance(self.switch_fraction, (int, float)) or not 0.0 <= self.switch_fraction <= 1.0:
+            raise ValueError(f"TDPipeConfig.switch_fraction must be in [0, 1], got {self.switch_fraction!r}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"TDPipeConfig.executor must be one of {EXECUTORS}, got {self.executor!r}")
+        if self.policy != "tdpipe":
+            raise ValueError(f"TDPipeConfig.policy must be 'tdpipe' (the only policy so far), got {self.policy!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "TDPipeConfig":
+        """Build from keyword arguments, rejecting unknown names instead of ignoring them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown TD-Pipe option(s) {unknown}; known options: {sorted(known - {'extra'})}")
+        return cls(**kwargs)

@@ -1,0 +1,94 @@
+"""The hierarchy controller's loop: decide, dispatch, absorb results. Stages only execute.
+
+The controller keeps up to ``num_stages`` micro-batches in flight and forms the next one as soon
+as a slot frees, so a stage never waits on a decision. It sees token ids only; which executor runs
+the micro-batches (in-process or one process per stage) is invisible to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..plan import MicroBatch, StepResult
+from .request import Request, Status
+from .scheduler import Scheduler
+
+
+@dataclass
+class RunStats:
+    micro_batches: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    generated_tokens: int = 0
+    preemptions: int = 0
+    phase_switches: int = 0
+
+
+class Controller:
+    def __init__(self, executor, scheduler: Scheduler,
+                 on_token: Callable[[Request, int], None] | None = None,
+                 on_finish: Callable[[Request], None] | None = None):
+        self.executor = executor
+        self.scheduler = scheduler
+        self.on_token = on_token
+        self.on_finish = on_finish
+        self.stats = RunStats()
+        self._in_flight: dict[int, MicroBatch] = {}
+
+    def run(self, requests: list[Request]) -> RunStats:
+        """Drive ``requests`` to completion. On an executor error nothing is half-applied: the
+        error propagates and every request keeps its tokens so far."""
+        for request in requests:
+            self.scheduler.add(request)
+        while self.scheduler.has_work:
+            self._dispatch()
+            if not self._in_flight:
+                stuck = [r.request_id for r in self.scheduler.waiting]
+                raise RuntimeError(f"scheduler cannot make progress: requests {stuck[:10]} cannot be admitted")
+            self._absorb(self.executor.collect())
+        self.stats.preemptions = self.scheduler.num_preemptions
+        self.stats.phase_switches = self.scheduler.num_phase_switches
+        return self.stats
+
+    def _dispatch(self) -> None:
+        while len(self._in_flight) < self.executor.num_stages:
+            batch = self.scheduler.next_batch()
+            if batch is None:
+                return
+            self._in_flight[batch.batch_id] = batch
+            self.stats.micro_batches[batch.phase] += 1
+            self.executor.submit(batch)
+
+    def _absorb(self, result: StepResult) -> None:
+        batch = self._in_flight.pop(result.batch_id)
+        requests = {r.request_id: r for r in self.scheduler.running}
+        for seq in batch.seqs:
+            request = requests[seq.request_id]
+            request.in_flight = False
+            request.num_cached = seq.context_len
+            if not seq.sample:
+                continue
+            token = result.tokens[seq.request_id]
+            request.output_ids.append(token)
+            request.status = Status.DECODING
+            self.stats.generated_tokens += 1
+            if self.on_token is not None:
+                self.on_token(request, token)
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self.scheduler.finish(request, reason)
+                if self.on_finish is not None:
+                    self.on_finish(request)
+
+    @staticmethod
+    def _stop_reason(request: Request, token: int) -> str | None:
+        if token in request.eos_token_ids:
+            return "stop"
+        if len(request.output_ids) >= request.max_new_tokens:
+            return "length"
+        if request.stopping_criteria:
+            ids = torch.tensor([request.history], dtype=torch.long)
+            if bool(request.stopping_criteria(ids, None).any()):
+                return "stop"
+        return None

@@ -1,0 +1,182 @@
+"""The TD-Pipe phase machine: micro-batches are all-prefill or all-decode, phases alternate.
+
+PREFILL fills the pipeline with prefill micro-batches of newly admitted requests until admission
+stops; DECODE keeps ``num_stages`` decode micro-batches circulating until the switch policy hands
+back to PREFILL. Requests whose KV no longer fits are preempted (youngest first) and recomputed.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+from dataclasses import dataclass
+
+from ..plan import MicroBatch, SequencePlan
+from .kv import BlockManager
+from .request import Request, Status
+
+
+class Phase(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass
+class DecodeState:
+    """What a switch policy sees when deciding whether to leave decode."""
+
+    num_stages: int
+    num_decoding: int
+    peak_decoding: int
+    num_waiting: int
+    can_admit: bool
+    decode_steps: int
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, num_stages: int, admission, batcher, switch,
+                 prefill_chunk_tokens: int = 512, max_num_seqs: int = 256):
+        self.blocks = blocks
+        self.num_stages = num_stages
+        self.admission = admission
+        self.batcher = batcher
+        self.switch = switch
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admitted, holding KV, oldest admission first
+        self.phase = Phase.PREFILL
+        self.num_preemptions = 0
+        self.num_phase_switches = 0
+        self._batch_ids = itertools.count()
+        self._admissions = itertools.count()
+        self._peak_decoding = 0
+        self._decode_steps = 0
+
+    # ---- requests -------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        request.status = Status.WAITING
+        self.waiting.append(request)
+
+    def finish(self, request: Request, reason: str) -> None:
+        request.status = Status.FINISHED
+        request.finish_reason = reason
+        self.blocks.release(request)
+        self.running.remove(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- micro-batch formation ------------------------------------------------------------
+    def next_batch(self) -> MicroBatch | None:
+        """The next micro-batch to dispatch, or None if nothing can run before a result returns."""
+        if self.phase is Phase.PREFILL:
+            batch = self._prefill_batch()
+            if batch is not None:
+                return batch
+            self._enter(Phase.DECODE)
+        elif self.waiting and self.switch.should_prefill(self._decode_state()):
+            batch = self._prefill_batch()
+            if batch is not None:
+                self._enter(Phase.PREFILL)
+                return batch
+        return self._decode_batch()
+
+    def _enter(self, phase: Phase) -> None:
+        if phase is not self.phase:
+            self.phase = phase
+            self.num_phase_switches += 1
+        if phase is Phase.DECODE:
+            self._peak_decoding = 0
+            self._decode_steps = 0
+
+    def _decode_state(self) -> DecodeState:
+        return DecodeState(
+            num_stages=self.num_stages,
+            num_decoding=sum(r.status is Status.DECODING for r in self.running),
+            peak_decoding=self._peak_decoding,
+            num_waiting=len(self.waiting),
+            can_admit=self._admissible() > 0,
+            decode_steps=self._decode_steps,
+        )
+
+    def _admissible(self) -> int:
+        return self.admission.admit(self.waiting, self.blocks, len(self.running), self.max_num_seqs)
+
+    def _prefill_batch(self) -> MicroBatch | None:
+        count = self._admissible()
+        seqs, tokens = [], 0
+        while count and self.waiting and (not seqs or tokens + self.waiting[0].num_tokens <= self.prefill_chunk_tokens):
+            request = self.waiting.popleft()
+            count -= 1
+            self.blocks.reserve(request, request.num_tokens)
+            request.status = Status.PREFILLING
+            request.admitted_at = next(self._admissions)
+            self.running.append(request)
+            seqs.append(self._plan(request))
+            tokens += request.num_tokens
+        return MicroBatch(next(self._batch_ids), Phase.PREFILL.value, seqs) if seqs else None
+
+    def _decode_batch(self) -> MicroBatch | None:
+        ready = [r for r in self.running if r.status is Status.DECODING and not r.in_flight]
+        if not ready:
+            return None
+        num_decoding = sum(r.status is Status.DECODING for r in self.running)
+        self._peak_decoding = max(self._peak_decoding, num_decoding)
+        chosen: list[Request] = []
+        for request in self.batcher.select(ready, num_decoding, self.num_stages):
+            if request.status is not Status.DECODING:
+                continue  # preempted to make room for an older request in this loop
+            if not self._make_room(request, chosen):
+                break
+            if request.status is Status.DECODING:
+                self.blocks.reserve(request, request.num_tokens)
+                chosen.append(request)
+        if not chosen:
+            return None
+        self._decode_steps += 1
+        return MicroBatch(next(self._batch_ids), Phase.DECODE.value, [self._plan(r) for r in chosen])
+
+    def _make_room(self, request: Request, chosen: list[Request]) -> bool:
+        """Free blocks for ``request``'s next token by preempting younger requests.
+
+        Victims are the youngest requests not in flight. If a younger request is in flight, wait
+        for it to come back rather than preempt an older one; if ``request`` is the youngest of
+        all, it preempts itself. Returns False when the batch should stop growing for now.
+        """
+        while not self.blocks.can_hold(request, request.num_tokens):
+            younger = [r for r in self.running if r.admitted_at > request.admitted_at]
+            idle = [r for r in younger if not r.in_flight]
+            if idle:
+                victim = max(idle, key=lambda r: r.admitted_at)
+                if victim in chosen:
+                    chosen.remove(victim)
+                self._preempt(victim)
+            elif younger:
+                return False
+            else:
+                self._preempt(request)
+                return True
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.blocks.release(request)
+        self.running.remove(request)
+        request.num_cached = 0
+        request.num_preemptions += 1
+        request.status = Status.PREEMPTED
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _plan(self, request: Request) -> SequencePlan:
+        request.in_flight = True
+        return SequencePlan(
+            request_id=request.request_id,
+            token_ids=request.pending_ids,
+            start=request.num_cached,
+            block_table=list(request.block_table),
+            sampling=request.sampling,
+            history=request.history if request.sampling.needs_history else None,
+        )

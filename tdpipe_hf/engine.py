@@ -1,0 +1,98 @@
+"""Assembles one engine: stages + executor (runtime side), scheduler + policies (controller side)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import plugins
+from .config import TDPipeConfig
+from .controller import BlockManager, Controller, Request, Scheduler
+from .controller.controller import RunStats
+from .policies import AdmitWhileFits, ReadyPoolBatcher
+from .runtime.local import LocalExecutor
+from .runtime.stage import blocks_for_budget, build_stages
+
+DEFAULT_CPU_KV_BYTES = 2 << 30
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def default_kv_bytes(device: torch.device) -> int:
+    """Half the free GPU memory, or a fifth of free host memory capped at 2 GiB on CPU."""
+    free = _available_memory(device)
+    return free // 2 if device.type == "cuda" else min(free // 5, DEFAULT_CPU_KV_BYTES)
+
+
+class TDPipeEngine:
+    def __init__(self, model, config: TDPipeConfig):
+        self.config = config
+        device = next(model.parameters()).device
+        if config.kv_blocks is not None:
+            self.num_blocks = config.kv_blocks
+        else:
+            budget = config.kv_cache_bytes or default_kv_bytes(device)
+            self.num_blocks = blocks_for_budget(model, budget, config.block_size)
+            if self.num_blocks < 1:
+                raise ValueError(f"KV budget of {budget} bytes is smaller than one block of {config.block_size} tokens")
+        self.switch_cls = plugins.load(plugins.SWITCH_POLICIES, config.switch_policy)
+        self.executor = LocalExecutor(build_stages(model, config.num_stages, self.num_blocks, config.block_size),
+                                      config.block_size)
+        self.stage_layers = [stage.index_range for stage in self.executor.stages]
+        self.last_stats: RunStats | None = None
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_blocks * self.config.block_size
+
+    def check_fits(self, requests: list[Request]) -> None:
+        """Every request must fit in the whole KV budget on its own, or it could never finish."""
+        for index, request in enumerate(requests):
+            if request.max_tokens > self.kv_capacity_tokens:
+                raise ValueError(
+                    f"request {index} needs up to {request.max_tokens} KV tokens (prompt {len(request.prompt_ids)} "
+                    f"+ max_new_tokens {request.max_new_tokens}) but the KV budget holds {self.kv_capacity_tokens} "
+                    f"({self.num_blocks} blocks of {self.config.block_size}); raise kv_blocks/kv_cache_bytes "
+                    f"or lower max_new_tokens")
+
+    def run(self, requests: list[Request], on_token: Callable[[Request, int], None] | None = None,
+            progress: bool = False, description: str = "tdpipe") -> RunStats:
+        self.check_fits(requests)
+        cfg = self.config
+        scheduler = Scheduler(BlockManager(self.num_blocks, cfg.block_size), cfg.num_stages,
+                              admission=AdmitWhileFits(), batcher=ReadyPoolBatcher(),
+                              switch=self.switch_cls(cfg.switch_fraction),
+                              prefill_chunk_tokens=cfg.prefill_chunk_tokens, max_num_seqs=cfg.max_num_seqs)
+        bar = tqdm(total=len(requests), desc=description, unit="req", disable=not progress)
+        start = time.perf_counter()
+
+        def on_finish(request: Request) -> None:
+            bar.update(1)
+            if progress:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(tok_s=f"{controller.stats.generated_tokens / max(elapsed, 1e-9):.1f}")
+
+        controller = Controller(self.executor, scheduler, on_token=on_token, on_finish=on_finish)
+        try:
+            self.last_stats = controller.run(requests)
+        finally:
+            bar.close()
+        return self.last_stats
+
+    def close(self) -> None:
+        self.executor.close()

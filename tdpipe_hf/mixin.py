@@ -1,0 +1,189 @@
+"""TDPipeGenerationMixin: HF's ``generate`` contract on top of the TD-Pipe engine.
+
+Arguments are resolved with HF's own helpers (generation config merging, special tokens, max
+length, logits processors), so a wrapped model sees the same settings HF ``generate`` would.
+Options the engine cannot honour exactly raise ``ValueError`` instead of silently changing results.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .controller import Request
+from .plan import SamplingSpec
+
+_UNSUPPORTED_ARGS = ("prefix_allowed_tokens_fn", "synced_gpus", "assistant_model", "negative_prompt_ids",
+                     "negative_prompt_attention_mask", "custom_generate")
+_UNSUPPORTED_CONFIG = {
+    "guidance_scale": lambda v: v is not None and v != 1,
+    "stop_strings": lambda v: bool(v),
+    "max_time": lambda v: v is not None,
+    "output_attentions": bool,
+    "output_hidden_states": bool,
+    "output_scores": bool,
+    "output_logits": bool,
+    "token_healing": bool,
+}
+
+
+class TDPipeGenerationMixin:
+    """Mixed in front of the model's class by :func:`tdpipe_hf.wrap`."""
+
+    @property
+    def tdpipe_engine(self):
+        return self._tdpipe_engine
+
+    # ---- public API ---------------------------------------------------------------------
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 logits_processor=None, stopping_criteria=None, streamer=None, **kwargs):
+        """Like ``PreTrainedModel.generate``: left-padded ``[batch, len]`` in, ``[batch, len + new]``
+        out, finished rows padded with ``pad_token_id``; runs the TD-Pipe loop."""
+        for name in _UNSUPPORTED_ARGS:
+            if kwargs.pop(name, None) is not None:
+                raise ValueError(f"tdpipe_hf generate() does not support `{name}`")
+        has_default_max_length = kwargs.get("max_length") is None and (
+            generation_config is None or generation_config.max_length is None) and self.generation_config.max_length is None
+        has_default_min_length = kwargs.get("min_length") is None and (
+            generation_config is None or generation_config.min_length is None) and self.generation_config.min_length is None
+        config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        model_kwargs.pop("use_cache", None)
+        if model_kwargs:
+            raise ValueError(f"tdpipe_hf generate() does not support the argument(s) {sorted(model_kwargs)}")
+        self._check_generation_config(config)
+        input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
+        expand = config.num_return_sequences or 1
+        if expand > 1:
+            input_ids = input_ids.repeat_interleave(expand, dim=0)
+            attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(expand, dim=0)
+        batch_size, length = input_ids.shape
+        self._prepare_special_tokens(config, attention_mask is not None, device=input_ids.device, batch_size=batch_size)
+        if attention_mask is None:
+            attention_mask = self._prepare_attention_mask_for_generation(input_ids, config, {})
+        config = self._prepare_generated_length(
+            generation_config=config, has_default_max_length=has_default_max_length,
+            has_default_min_length=has_default_min_length, model_input_name="input_ids",
+            inputs_tensor=input_ids, input_ids_length=length)
+        self._validate_generated_length(config, length, has_default_max_length)
+        processors = self._get_logits_processor(
+            generation_config=config, input_ids_seq_length=length, encoder_input_ids=input_ids,
+            logits_processor=logits_processor, device=input_ids.device, model_kwargs={})
+        spec = SamplingSpec(do_sample=bool(config.do_sample), processors=processors if len(processors) else None)
+        eos = _token_set(config._eos_token_tensor)
+        max_new = config.max_length - length
+
+        requests = []
+        for row in range(batch_size):
+            mask = attention_mask[row].bool()
+            pad = int((~mask).sum())
+            if mask[pad:].sum() != length - pad:
+                raise ValueError(f"row {row} of attention_mask is not left-padded (zeros must come first); "
+                                 "tokenize with padding_side='left'")
+            ids = input_ids[row].tolist()
+            requests.append(self._make_request(row, ids[pad:], max_new, eos, spec, stopping_criteria, ids[:pad]))
+
+        if streamer is not None:
+            if batch_size != 1:
+                raise ValueError("a streamer works with batch size 1 only (as in HF generate)")
+            streamer.put(input_ids.cpu())
+            on_token = lambda request, token: streamer.put(torch.tensor([token]))  # noqa: E731
+        else:
+            on_token = None
+        try:
+            self._tdpipe_engine.run(requests, on_token=on_token)
+        finally:
+            if streamer is not None:
+                streamer.end()
+
+        sequences = _assemble(input_ids, requests, config._pad_token_tensor)
+        if config.return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(sequences=sequences)
+        return sequences
+
+    def generate_batch(self, inputs: list[list[int]], generation_config: GenerationConfig | None = None,
+                       progress_bar: bool = False, **kwargs) -> list[list[int]]:
+        """Throughput mode: unpadded prompts in, every request's generated ids out, in order."""
+        if not isinstance(inputs, (list, tuple)):
+            raise TypeError(f"generate_batch expects a list of token-id lists, got {type(inputs).__name__}")
+        config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        if model_kwargs:
+            raise ValueError(f"tdpipe_hf generate_batch() does not support the argument(s) {sorted(model_kwargs)}")
+        self._check_generation_config(config)
+        if (config.num_return_sequences or 1) > 1:
+            raise ValueError("generate_batch does not support num_return_sequences > 1; repeat the prompt instead")
+        self._prepare_special_tokens(config, True, device=self.device, batch_size=len(inputs))
+        processors = self._get_logits_processor(generation_config=config, device=self.device, model_kwargs={})
+        spec = SamplingSpec(do_sample=bool(config.do_sample), processors=processors if len(processors) else None)
+        eos = _token_set(config._eos_token_tensor)
+        requests = []
+        for index, prompt in enumerate(inputs):
+            ids = _check_token_list(index, prompt)
+            max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - len(ids)
+            if max_new < 1:
+                raise ValueError(f"prompt {index} leaves no room to generate: {len(ids)} tokens, max_length "
+                                 f"{config.max_length}; set max_new_tokens")
+            requests.append(self._make_request(index, ids, max_new, eos, spec, None, []))
+        if requests:
+            self._tdpipe_engine.run(requests, progress=progress_bar)
+        return [r.output_ids for r in requests]
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _make_request(self, index, prompt, max_new, eos, spec, stopping_criteria, prefix) -> Request:
+        if not prompt:
+            raise ValueError(f"prompt {index} is empty: every request needs at least one token")
+        context = getattr(self.config, "max_position_embeddings", None)
+        if context is not None and len(prompt) > context:
+            raise ValueError(f"prompt {index} has {len(prompt)} tokens, more than the model's context of {context}")
+        return Request(request_id=index, prompt_ids=list(prompt), max_new_tokens=max_new, eos_token_ids=eos,
+                       sampling=spec, stopping_criteria=stopping_criteria or None, history_prefix=list(prefix))
+
+    @staticmethod
+    def _check_generation_config(config: GenerationConfig) -> None:
+        mode = config.get_generation_mode()
+        if mode.value not in ("greedy_search", "sample"):
+            raise ValueError(f"tdpipe_hf supports greedy decoding and sampling, not {mode.value} "
+                             f"(num_beams={config.num_beams})")
+        for field, unsupported in _UNSUPPORTED_CONFIG.items():
+            value = getattr(config, field, None)
+            if unsupported(value):
+                raise ValueError(f"tdpipe_hf does not support generation option {field}={value!r}")
+
+
+def _check_inputs(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if input_ids is None:
+        raise ValueError("generate() needs input_ids (prompts to complete)")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int, torch.int32):
+        raise ValueError(f"input_ids must be a 2-D integer tensor [batch, length], got shape "
+                         f"{tuple(input_ids.shape)} dtype {input_ids.dtype}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids has length 0: prompts must not be empty")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
+                         f"shape {tuple(input_ids.shape)}")
+    return input_ids.long(), attention_mask
+
+
+def _check_token_list(index: int, prompt) -> list[int]:
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise TypeError(f"prompt {index} must be a list of token ids (ints)")
+    return list(prompt)
+
+
+def _token_set(tensor: torch.Tensor | None) -> frozenset[int]:
+    return frozenset() if tensor is None else frozenset(tensor.flatten().tolist())
+
+
+def _assemble(input_ids: torch.Tensor, requests: list[Request], pad: torch.Tensor | None) -> torch.Tensor:
+    width = max(len(r.output_ids) for r in requests)
+    pad_id = int(pad) if pad is not None else 0
+    new = torch.full((len(requests), width), pad_id, dtype=torch.long)
+    for row, request in enumerate(requests):
+        new[row, :len(request.output_ids)] = torch.tensor(request.output_ids, dtype=torch.long)
+    return torch.cat([input_ids.cpu(), new], dim=1).to(input_ids.device)

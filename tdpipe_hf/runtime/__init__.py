@@ -1,0 +1,1 @@
+"""Execution only: stages, attention, KV tensors, executors. Never imports controller/ or policies/."""

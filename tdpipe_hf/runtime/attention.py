@@ -1,0 +1,137 @@
+"""Paged attention plugged into transformers through ``AttentionInterface``.
+
+HF's own attention modules project Q/K/V and apply RoPE; then they call the function registered
+under ``config._attn_implementation``. Ours stores the new keys/values in the stage's paged cache
+and attends over each request's cached context. A micro-batch is packed into one sequence (no
+padding): rows with one new token (decode) are attended together in one batched call, rows with
+several (prefill or recompute) one by one. Without a TD-Pipe context (a plain ``model(...)`` call)
+the function defers to HF's SDPA attention, so the wrapped model still works as a normal model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ..plan import MicroBatch
+
+ATTENTION_NAME = "tdpipe"
+
+
+@dataclass
+class Segment:
+    """A row with several new tokens: packed tokens ``[begin, end)`` at positions ``start...``."""
+
+    begin: int
+    end: int
+    start: int
+    block_table: torch.Tensor
+
+
+@dataclass
+class AttentionContext:
+    """Per-micro-batch index tensors, built once and shared by every layer of every stage."""
+
+    input_ids: torch.Tensor       # [tokens]
+    positions: torch.Tensor       # [tokens]
+    slots: torch.Tensor           # [tokens] flat cache slot of each new token
+    logits_rows: torch.Tensor     # packed index of the last token of each sampled row
+    decode_rows: torch.Tensor | None    # packed index of each single-token row
+    decode_blocks: torch.Tensor | None  # [rows, max_blocks] block tables, zero-padded
+    decode_mask: torch.Tensor | None    # [rows, 1, 1, max_blocks * block_size] valid context
+    all_decode: bool
+    segments: list[Segment]
+
+    @classmethod
+    def build(cls, batch: MicroBatch, block_size: int, device: torch.device | str = "cpu") -> "AttentionContext":
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        segments: list[Segment] = []
+        for seq in batch.seqs:
+            begin = len(ids)
+            n = len(seq.token_ids)
+            ids.extend(seq.token_ids)
+            table = seq.block_table
+            for pos in range(seq.start, seq.start + n):
+                positions.append(pos)
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+            if seq.sample:
+                logits_rows.append(begin + n - 1)
+            if n == 1:
+                decode_rows.append(begin)
+                decode_tables.append(table)
+                decode_lens.append(seq.context_len)
+            else:
+                segments.append(Segment(begin, begin + n, seq.start,
+                                        torch.tensor(table, dtype=torch.long, device=device)))
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        decode_blocks = decode_mask = decode_index = None
+        if decode_rows:
+            width = max(len(t) for t in decode_tables)
+            decode_blocks = tensor([t + [0] * (width - len(t)) for t in decode_tables])
+            span = torch.arange(width * block_size, device=device)
+            decode_mask = (span[None, :] < tensor(decode_lens)[:, None])[:, None, None, :]
+            decode_index = tensor(decode_rows)
+        return cls(tensor(ids), tensor(positions), tensor(slots), tensor(logits_rows),
+                   decode_index, decode_blocks, decode_mask, not segments, segments)
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The ``AttentionInterface`` function. ``query``: ``[1, heads, tokens, dim]``, RoPE applied."""
+    ctx: AttentionContext | None = kwargs.get("tdpipe_ctx")
+    if ctx is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    cache = kwargs["tdpipe_kv"]
+    layer = module.layer_idx
+    q = query[0].transpose(0, 1)  # [tokens, heads, dim]
+    k = key[0].transpose(0, 1)    # [tokens, kv_heads, dim]
+    v = value[0].transpose(0, 1)
+    cache.write(layer, ctx.slots, k, v)
+    k_cache, v_cache = cache.layer(layer)
+
+    out = q.new_empty(q.shape)
+    if ctx.decode_rows is not None:
+        qd = q if ctx.all_decode else q[ctx.decode_rows]
+        kd = k_cache[ctx.decode_blocks].flatten(1, 2).transpose(1, 2)  # [rows, kv_heads, ctx, dim]
+        vd = v_cache[ctx.decode_blocks].flatten(1, 2).transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd.unsqueeze(2), kd, vd, attn_mask=ctx.decode_mask,
+                                            scale=scaling, enable_gqa=True)[:, :, 0]
+        if ctx.all_decode:
+            out = od
+        else:
+            out[ctx.decode_rows] = od
+    for seg in ctx.segments:
+        qs = q[seg.begin:seg.end].transpose(0, 1).unsqueeze(0)
+        n = seg.end - seg.begin
+        if seg.start == 0:
+            ks, vs = k[seg.begin:seg.end], v[seg.begin:seg.end]
+            mask, causal = None, True
+        else:  # recompute or chunked prefill on top of cached context
+            total = seg.start + n
+            ks = k_cache[seg.block_table].flatten(0, 1)[:total]
+            vs = v_cache[seg.block_table].flatten(0, 1)[:total]
+            rows = torch.arange(seg.start, total, device=q.device)[:, None]
+            mask, causal = torch.arange(total, device=q.device)[None, :] <= rows, False
+        os_ = F.scaled_dot_product_attention(qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
+                                             attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True)
+        out[seg.begin:seg.end] = os_[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def register() -> str:
+    """Register the function with transformers (idempotent) and return its name."""
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
+    return ATTENTION_NAME

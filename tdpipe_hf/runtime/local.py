@@ -1,0 +1,57 @@
+"""In-process executor: every stage in this process, run one after the other."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from ..plan import MicroBatch, StepResult
+from .attention import AttentionContext
+from .sampler import sample_tokens
+from .stage import Stage
+
+
+class StageError(RuntimeError):
+    """A stage failed while executing a micro-batch; names the stage and the batch."""
+
+
+class LocalExecutor:
+    """Runs submitted micro-batches in order, each through all stages.
+
+    ``submit`` only queues: the controller may keep ``num_stages`` micro-batches in flight exactly
+    as with a real pipeline, and ``collect`` executes the oldest one. This keeps the controller
+    unaware of which executor it drives.
+    """
+
+    def __init__(self, stages: list[Stage], block_size: int):
+        self.stages = stages
+        self.block_size = block_size
+        self.num_stages = len(stages)
+        self._queue: deque[MicroBatch] = deque()
+
+    def submit(self, batch: MicroBatch) -> None:
+        self._queue.append(batch)
+
+    def collect(self) -> StepResult:
+        if not self._queue:
+            raise RuntimeError("collect() called with no micro-batch in flight")
+        batch = self._queue.popleft()
+        device = self.stages[0].kv.keys.device
+        ctx = AttentionContext.build(batch, self.block_size, device)
+        hidden = None
+        seconds = []
+        for index, stage in enumerate(self.stages):
+            start = time.perf_counter()
+            try:
+                hidden = stage.forward(hidden, ctx)
+            except Exception as exc:
+                self._queue.clear()
+                raise StageError(f"stage {index} (layers {stage.index_range.start}-{stage.index_range.stop - 1}) "
+                                 f"failed on {batch.phase} micro-batch {batch.batch_id}: {exc}") from exc
+            seconds.append(time.perf_counter() - start)
+        sampled = [seq for seq in batch.seqs if seq.sample]
+        tokens = sample_tokens(hidden, sampled)
+        return StepResult(batch.batch_id, {seq.request_id: tok for seq, tok in zip(sampled, tokens)}, seconds)
+
+    def close(self) -> None:
+        self._queue.clear()

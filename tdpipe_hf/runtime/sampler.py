@@ -1,0 +1,31 @@
+"""Turns the last stage's logits into token ids, with HF's logits processors where a request has them."""
+
+from __future__ import annotations
+
+import torch
+
+from ..plan import SequencePlan
+
+
+def sample_tokens(logits: torch.Tensor, seqs: list[SequencePlan]) -> list[int]:
+    """One token per row of ``logits`` (``[rows, vocab]``), row i belonging to ``seqs[i]``.
+
+    Plain greedy rows share one argmax; rows with processors or sampling are handled one by one,
+    each processor seeing that request's own ids exactly as HF ``generate`` would show them.
+    """
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, seq in enumerate(seqs):
+        spec = seq.sampling
+        if not spec.needs_history and not spec.do_sample:
+            continue
+        scores = logits[i:i + 1]
+        if spec.needs_history:
+            history = torch.tensor([seq.history], dtype=torch.long, device=logits.device)
+            scores = spec.processors(history, scores)
+        if spec.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            tokens[i] = int(torch.multinomial(probs, num_samples=1)[0, 0])
+        else:
+            tokens[i] = int(scores.argmax(dim=-1)[0])
+    return tokens

@@ -1,0 +1,76 @@
+"""``wrap``: give an HF causal LM the TD-Pipe generation mixin and an engine of its own."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel
+
+from .config import TDPipeConfig
+from .engine import TDPipeEngine
+from .mixin import TDPipeGenerationMixin
+from .runtime.attention import register as register_attention
+
+# Architectures whose decoder layers follow Llama's calling convention and take their attention
+# from transformers' AttentionInterface (checked by the equality tests).
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+_WRAPPED_CLASSES: dict[type, type] = {}
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"tdpipe_hf.wrap needs a transformers PreTrainedModel, got {type(model).__name__}")
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False) or not hasattr(model, "lm_head") \
+            or not hasattr(getattr(model, "model", None), "layers"):
+        raise TypeError(f"{type(model).__name__} is not a decoder-only causal LM "
+                        "(load it with AutoModelForCausalLM)")
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise TypeError(f"model type {config.model_type!r} is not supported yet; supported: "
+                        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if getattr(config, "use_sliding_window", False):
+        raise TypeError("sliding-window attention is not supported")
+
+
+def wrap(model, num_stages: int = 1, **options):
+    """Return ``model`` itself, now generating through a TD-Pipe engine of ``num_stages`` stages.
+
+    ``options`` are :class:`TDPipeConfig` fields (``kv_blocks``, ``block_size``, ...). The model
+    keeps working as a plain HF model for ``forward``; ``generate`` and ``generate_batch`` run the
+    TD-Pipe loop. Wrapping again replaces the engine.
+    """
+    config = options.pop("config", None)
+    if config is None:
+        config = TDPipeConfig.from_kwargs(num_stages=num_stages, **options)
+    elif options or num_stages != config.num_stages:
+        raise ValueError("pass either config=TDPipeConfig(...) or keyword options, not both")
+    _check_model(model)
+    base = type(model)
+    if isinstance(model, TDPipeGenerationMixin):
+        model._tdpipe_engine.close()
+        base = base.__mro__[2]
+    model.set_attn_implementation(register_attention())
+    model.eval()
+    engine = TDPipeEngine(model, config)
+    cls = _WRAPPED_CLASSES.get(base)
+    if cls is None:
+        cls = _WRAPPED_CLASSES[base] = type(f"TDPipe{base.__name__}", (TDPipeGenerationMixin, base), {})
+    model.__class__ = cls
+    model._tdpipe_engine = engine
+    return model
+
+
+def unwrap(model):
+    """Undo :func:`wrap`: the plain HF class and SDPA attention, engine closed."""
+    if isinstance(model, TDPipeGenerationMixin):
+        model._tdpipe_engine.close()
+        del model._tdpipe_engine
+        model.__class__ = type(model).__mro__[2]
+        model.set_attn_implementation("sdpa")
+    return model
+
+
+def from_pretrained(path=None, num_stages: int = 1, **options):
+    """Load ``path`` (default: the shipped SmolLM2) and wrap it. Returns (model, tokenizer)."""
+    from .models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(path)
+    return wrap(model, num_stages=num_stages, **options), tokenizer
