@@ -1,0 +1,158 @@
+"""Throughput benchmark: HF ``generate``, HF ``generate_batch`` and tdpipe_hf on the same prompts.
+
+Every system gets the same chat-templated prompts and the same ``max_new_tokens`` (greedy, natural
+EOS) in one process, one after the other. Tokens counted are generated tokens up to and including
+EOS; HF's padding after EOS is not counted. This module measures; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+SAMPLE_PROMPTS = "sample_prompts.jsonl"
+
+
+@dataclass
+class BenchRow:
+    system: str
+    stages: int
+    requests: int
+    generated_tokens: int
+    seconds: float
+    tokens_per_s: float
+    same_as_hf: int | None = None  # requests whose tokens equal HF generate's (greedy)
+    preemptions: int | None = None
+
+
+def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:
+    """Prompts from a JSONL file with a ``prompt`` field (default: the samples shipped in the package)."""
+    if path is None:
+        text = resources.files("tdpipe_hf").joinpath("data", SAMPLE_PROMPTS).read_text()
+    else:
+        text = Path(path).read_text()
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            record = json.loads(line)
+            if "prompt" not in record:
+                raise ValueError(f"{path or SAMPLE_PROMPTS}:{number}: no 'prompt' field")
+            prompts.append(record["prompt"])
+    return prompts[:limit] if limit else prompts
+
+
+def chat_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    ids = []
+    for prompt in prompts:
+        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids.append(list(out["input_ids"] if hasattr(out, "keys") else out))
+    return ids
+
+
+def _trim_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:i + 1]
+    return tokens
+
+
+def run_hf_generate(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int, pad_id: int,
+                    eos: set[int]) -> list[list[int]]:
+    """HF ``generate`` over static, left-padded batches (prompts sorted by length to limit padding)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for begin in range(0, len(order), batch_size):
+        group = order[begin:begin + batch_size]
+        width = max(len(prompts[i]) for i in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(group):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad_id)
+        for row, i in enumerate(group):
+            outputs[i] = _trim_at_eos(out[row, width:].tolist(), eos)
+    return outputs
+
+
+def run_hf_generate_batch(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """HF's own continuous batching (``generate_batch``)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                              eos_token_id=model.generation_config.eos_token_id,
+                              pad_token_id=model.generation_config.pad_token_id)
+    with torch.inference_mode():
+        results = model.generate_batch(prompts, generation_config=config, progress_bar=False)
+    return [list(results[f"req_{i}"].generated_tokens) for i in range(len(prompts))]
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, stages: tuple[int, ...] = (1, 2),
+                  hf_batch_size: int = 16, systems: tuple[str, ...] = ("hf-generate", "hf-generate_batch", "tdpipe"),
+                  tdpipe_options: dict | None = None, log=print) -> list[BenchRow]:
+    import tdpipe_hf
+
+    ids = chat_token_ids(tokenizer, prompts)
+    eos = set(tdpipe_hf.mixin._token_set(torch.tensor(model.generation_config.eos_token_id)))
+    pad_id = model.generation_config.pad_token_id
+    pad_id = pad_id if pad_id is not None else min(eos)
+    rows: list[BenchRow] = []
+    reference = None
+
+    def add(system: str, n_stages: int, outputs: list[list[int]], seconds: float, preemptions=None) -> None:
+        generated = sum(len(o) for o in outputs)
+        same = None if reference is None else sum(a == b for a, b in zip(outputs, reference))
+        row = BenchRow(system, n_stages, len(outputs), generated, round(seconds, 3),
+                       round(generated / seconds, 2), same, preemptions)
+        rows.append(row)
+        log(f"  {system:<22} stages={n_stages} {generated} tokens in {seconds:.1f}s -> {row.tokens_per_s:.1f} tok/s")
+
+    if "hf-generate" in systems:
+        tdpipe_hf.unwrap(model)
+        outputs, seconds = _timed(lambda: run_hf_generate(model, ids, max_new_tokens, hf_batch_size, pad_id, eos))
+        reference = outputs
+        add("hf-generate", 1, outputs, seconds)
+    if "hf-generate_batch" in systems:
+        tdpipe_hf.unwrap(model)
+        try:
+            outputs, seconds = _timed(lambda: run_hf_generate_batch(model, ids, max_new_tokens))
+            add("hf-generate_batch", 1, outputs, seconds)
+        except Exception as exc:  # report, keep benchmarking the rest
+            log(f"  hf-generate_batch failed: {type(exc).__name__}: {exc}")
+    if "tdpipe" in systems:
+        for n_stages in stages:
+            tdpipe_hf.wrap(model, num_stages=n_stages, **(tdpipe_options or {}))
+            outputs, seconds = _timed(lambda: model.generate_batch(ids, max_new_tokens=max_new_tokens,
+                                                                   do_sample=False))
+            add("tdpipe-local", n_stages, outputs, seconds, model.tdpipe_engine.last_stats.preemptions)
+        tdpipe_hf.unwrap(model)
+    return rows
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    base = next((r.tokens_per_s for r in rows if r.system == "hf-generate"), None)
+    lines = ["| system | stages | requests | generated tokens | seconds | tokens/s | vs HF generate | same tokens as HF |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r.tokens_per_s / base:.2f}x" if base else "-"
+        same = "-" if r.same_as_hf is None else f"{r.same_as_hf}/{r.requests}"
+        lines.append(f"| {r.system} | {r.stages} | {r.requests} | {r.generated_tokens} | {r.seconds:.1f} | "
+                     f"{r.tokens_per_s:.1f} | {ratio} | {same} |")
+    return "\n".join(lines)
+
+
+def write_json(rows: list[BenchRow], path: str | Path) -> None:
+    Path(path).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
