@@ -105,8 +105,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     out = q.new_empty(q.shape)
     if ctx.decode_rows is not None:
         qd = q if ctx.all_decode else q[ctx.decode_rows]
-        kd = k_cache[ctx.decode_blocks].flatten(1, 2).transpose(1, 2)  # [rows, kv_heads, ctx, dim]
-        vd = v_cache[ctx.decode_blocks].flatten(1, 2).transpose(1, 2)
+        kd = _gather(k_cache, ctx.decode_blocks).transpose(1, 2)  # [rows, kv_heads, ctx, dim]
+        vd = _gather(v_cache, ctx.decode_blocks).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd.unsqueeze(2), kd, vd, attn_mask=ctx.decode_mask,
                                             scale=scaling, enable_gqa=True)[:, :, 0]
         if ctx.all_decode:
@@ -121,14 +121,22 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
             mask, causal = None, True
         else:  # recompute or chunked prefill on top of cached context
             total = seg.start + n
-            ks = k_cache[seg.block_table].flatten(0, 1)[:total]
-            vs = v_cache[seg.block_table].flatten(0, 1)[:total]
+            ks = _gather(k_cache, seg.block_table)[:total]
+            vs = _gather(v_cache, seg.block_table)[:total]
             rows = torch.arange(seg.start, total, device=q.device)[:, None]
             mask, causal = torch.arange(total, device=q.device)[None, :] <= rows, False
         os_ = F.scaled_dot_product_attention(qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
                                              attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True)
         out[seg.begin:seg.end] = os_[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Blocks ``[..., n]`` of ``cache`` (``[num_blocks, block_size, heads, dim]``) laid end to end:
+    ``[..., n * block_size, heads, dim]``. ``index_select`` is several times faster on CPU than
+    advanced indexing for this copy."""
+    rows = cache.index_select(0, blocks.flatten())
+    return rows.view(*blocks.shape[:-1], blocks.shape[-1] * cache.shape[1], *cache.shape[2:])
 
 
 def register() -> str:
