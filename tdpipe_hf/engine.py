@@ -14,8 +14,9 @@ from .config import TDPipeConfig
 from .controller import BlockManager, Controller, Request, Scheduler
 from .controller.controller import RunStats
 from .policies import AdmitWhileFits, ReadyPoolBatcher
+from .runtime.distributed import DistributedExecutor
 from .runtime.local import LocalExecutor
-from .runtime.stage import blocks_for_budget, build_stages
+from .runtime.stage import blocks_for_budget, build_stages, kv_geometry
 
 DEFAULT_CPU_KV_BYTES = 2 << 30
 
@@ -51,10 +52,17 @@ class TDPipeEngine:
             if self.num_blocks < 1:
                 raise ValueError(f"KV budget of {budget} bytes is smaller than one block of {config.block_size} tokens")
         self.switch_cls = plugins.load(plugins.SWITCH_POLICIES, config.switch_policy)
-        self.executor = LocalExecutor(build_stages(model, config.num_stages, self.num_blocks, config.block_size),
-                                      config.block_size)
+        self.executor = self._make_executor(model, config)
         self.stage_layers = [stage.index_range for stage in self.executor.stages]
         self.last_stats: RunStats | None = None
+
+    def _make_executor(self, model, config: TDPipeConfig):
+        if config.executor == "distributed":
+            stages = build_stages(model, config.num_stages, self.num_blocks, config.block_size, allocate_kv=False)
+            return DistributedExecutor(stages, config.block_size, self.num_blocks, kv_geometry(model),
+                                       config.threads_per_stage)
+        stages = build_stages(model, config.num_stages, self.num_blocks, config.block_size)
+        return LocalExecutor(stages, config.block_size)
 
     @property
     def kv_capacity_tokens(self) -> int:

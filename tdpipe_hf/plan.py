@@ -66,3 +66,5 @@ class StepResult:
     batch_id: int
     tokens: dict[int, int]
     stage_seconds: list[float] = field(default_factory=list)
+    # timeline: (stage, "recv" | "compute" | "send", batch_id, phase, start, end), perf_counter seconds
+    events: list[tuple] = field(default_factory=list)

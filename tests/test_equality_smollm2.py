@@ -57,12 +57,12 @@ def check_against_hf(outputs, references) -> int:
     return exact
 
 
-@pytest.mark.parametrize("num_stages", [1, 2, 3])
-def test_matches_hf_generate_with_preemption(workload, num_stages):
+@pytest.mark.parametrize("num_stages, executor", [(1, "local"), (2, "local"), (3, "local"), (2, "distributed")])
+def test_matches_hf_generate_with_preemption(workload, num_stages, executor):
     model, ids, references = workload
     longest = max(len(p) for p in ids) + MAX_NEW
     kv_blocks = -(-longest // 16) * 3  # about three requests' worth: forces preemption
-    tdpipe_hf.wrap(model, num_stages=num_stages, kv_blocks=kv_blocks)
+    tdpipe_hf.wrap(model, num_stages=num_stages, kv_blocks=kv_blocks, executor=executor)
     try:
         outputs = model.generate_batch(ids, max_new_tokens=MAX_NEW, do_sample=False)
         stats = model.tdpipe_engine.last_stats
@@ -70,7 +70,7 @@ def test_matches_hf_generate_with_preemption(workload, num_stages):
         tdpipe_hf.unwrap(model)
     assert stats.preemptions > 0
     exact = check_against_hf(outputs, references)
-    print(f"{num_stages} stage(s): {exact}/{NUM_PROMPTS} identical to HF, {stats.preemptions} preemptions")
+    print(f"{num_stages} stage(s), {executor}: {exact}/{NUM_PROMPTS} identical to HF, {stats.preemptions} preemptions")
 
 
 def test_padded_generate_matches_hf_padded_generate(smollm2):

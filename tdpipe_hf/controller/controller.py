@@ -23,6 +23,7 @@ class RunStats:
     generated_tokens: int = 0
     preemptions: int = 0
     phase_switches: int = 0
+    timeline: list[tuple] = field(default_factory=list)  # executors' (stage, kind, batch, phase, start, end)
 
 
 class Controller:
@@ -62,6 +63,7 @@ class Controller:
 
     def _absorb(self, result: StepResult) -> None:
         batch = self._in_flight.pop(result.batch_id)
+        self.stats.timeline.extend(result.events)
         requests = {r.request_id: r for r in self.scheduler.running}
         for seq in batch.seqs:
             request = requests[seq.request_id]

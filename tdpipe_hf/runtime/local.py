@@ -39,7 +39,7 @@ class LocalExecutor:
         device = self.stages[0].kv.keys.device
         ctx = AttentionContext.build(batch, self.block_size, device)
         hidden = None
-        seconds = []
+        seconds, events = [], []
         for index, stage in enumerate(self.stages):
             start = time.perf_counter()
             try:
@@ -48,10 +48,13 @@ class LocalExecutor:
                 self._queue.clear()
                 raise StageError(f"stage {index} (layers {stage.index_range.start}-{stage.index_range.stop - 1}) "
                                  f"failed on {batch.phase} micro-batch {batch.batch_id}: {exc}") from exc
-            seconds.append(time.perf_counter() - start)
+            end = time.perf_counter()
+            seconds.append(end - start)
+            events.append((index, "compute", batch.batch_id, batch.phase, start, end))
         sampled = [seq for seq in batch.seqs if seq.sample]
         tokens = sample_tokens(hidden, sampled)
-        return StepResult(batch.batch_id, {seq.request_id: tok for seq, tok in zip(sampled, tokens)}, seconds)
+        return StepResult(batch.batch_id, {seq.request_id: tok for seq, tok in zip(sampled, tokens)}, seconds,
+                          events)
 
     def close(self) -> None:
         self._queue.clear()

@@ -9,19 +9,26 @@ from .attention import AttentionContext
 from .kv_cache import PagedKVCache
 
 
-def split_layers(model, num_stages: int) -> list[range]:
-    """Contiguous layer ranges that minimise the slowest stage's compute.
+# The LM head's time per step relative to its weight: it runs once per sequence (not per prompt
+# token), with no attention, norms or activations around it. Measured with `tdpipe bench` on
+# SmolLM2 (2 stage processes): the head took as long as 2.8 decoder layers, a third of the 8 its
+# weight suggests.
+LM_HEAD_COST_SHARE = 1 / 3
 
-    Per-module sizes come from accelerate's ``compute_module_sizes``. The cost that matters is
-    compute per token in decode, so the input embedding counts as free (a lookup) and the LM
-    head counts at its full size on the last stage, even when its weight is tied to the embedding.
+
+def split_layers(model, num_stages: int) -> list[range]:
+    """Contiguous layer ranges that minimise the slowest stage's time.
+
+    Layers are weighted by their size from accelerate's ``compute_module_sizes``; the input
+    embedding is free (a lookup); the LM head adds ``LM_HEAD_COST_SHARE`` of its size to the last
+    stage, even when its weight is tied to the embedding.
     """
     num_layers = len(model.model.layers)
     if not 1 <= num_stages <= num_layers:
         raise ValueError(f"num_stages must be between 1 and the model's {num_layers} decoder layers, got {num_stages}")
     sizes = compute_module_sizes(model)
     costs = [sizes[f"model.layers.{i}"] for i in range(num_layers)]
-    costs[-1] += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    costs[-1] += LM_HEAD_COST_SHARE * model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     prefix = [0]
     for cost in costs:
         prefix.append(prefix[-1] + cost)
@@ -46,7 +53,7 @@ def split_layers(model, num_stages: int) -> list[range]:
 class Stage:
     """Executes a micro-batch through its layers; the first embeds, the last returns logits."""
 
-    def __init__(self, model, layers: range, is_first: bool, is_last: bool, kv: PagedKVCache):
+    def __init__(self, model, layers: range, is_first: bool, is_last: bool, kv: PagedKVCache | None):
         inner = model.model
         self.index_range = layers
         self.layers = [inner.layers[i] for i in layers]
@@ -55,6 +62,12 @@ class Stage:
         self.lm_head = model.lm_head if is_last else None
         self.rotary = inner.rotary_emb
         self.kv = kv
+
+    def allocate_kv(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> None:
+        """Give the stage its own KV tensors (in the process that runs it)."""
+        weight = next(self.layers[0].parameters())
+        self.kv = PagedKVCache(self.index_range.start, len(self.layers), num_blocks, block_size, kv_heads,
+                               head_dim, weight.dtype, weight.device)
 
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor | None, ctx: AttentionContext) -> torch.Tensor:
@@ -89,15 +102,17 @@ def kv_geometry(model) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
-def build_stages(model, num_stages: int, num_blocks: int, block_size: int) -> list[Stage]:
+
+def build_stages(model, num_stages: int, num_blocks: int, block_size: int, allocate_kv: bool = True) -> list[Stage]:
+    """The model's stages. Without ``allocate_kv`` they carry no KV yet (a worker process allocates it)."""
     kv_heads, head_dim = kv_geometry(model)
-    device = next(model.parameters()).device
     ranges = split_layers(model, num_stages)
     stages = []
     for i, layers in enumerate(ranges):
-        kv = PagedKVCache(layers.start, len(layers), num_blocks, block_size, kv_heads, head_dim,
-                          model.dtype, device)
-        stages.append(Stage(model, layers, i == 0, i == len(ranges) - 1, kv))
+        stage = Stage(model, layers, i == 0, i == len(ranges) - 1, None)
+        if allocate_kv:
+            stage.allocate_kv(num_blocks, block_size, kv_heads, head_dim)
+        stages.append(stage)
     return stages
 
 

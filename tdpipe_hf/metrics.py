@@ -1,0 +1,109 @@
+"""What the pipeline did, from the executors' timeline: bubble ratios, a Chrome trace, a plot.
+
+A timeline event is ``(stage, kind, batch_id, phase, start, end)`` with ``kind`` one of
+``recv`` (waiting for input), ``compute`` or ``send`` (waiting for the previous send to leave),
+times in ``time.perf_counter`` seconds (one clock for all processes of a machine).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class PhaseWindow:
+    phase: str
+    batch_ids: set[int]
+    start: float
+    end: float
+
+
+def phase_windows(timeline: list[tuple]) -> list[PhaseWindow]:
+    """Consecutive micro-batches of one phase (in dispatch order) form a window; the gaps
+    between windows are the phase switches."""
+    spans: dict[int, tuple[str, float, float]] = {}
+    for _, _, batch, phase, start, end in timeline:
+        old = spans.get(batch)
+        spans[batch] = (phase, start, end) if old is None else (phase, min(old[1], start), max(old[2], end))
+    windows: list[PhaseWindow] = []
+    for batch in sorted(spans):
+        phase, start, end = spans[batch]
+        if windows and windows[-1].phase == phase:
+            window = windows[-1]
+            window.batch_ids.add(batch)
+            window.start, window.end = min(window.start, start), max(window.end, end)
+        else:
+            windows.append(PhaseWindow(phase, {batch}, start, end))
+    return windows
+
+
+def bubble_ratios(timeline: list[tuple]) -> dict[str, dict[int, float]]:
+    """Idle share of each stage: ``{"all": {stage: ratio}, "prefill": ..., "decode": ...}``.
+
+    Per phase, a stage's bubble is the part of that phase's windows in which it did not compute.
+    "all" covers the whole run, phase switches included."""
+    compute = [e for e in timeline if e[1] == "compute"]
+    if not compute:
+        return {}
+    stages = sorted({e[0] for e in compute})
+    ratios: dict[str, dict[int, float]] = {}
+    span = max(e[5] for e in compute) - min(e[4] for e in compute)
+    ratios["all"] = {s: 1 - sum(e[5] - e[4] for e in compute if e[0] == s) / span for s in stages}
+    windows = phase_windows(compute)
+    for phase in ("prefill", "decode"):
+        mine = [w for w in windows if w.phase == phase]
+        total = sum(w.end - w.start for w in mine)
+        if total <= 0:
+            continue
+        batches = set().union(*(w.batch_ids for w in mine))
+        ratios[phase] = {s: 1 - sum(e[5] - e[4] for e in compute if e[0] == s and e[2] in batches) / total
+                         for s in stages}
+    return ratios
+
+
+def format_bubbles(ratios: dict[str, dict[int, float]]) -> str:
+    parts = []
+    for scope, per_stage in ratios.items():
+        values = ", ".join(f"stage {s} {r:.1%}" for s, r in per_stage.items())
+        parts.append(f"{scope}: {values}")
+    return "bubble ratio " + "; ".join(parts)
+
+
+def write_chrome_trace(timeline: list[tuple], path: str | Path) -> None:
+    """A trace for chrome://tracing or ui.perfetto.dev: one row per stage, one slice per event."""
+    origin = min(e[4] for e in timeline) if timeline else 0.0
+    events = [{"name": f"{kind} {phase} #{batch}", "cat": kind, "ph": "X", "pid": 0, "tid": stage,
+               "ts": (start - origin) * 1e6, "dur": (end - start) * 1e6,
+               "args": {"batch": batch, "phase": phase}}
+              for stage, kind, batch, phase, start, end in timeline]
+    names = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": s, "args": {"name": f"stage {s}"}}
+             for s in sorted({e[0] for e in timeline})]
+    Path(path).write_text(json.dumps({"traceEvents": names + events, "displayTimeUnit": "ms"}))
+
+
+def plot_timeline(timeline: list[tuple], path: str | Path, title: str = "tdpipe_hf pipeline") -> None:
+    """A PNG with one lane per stage: prefill compute in orange, decode compute in blue, gaps are bubbles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    compute = [e for e in timeline if e[1] == "compute"]
+    origin = min(e[4] for e in compute)
+    stages = sorted({e[0] for e in compute})
+    colors = {"prefill": "tab:orange", "decode": "tab:blue"}
+    fig, ax = plt.subplots(figsize=(12, 1 + 0.6 * len(stages)))
+    for phase, color in colors.items():
+        for s in stages:
+            bars = [(e[4] - origin, e[5] - e[4]) for e in compute if e[0] == s and e[3] == phase]
+            ax.broken_barh(bars, (s - 0.4, 0.8), color=color, label=phase if s == stages[0] else None)
+    ax.set_yticks(stages, [f"stage {s}" for s in stages])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

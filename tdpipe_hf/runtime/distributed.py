@@ -1,0 +1,256 @@
+"""One process per stage: activations travel stage to stage over ``torch.distributed``.
+
+The controller's process talks to the pipeline through two queues: plans go to stage 0, token ids
+come back from the last stage. Between stages, each micro-batch travels as three point-to-point
+messages (a header, its pickled plan, its hidden states), so every stage knows what it computes
+without asking the controller. Sends are asynchronous: a stage starts its next micro-batch while
+the previous one is still on its way downstream.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ..plan import MicroBatch, StepResult
+from .attention import AttentionContext
+from .attention import register as register_attention
+from .local import StageError
+from .sampler import sample_tokens
+from .stage import Stage
+
+_SHUTDOWN = -1
+_POLL_SECONDS = 0.2
+_START_TIMEOUT = 300.0
+
+
+def default_threads(num_stages: int) -> int:
+    """Split the cores evenly between the stage processes (at least one thread each)."""
+    return max(1, (os.cpu_count() or 1) // num_stages)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class DistributedExecutor:
+    """Spawns ``len(stages)`` worker processes; same ``submit``/``collect`` interface as
+    :class:`LocalExecutor`. Workers start on first use and are restarted after a failure."""
+
+    def __init__(self, stages: list[Stage], block_size: int, num_blocks: int, kv_geometry: tuple[int, int],
+                 threads_per_stage: int | None = None):
+        self.stages = stages
+        self.num_stages = len(stages)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv_geometry = kv_geometry
+        self.threads = threads_per_stage or default_threads(self.num_stages)
+        self._procs: list = []
+        self._in_flight = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return bool(self._procs)
+
+    def start(self) -> None:
+        if self._procs:
+            return
+        ctx = mp.get_context("spawn")
+        self._plans = ctx.Queue()
+        self._results = ctx.Queue()
+        self._errors = ctx.Queue()
+        port = _free_port()
+        for rank, stage in enumerate(self.stages):
+            proc = ctx.Process(target=_worker_main, name=f"tdpipe-stage-{rank}", daemon=True,
+                               args=(rank, self.num_stages, port, stage, self.block_size, self.num_blocks,
+                                     self.kv_geometry, self.threads, self._plans if rank == 0 else None,
+                                     self._results, self._errors))
+            proc.start()
+            self._procs.append(proc)
+        ready = 0
+        deadline = time.monotonic() + _START_TIMEOUT
+        while ready < self.num_stages:
+            message = self._get(self._results, deadline, "starting")
+            if message == "ready":
+                ready += 1
+
+    def close(self) -> None:
+        """Stop the workers: politely if they are healthy, by force after a short grace period."""
+        if not self._procs:
+            return
+        if all(p.is_alive() for p in self._procs):
+            self._plans.put(None)
+            for proc in self._procs:
+                proc.join(timeout=5)
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        for q in (self._plans, self._results, self._errors):
+            q.close()
+            q.cancel_join_thread()
+        self._procs = []
+        self._in_flight = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- executor interface ----------------------------------------------------------------
+    def submit(self, batch: MicroBatch) -> None:
+        self.start()
+        self._plans.put(batch)
+        self._in_flight += 1
+
+    def collect(self) -> StepResult:
+        if not self._in_flight:
+            raise RuntimeError("collect() called with no micro-batch in flight")
+        result = self._get(self._results, None, "running")
+        self._in_flight -= 1
+        return result
+
+    def _get(self, source, deadline: float | None, what: str):
+        """Next message from ``source``; a dead or failing worker becomes a StageError naming it."""
+        while True:
+            try:
+                return source.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                pass
+            failure = self._failure()
+            if failure is None and deadline is not None and time.monotonic() > deadline:
+                failure = f"stage workers did not start within {_START_TIMEOUT:.0f}s"
+            if failure is not None:
+                self.close()
+                raise StageError(failure)
+
+    def _failure(self) -> str | None:
+        """What went wrong, if anything. A killed worker makes its neighbours fail too (their
+        connection resets), so a dead process is named before the errors it caused."""
+        errors = []
+        while True:
+            try:
+                errors.append(self._errors.get_nowait())
+            except queue.Empty:
+                break
+        if errors:
+            time.sleep(_POLL_SECONDS)  # let the death that caused them become visible
+        failed = {rank for rank, _ in errors}
+        for rank, proc in enumerate(self._procs):
+            if not proc.is_alive() and rank not in failed:
+                return (f"stage {rank} ({self._layers(rank)}, pid {proc.pid}) died with exit code "
+                        f"{proc.exitcode}")
+        if errors:
+            rank, message = errors[0]
+            return f"stage {rank} ({self._layers(rank)}) failed: {message}"
+        return None
+
+    def _layers(self, rank: int) -> str:
+        layers = self.stages[rank].index_range
+        return f"layers {layers.start}-{layers.stop - 1}"
+
+
+# ---- worker side ----------------------------------------------------------------------------
+def _worker_main(rank, world, port, stage, block_size, num_blocks, kv_geometry, threads, plans, results, errors):
+    try:
+        torch.set_num_threads(threads)
+        register_attention()
+        stage.allocate_kv(num_blocks, block_size, *kv_geometry)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(minutes=30))
+        results.put("ready")
+        _StageWorker(rank, world, stage, block_size, plans, results).loop()
+        dist.destroy_process_group()
+    except Exception as exc:
+        errors.put((rank, f"{type(exc).__name__}: {exc}\n\nworker traceback:\n{traceback.format_exc(limit=8)}"))
+        raise SystemExit(1) from None
+
+
+class _StageWorker:
+    def __init__(self, rank, world, stage, block_size, plans, results):
+        self.rank = rank
+        self.world = world
+        self.stage = stage
+        self.block_size = block_size
+        self.plans = plans
+        self.results = results
+        self.is_last = rank == world - 1
+        self._pending: list = []  # isend handles (and the tensors they read) still in flight
+
+    def loop(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            batch, events, hidden = self._receive()
+            t1 = time.perf_counter()
+            if batch is None:
+                if not self.is_last:
+                    self._send_shutdown()
+                self._drain()
+                return
+            events.append((self.rank, "recv", batch.batch_id, batch.phase, t0, t1))
+            ctx = AttentionContext.build(batch, self.block_size)
+            out = self.stage.forward(hidden, ctx)
+            t2 = time.perf_counter()
+            events.append((self.rank, "compute", batch.batch_id, batch.phase, t1, t2))
+            if self.is_last:
+                sampled = [seq for seq in batch.seqs if seq.sample]
+                tokens = sample_tokens(out, sampled)
+                result = StepResult(batch.batch_id, {s.request_id: t for s, t in zip(sampled, tokens)},
+                                    [end - start for (_, kind, _, _, start, end) in events if kind == "compute"],
+                                    events)
+                self.results.put(result)
+            else:
+                self._send(batch, events, out)
+
+    def _receive(self):
+        if self.rank == 0:
+            batch = self.plans.get()
+            return batch, [], None
+        header = torch.empty(3, dtype=torch.long)
+        dist.recv(header, src=self.rank - 1)
+        if header[0] == _SHUTDOWN:
+            return None, None, None
+        meta = torch.empty(int(header[0]), dtype=torch.uint8)
+        dist.recv(meta, src=self.rank - 1)
+        batch, events, dtype = pickle.loads(meta.numpy().tobytes())
+        hidden = torch.empty((1, int(header[1]), int(header[2])), dtype=dtype)
+        dist.recv(hidden, src=self.rank - 1)
+        return batch, events, hidden
+
+    def _send(self, batch, events, hidden) -> None:
+        t0 = time.perf_counter()
+        self._drain()  # the previous micro-batch must have left before this one goes
+        events = events + [(self.rank, "send", batch.batch_id, batch.phase, t0, time.perf_counter())]
+        hidden = hidden.contiguous()
+        meta = torch.frombuffer(bytearray(pickle.dumps((batch, events, hidden.dtype))), dtype=torch.uint8)
+        header = torch.tensor([meta.numel(), hidden.shape[1], hidden.shape[2]], dtype=torch.long)
+        for tensor in (header, meta, hidden):
+            self._pending.append((dist.isend(tensor, dst=self.rank + 1), tensor))
+
+    def _send_shutdown(self) -> None:
+        self._drain()
+        dist.send(torch.tensor([_SHUTDOWN, 0, 0], dtype=torch.long), dst=self.rank + 1)
+
+    def _drain(self) -> None:
+        for work, _ in self._pending:
+            work.wait()
+        self._pending = []

@@ -1,0 +1,85 @@
+"""One process per stage: same tokens as HF, clear errors when a worker dies, no process left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import tdpipe_hf
+from conftest import hf_generate, left_padded, random_prompts, tiny_model
+from tdpipe_hf.controller import Request
+from tdpipe_hf.runtime.local import StageError
+
+
+@pytest.mark.parametrize("num_stages", [2, 3])
+def test_stage_processes_match_hf_with_preemption(num_stages):
+    model = tiny_model("llama", seed=41)
+    ids, mask = left_padded(random_prompts(10, low=2, high=30, seed=42))
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    tdpipe_hf.wrap(model, num_stages=num_stages, block_size=4, kv_blocks=24, executor="distributed")
+    try:
+        actual = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+        stats = model.tdpipe_engine.last_stats
+    finally:
+        tdpipe_hf.unwrap(model)
+    assert torch.equal(actual, expected)
+    assert stats.preemptions > 0
+    compute_stages = {event[0] for event in stats.timeline if event[1] == "compute"}
+    assert compute_stages == set(range(num_stages))
+
+
+def test_dead_worker_is_named_quickly_and_nothing_is_left_behind():
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=43), num_stages=2, executor="distributed")
+    engine = model.tdpipe_engine
+    prompts = random_prompts(8, seed=44)
+    expected = model.generate_batch(prompts, max_new_tokens=8)  # starts the workers
+    procs = list(engine.executor._procs)
+    victim = procs[1]
+    killed_at = []
+
+    def kill_once(request, token):
+        if not killed_at:
+            os.kill(victim.pid, signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+    requests = [Request(i, p, 400) for i, p in enumerate(prompts)]
+    with pytest.raises(StageError, match=rf"stage 1 \(layers 2-3, pid {victim.pid}\) died with exit code -9"):
+        engine.run(requests, on_token=kill_once)
+    assert time.monotonic() - killed_at[0] < 10
+    assert not any(p.is_alive() for p in procs), "worker processes left behind"
+    assert sum(len(r.output_ids) for r in requests) > 0, "tokens produced before the failure are kept"
+    # the next call starts fresh workers
+    assert model.generate_batch(prompts, max_new_tokens=8) == expected
+    tdpipe_hf.unwrap(model)
+    assert not engine.executor.running
+
+
+def test_worker_error_carries_the_traceback():
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=45), num_stages=2, executor="distributed",
+                           block_size=4, kv_blocks=8)
+    try:
+        # a block id outside the workers' KV cache fails inside stage 0's attention
+        from tdpipe_hf.plan import MicroBatch, SequencePlan
+
+        executor = model.tdpipe_engine.executor
+        executor.submit(MicroBatch(0, "prefill", [SequencePlan(0, [5, 6, 7], 0, [99])]))
+        with pytest.raises(StageError, match=r"stage 0 \(layers 0-1\) failed: IndexError: index_copy_\(\): index 396 is out of bounds"):
+            executor.collect()
+        assert not executor.running
+    finally:
+        tdpipe_hf.unwrap(model)
+
+
+def test_close_and_context_manager_stop_workers():
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=46), num_stages=2, executor="distributed")
+    model.generate_batch([[5, 6, 7]], max_new_tokens=2)
+    executor = model.tdpipe_engine.executor
+    procs = list(executor._procs)
+    with executor:
+        assert all(p.is_alive() for p in procs)
+    assert not any(p.is_alive() for p in procs)
+    tdpipe_hf.unwrap(model)
