@@ -27,6 +27,7 @@ class BenchRow:
     generated_tokens: int
     seconds: float
     tokens_per_s: float
+    threads: int | None = None  # torch threads (per stage process for the distributed executor)
     same_as_hf: int | None = None  # requests whose tokens equal HF generate's (greedy)
     preemptions: int | None = None
     decode_bubble: list[float] | None = None  # per stage, idle share of the decode phase
@@ -105,7 +106,7 @@ def _timed(fn):
 
 def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, stages: tuple[int, ...] = (1, 2),
                   hf_batch_size: int = 16, systems: tuple[str, ...] = SYSTEMS,
-                  tdpipe_options: dict | None = None, dist_stages: tuple[int, ...] = (2,), trace: str | None = None,
+                  tdpipe_options: dict | None = None, dist_stages: tuple[int, ...] = (2,), local_threads: tuple[int, ...] = (), trace: str | None = None,
                   log=print) -> list[BenchRow]:
     """Run ``systems`` one after the other on the same prompts. ``trace``: write the last
     distributed run's timeline as a Chrome trace (``trace``) and a PNG (``trace`` + ``.png``)."""
@@ -119,11 +120,12 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
     rows: list[BenchRow] = []
     reference = None
 
-    def add(system: str, n_stages: int, outputs: list[list[int]], seconds: float, stats=None) -> None:
+    def add(system: str, n_stages: int, outputs: list[list[int]], seconds: float, stats=None,
+            threads: int | None = None) -> None:
         generated = sum(len(o) for o in outputs)
         same = None if reference is None else sum(a == b for a, b in zip(outputs, reference))
         row = BenchRow(system, n_stages, len(outputs), generated, round(seconds, 3),
-                       round(generated / seconds, 2), same)
+                       round(generated / seconds, 2), threads or torch.get_num_threads(), same)
         line = f"  {system:<22} stages={n_stages} {generated} tokens in {seconds:.1f}s -> {row.tokens_per_s:.1f} tok/s"
         if stats is not None:
             row.preemptions = stats.preemptions
@@ -134,16 +136,22 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
         rows.append(row)
         log(line)
 
-    def run_tdpipe(system: str, n_stages: int, **options) -> None:
+    def run_tdpipe(system: str, n_stages: int, threads: int | None = None, **options) -> None:
         tdpipe_hf.wrap(model, num_stages=n_stages, **{**(tdpipe_options or {}), **options})
+        default_threads = torch.get_num_threads()
+        if threads and options.get("executor") != "distributed":
+            torch.set_num_threads(threads)
         try:
             model.generate_batch(ids[:1], max_new_tokens=1)  # start workers outside the timing
             outputs, seconds = _timed(lambda: model.generate_batch(ids, max_new_tokens=max_new_tokens,
                                                                    do_sample=False))
             stats = model.tdpipe_engine.last_stats
+            if options.get("executor") == "distributed":
+                threads = model.tdpipe_engine.executor.threads
         finally:
             tdpipe_hf.unwrap(model)
-        add(system, n_stages, outputs, seconds, stats)
+            torch.set_num_threads(default_threads)
+        add(system, n_stages, outputs, seconds, stats, threads)
         if trace and options.get("executor") == "distributed":
             metrics.write_chrome_trace(stats.timeline, trace)
             metrics.plot_timeline(stats.timeline, f"{trace}.png", f"{system}, {n_stages} stages")
@@ -163,6 +171,8 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
     if "tdpipe" in systems:
         for n_stages in stages:
             run_tdpipe("tdpipe-local", n_stages)
+            for threads in local_threads:
+                run_tdpipe("tdpipe-local", n_stages, threads=threads)
     if "tdpipe-dist" in systems:
         for n_stages in dist_stages:
             run_tdpipe("tdpipe-distributed", n_stages, executor="distributed")
@@ -171,14 +181,14 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
 
 def format_table(rows: list[BenchRow]) -> str:
     base = next((r.tokens_per_s for r in rows if r.system == "hf-generate"), None)
-    lines = ["| system | stages | requests | generated tokens | seconds | tokens/s | vs HF generate | same tokens as HF "
+    lines = ["| system | stages | threads | requests | generated tokens | seconds | tokens/s | vs HF generate | same tokens as HF "
              "| decode bubble per stage |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r.tokens_per_s / base:.2f}x" if base else "-"
         same = "-" if r.same_as_hf is None else f"{r.same_as_hf}/{r.requests}"
         bubble = " / ".join(f"{b:.1%}" for b in r.decode_bubble) if r.decode_bubble else "-"
-        lines.append(f"| {r.system} | {r.stages} | {r.requests} | {r.generated_tokens} | {r.seconds:.1f} | "
+        lines.append(f"| {r.system} | {r.stages} | {r.threads} | {r.requests} | {r.generated_tokens} | {r.seconds:.1f} | "
                      f"{r.tokens_per_s:.1f} | {ratio} | {same} | {bubble} |")
     return "\n".join(lines)
 

@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="stage counts for tdpipe-dist, e.g. 2,3")
     bench.add_argument("--threads-per-stage", type=_positive, default=None,
                        help="torch threads of each tdpipe-dist stage process (default: cores / stages)")
+    bench.add_argument("--local-threads", type=_stage_list, default=(),
+                       help="also run tdpipe-local pinned to these torch thread counts, e.g. 1 (the fair "
+                            "per-core comparison with one-thread stage processes)")
     bench.add_argument("--trace", help="write the tdpipe-dist run's timeline here as a Chrome/Perfetto trace "
                                        "(and a PNG plot next to it)")
     bench.add_argument("--hf-batch-size", type=_positive, default=16, help="static batch size for HF generate")
@@ -108,7 +111,8 @@ def _bench(args) -> int:
         options["threads_per_stage"] = args.threads_per_stage
     rows = bench.run_benchmark(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stages=args.stages,
                                hf_batch_size=args.hf_batch_size, systems=systems, tdpipe_options=options,
-                               dist_stages=args.dist_stages, trace=args.trace,
+                               dist_stages=args.dist_stages, local_threads=args.local_threads,
+                               trace=args.trace,
                                log=lambda line: print(line, file=sys.stderr))
     print(bench.format_table(rows))
     if args.json_path:

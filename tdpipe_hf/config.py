@@ -28,6 +28,7 @@ class TDPipeConfig:
     switch_fraction: float = 0.5
     executor: str = "local"
     threads_per_stage: int | None = None
+    micro_batches: int | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_none: bool = False) -> None:
@@ -42,6 +43,7 @@ class TDPipeConfig:
         positive_int("kv_blocks", allow_none=True)
         positive_int("kv_cache_bytes", allow_none=True)
         positive_int("threads_per_stage", allow_none=True)
+        positive_int("micro_batches", allow_none=True)
         if self.kv_blocks is not None and self.kv_cache_bytes is not None:
             raise ValueError("TDPipeConfig: give kv_blocks or kv_cache_bytes, not both")
         if not isinstance(self.switch_fraction, (int, float)) or not 0.0 <= self.switch_fraction <= 1.0:

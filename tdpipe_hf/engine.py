@@ -14,7 +14,7 @@ from .config import TDPipeConfig
 from .controller import BlockManager, Controller, Request, Scheduler
 from .controller.controller import RunStats
 from .policies import AdmitWhileFits, ReadyPoolBatcher
-from .runtime.distributed import DistributedExecutor
+from .runtime.distributed import DistributedExecutor, join_torchrun_pipeline, launched_by_torchrun
 from .runtime.local import LocalExecutor
 from .runtime.stage import blocks_for_budget, build_stages, kv_geometry
 
@@ -59,6 +59,11 @@ class TDPipeEngine:
     def _make_executor(self, model, config: TDPipeConfig):
         if config.executor == "distributed":
             stages = build_stages(model, config.num_stages, self.num_blocks, config.block_size, allocate_kv=False)
+            if launched_by_torchrun():
+                executor = join_torchrun_pipeline(stages, config.block_size, self.num_blocks, kv_geometry(model),
+                                                  config.threads_per_stage)
+                self.num_blocks = executor.num_blocks  # the smallest budget of all ranks
+                return executor
             return DistributedExecutor(stages, config.block_size, self.num_blocks, kv_geometry(model),
                                        config.threads_per_stage)
         stages = build_stages(model, config.num_stages, self.num_blocks, config.block_size)
@@ -82,7 +87,8 @@ class TDPipeEngine:
             progress: bool = False, description: str = "tdpipe") -> RunStats:
         self.check_fits(requests)
         cfg = self.config
-        scheduler = Scheduler(BlockManager(self.num_blocks, cfg.block_size), cfg.num_stages,
+        in_flight = cfg.micro_batches or cfg.num_stages
+        scheduler = Scheduler(BlockManager(self.num_blocks, cfg.block_size), in_flight,
                               admission=AdmitWhileFits(), batcher=ReadyPoolBatcher(),
                               switch=self.switch_cls(cfg.switch_fraction),
                               prefill_chunk_tokens=cfg.prefill_chunk_tokens, max_num_seqs=cfg.max_num_seqs)
@@ -95,7 +101,8 @@ class TDPipeEngine:
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(tok_s=f"{controller.stats.generated_tokens / max(elapsed, 1e-9):.1f}")
 
-        controller = Controller(self.executor, scheduler, on_token=on_token, on_finish=on_finish)
+        controller = Controller(self.executor, scheduler, on_token=on_token, on_finish=on_finish,
+                                max_in_flight=in_flight)
         try:
             self.last_stats = controller.run(requests)
         finally:

@@ -41,3 +41,20 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, dtype=None):
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     return model, tokenizer
+
+
+def tiny_random_model(model_type: str = "llama", seed: int = 0, **overrides):
+    """A randomly initialised 4-layer model (vocab 97, hidden 64): the same weights for the same
+    seed in every process, so tests and multi-process runs can compare tokens without a download."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if model_type == "qwen3":
+        settings["head_dim"] = 16
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **settings)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()

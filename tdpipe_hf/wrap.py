@@ -43,12 +43,19 @@ def wrap(model, num_stages: int = 1, **options):
     elif options or num_stages != config.num_stages:
         raise ValueError("pass either config=TDPipeConfig(...) or keyword options, not both")
     _check_model(model)
-    engine = TDPipeEngine(model, config)  # may raise: the model is untouched until it exists
+    # Stages run with tdpipe attention from the moment they exist (under torchrun, ranks other
+    # than 0 start serving inside the engine's constructor). Plain forward() is unaffected.
+    previous_attention = model.config._attn_implementation
+    model.set_attn_implementation(register_attention())
+    try:
+        engine = TDPipeEngine(model, config)
+    except BaseException:
+        model.set_attn_implementation(previous_attention)
+        raise
     base = type(model)
     if isinstance(model, TDPipeGenerationMixin):
         model._tdpipe_engine.close()
         base = base.__mro__[2]
-    model.set_attn_implementation(register_attention())
     model.eval()
     cls = _WRAPPED_CLASSES.get(base)
     if cls is None:

@@ -4,29 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 import tdpipe_hf
-
-TINY_CONFIGS = {
-    "llama": LlamaConfig,
-    "qwen2": Qwen2Config,
-    "qwen3": Qwen3Config,
-}
+from tdpipe_hf.models import tiny_random_model
 
 
 def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     """A randomly initialised 4-layer model small enough for exhaustive checks."""
-    settings = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                    bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    if model_type == "qwen3":
-        settings["head_dim"] = 16
-    settings.update(overrides)
-    torch.manual_seed(seed)
-    config = TINY_CONFIGS[model_type](**settings)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    return model.eval()
+    return tiny_random_model(model_type, seed, **overrides)
 
 
 def left_padded(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,3 +83,31 @@ def test_close_and_context_manager_stop_workers():
         assert all(p.is_alive() for p in procs)
     assert not any(p.is_alive() for p in procs)
     tdpipe_hf.unwrap(model)
+
+
+def test_torchrun_launch_matches_hf(tmp_path):
+    """`torchrun --nproc-per-node 2 script`: ranks become stages, rank 0 runs the controller."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    output = tmp_path / "out.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               str(repo / "benchmarks" / "torchrun_generate.py"), "--tiny", "7", "--num-prompts", "6",
+               "--max-new-tokens", "10", "--kv-blocks", "10", "--output", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=repo)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "over 2 stage processes" in done.stdout
+    actual = json.loads(output.read_text())
+
+    model = tiny_model("llama", seed=7)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 97, (int(n),), generator=gen).tolist()
+               for n in torch.randint(1, 30, (6,), generator=gen)]
+    expected = []
+    for prompt in prompts:
+        out = hf_generate(model, torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
+        expected.append(out[:out.index(2) + 1] if 2 in out else out)
+    assert actual == expected

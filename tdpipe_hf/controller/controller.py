@@ -29,8 +29,9 @@ class RunStats:
 class Controller:
     def __init__(self, executor, scheduler: Scheduler,
                  on_token: Callable[[Request, int], None] | None = None,
-                 on_finish: Callable[[Request], None] | None = None):
+                 on_finish: Callable[[Request], None] | None = None, max_in_flight: int | None = None):
         self.executor = executor
+        self.max_in_flight = max_in_flight or executor.num_stages
         self.scheduler = scheduler
         self.on_token = on_token
         self.on_finish = on_finish
@@ -53,7 +54,7 @@ class Controller:
         return self.stats
 
     def _dispatch(self) -> None:
-        while len(self._in_flight) < self.executor.num_stages:
+        while len(self._in_flight) < self.max_in_flight:
             batch = self.scheduler.next_batch()
             if batch is None:
                 return

@@ -178,7 +178,7 @@ def _worker_main(rank, world, port, stage, block_size, num_blocks, kv_geometry, 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(minutes=30))
         results.put("ready")
-        _StageWorker(rank, world, stage, block_size, plans, results).loop()
+        _StageWorker(rank, world, stage, block_size, plans, results.put).loop()
         dist.destroy_process_group()
     except Exception as exc:
         errors.put((rank, f"{type(exc).__name__}: {exc}\n\nworker traceback:\n{traceback.format_exc(limit=8)}"))
@@ -186,13 +186,17 @@ def _worker_main(rank, world, port, stage, block_size, num_blocks, kv_geometry, 
 
 
 class _StageWorker:
-    def __init__(self, rank, world, stage, block_size, plans, results):
+    """Runs one stage: micro-batches in (from ``plans`` on stage 0, from the previous rank
+    otherwise), hidden states out to the next rank, or a StepResult to ``deliver`` on the last."""
+
+    def __init__(self, rank, world, stage, block_size, plans, deliver, on_shutdown=None):
         self.rank = rank
         self.world = world
         self.stage = stage
         self.block_size = block_size
         self.plans = plans
-        self.results = results
+        self.deliver = deliver
+        self.on_shutdown = on_shutdown
         self.is_last = rank == world - 1
         self._pending: list = []  # isend handles (and the tensors they read) still in flight
 
@@ -204,6 +208,8 @@ class _StageWorker:
             if batch is None:
                 if not self.is_last:
                     self._send_shutdown()
+                elif self.on_shutdown is not None:
+                    self.on_shutdown()
                 self._drain()
                 return
             events.append((self.rank, "recv", batch.batch_id, batch.phase, t0, t1))
@@ -217,7 +223,7 @@ class _StageWorker:
                 result = StepResult(batch.batch_id, {s.request_id: t for s, t in zip(sampled, tokens)},
                                     [end - start for (_, kind, _, _, start, end) in events if kind == "compute"],
                                     events)
-                self.results.put(result)
+                self.deliver(result)
             else:
                 self._send(batch, events, out)
 
@@ -254,3 +260,122 @@ class _StageWorker:
         for work, _ in self._pending:
             work.wait()
         self._pending = []
+
+    def send_result(self, result: StepResult) -> None:
+        """Last stage under torchrun: the result goes back to rank 0, where the controller runs."""
+        self._drain()
+        data = torch.frombuffer(bytearray(pickle.dumps(result)), dtype=torch.uint8)
+        header = torch.tensor([data.numel(), 0, 0], dtype=torch.long)
+        for tensor in (header, data):
+            self._pending.append((dist.isend(tensor, dst=0), tensor))
+
+    def send_result_shutdown(self) -> None:
+        self._drain()
+        dist.send(torch.tensor([_SHUTDOWN, 0, 0], dtype=torch.long), dst=0)
+
+
+# ---- torchrun / accelerate launch: ranks are stages, rank 0 also hosts the controller -----------
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def join_torchrun_pipeline(stages: list[Stage], block_size: int, num_blocks: int, kv_geometry: tuple[int, int],
+                           threads_per_stage: int | None = None):
+    """Called on every rank of a ``torchrun``/``accelerate launch`` job with the same stage split.
+
+    Rank 0 gets a :class:`TorchrunExecutor` (its own stage runs on a thread beside the
+    controller). Every other rank serves its stage until rank 0 closes the pipeline, then exits
+    the process: code after ``wrap`` runs on rank 0 only.
+    """
+    world = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
+    if world != len(stages):
+        raise ValueError(f"launched with {world} processes but num_stages={len(stages)}; they must be equal")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(threads_per_stage or max(1, (os.cpu_count() or 1) // local_world))
+    register_attention()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    # every stage must be able to hold the blocks the controller hands out
+    agreed = torch.tensor([num_blocks], dtype=torch.long)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    num_blocks = int(agreed)
+    stage = stages[rank]
+    stage.allocate_kv(num_blocks, block_size, *kv_geometry)
+    if rank == 0:
+        return TorchrunExecutor(stages, block_size, num_blocks)
+    worker = _StageWorker(rank, world, stage, block_size, None, None)
+    if worker.is_last:
+        worker.deliver, worker.on_shutdown = worker.send_result, worker.send_result_shutdown
+    worker.loop()
+    dist.destroy_process_group()
+    raise SystemExit(0)
+
+
+class TorchrunExecutor:
+    """Rank 0's side of a torchrun pipeline: stage 0 on a thread, results received on another."""
+
+    def __init__(self, stages: list[Stage], block_size: int, num_blocks: int):
+        import threading
+
+        self.stages = stages
+        self.num_stages = len(stages)
+        self.num_blocks = num_blocks
+        self._plans: queue.Queue = queue.Queue()
+        self._results: queue.Queue = queue.Queue()
+        worker = _StageWorker(0, self.num_stages, stages[0], block_size, self._plans, None)
+        self._threads = [threading.Thread(target=self._guard, args=(worker.loop,), name="tdpipe-stage-0", daemon=True),
+                         threading.Thread(target=self._guard, args=(self._receive_results,), name="tdpipe-results",
+                                          daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        self._in_flight = 0
+        self._closed = False
+
+    @property
+    def running(self) -> bool:
+        return not self._closed
+
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            self._results.put(StageError(f"torchrun pipeline failed on rank 0 ({type(exc).__name__}: {exc}); "
+                                         "see the other ranks' logs"))
+
+    def _receive_results(self) -> None:
+        last = self.num_stages - 1
+        while True:
+            header = torch.empty(3, dtype=torch.long)
+            dist.recv(header, src=last)
+            if header[0] == _SHUTDOWN:
+                return
+            data = torch.empty(int(header[0]), dtype=torch.uint8)
+            dist.recv(data, src=last)
+            self._results.put(pickle.loads(data.numpy().tobytes()))
+
+    def submit(self, batch: MicroBatch) -> None:
+        if self._closed:
+            raise RuntimeError("the torchrun pipeline is closed")
+        self._plans.put(batch)
+        self._in_flight += 1
+
+    def collect(self) -> StepResult:
+        if not self._in_flight:
+            raise RuntimeError("collect() called with no micro-batch in flight")
+        result = self._results.get()
+        if isinstance(result, Exception):
+            raise result
+        self._in_flight -= 1
+        return result
+
+    def close(self) -> None:
+        """Shut every rank down (they exit) and leave the process group."""
+        if self._closed:
+            return
+        self._closed = True
+        self._plans.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
+        if dist.is_initialized():
+            dist.destroy_process_group()

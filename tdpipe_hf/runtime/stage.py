@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from accelerate.utils import compute_module_sizes
 
-from .attention import AttentionContext
+from .attention import ATTENTION_NAME, AttentionContext
 from .kv_cache import PagedKVCache
 
 
@@ -13,7 +13,7 @@ from .kv_cache import PagedKVCache
 # token), with no attention, norms or activations around it. Measured with `tdpipe bench` on
 # SmolLM2 (2 stage processes): the head took as long as 2.8 decoder layers, a third of the 8 its
 # weight suggests.
-LM_HEAD_COST_SHARE = 1 / 3
+LM_HEAD_COST_SHARE = 0.7
 
 
 def split_layers(model, num_stages: int) -> list[range]:
@@ -65,6 +65,10 @@ class Stage:
 
     def allocate_kv(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> None:
         """Give the stage its own KV tensors (in the process that runs it)."""
+        config = getattr(self.layers[0].self_attn, "config", None)
+        if config is not None and config._attn_implementation != ATTENTION_NAME:
+            raise RuntimeError(f"stage layers use {config._attn_implementation!r} attention, not tdpipe's paged "
+                               "attention: build stages through tdpipe_hf.wrap")
         weight = next(self.layers[0].parameters())
         self.kv = PagedKVCache(self.index_range.start, len(self.layers), num_blocks, block_size, kv_heads,
                                head_dim, weight.dtype, weight.device)
