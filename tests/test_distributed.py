@@ -111,3 +111,24 @@ def test_torchrun_launch_matches_hf(tmp_path):
         out = hf_generate(model, torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
         expected.append(out[:out.index(2) + 1] if 2 in out else out)
     assert actual == expected
+
+
+def test_hung_worker_is_reported_and_killed():
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=47), num_stages=2, executor="distributed")
+    engine = model.tdpipe_engine
+    prompts = random_prompts(6, seed=48)
+    model.generate_batch(prompts, max_new_tokens=4)
+    procs = list(engine.executor._procs)
+    stopped = []
+
+    def freeze_once(request, token):
+        if not stopped:
+            os.kill(procs[0].pid, signal.SIGSTOP)
+            stopped.append(time.monotonic())
+
+    requests = [Request(i, p, 200) for i, p in enumerate(prompts)]
+    with pytest.raises(StageError, match=r"stage 0 \(layers 0-1, pid \d+\) is not responding: no heartbeat"):
+        engine.run(requests, on_token=freeze_once)
+    assert time.monotonic() - stopped[0] < 10
+    assert not any(p.is_alive() for p in procs)
+    tdpipe_hf.unwrap(model)

@@ -31,6 +31,8 @@ from .stage import Stage
 _SHUTDOWN = -1
 _POLL_SECONDS = 0.2
 _START_TIMEOUT = 300.0
+HEARTBEAT_SECONDS = 0.5
+HEARTBEAT_TIMEOUT = 5.0  # a worker silent this long is reported as hung
 
 
 def default_threads(num_stages: int) -> int:
@@ -72,11 +74,12 @@ class DistributedExecutor:
         self._results = ctx.Queue()
         self._errors = ctx.Queue()
         port = _free_port()
+        self._beats = ctx.Array("d", [time.monotonic()] * self.num_stages, lock=False)
         for rank, stage in enumerate(self.stages):
             proc = ctx.Process(target=_worker_main, name=f"tdpipe-stage-{rank}", daemon=True,
                                args=(rank, self.num_stages, port, stage, self.block_size, self.num_blocks,
                                      self.kv_geometry, self.threads, self._plans if rank == 0 else None,
-                                     self._results, self._errors))
+                                     self._results, self._errors, self._beats))
             proc.start()
             self._procs.append(proc)
         ready = 0
@@ -86,11 +89,12 @@ class DistributedExecutor:
             if message == "ready":
                 ready += 1
 
-    def close(self) -> None:
-        """Stop the workers: politely if they are healthy, by force after a short grace period."""
+    def close(self, force: bool = False) -> None:
+        """Stop the workers: politely if they are healthy, by force after a short grace period
+        (at once with ``force``, after a failure)."""
         if not self._procs:
             return
-        if all(p.is_alive() for p in self._procs):
+        if not force and all(p.is_alive() for p in self._procs):
             self._plans.put(None)
             for proc in self._procs:
                 proc.join(timeout=5)
@@ -140,7 +144,7 @@ class DistributedExecutor:
             if failure is None and deadline is not None and time.monotonic() > deadline:
                 failure = f"stage workers did not start within {_START_TIMEOUT:.0f}s"
             if failure is not None:
-                self.close()
+                self.close(force=True)
                 raise StageError(failure)
 
     def _failure(self) -> str | None:
@@ -162,6 +166,12 @@ class DistributedExecutor:
         if errors:
             rank, message = errors[0]
             return f"stage {rank} ({self._layers(rank)}) failed: {message}"
+        now = time.monotonic()
+        for rank, proc in enumerate(self._procs):
+            silent = now - self._beats[rank]
+            if silent > HEARTBEAT_TIMEOUT:
+                return (f"stage {rank} ({self._layers(rank)}, pid {proc.pid}) is not responding: no heartbeat "
+                        f"for {silent:.1f}s")
         return None
 
     def _layers(self, rank: int) -> str:
@@ -170,7 +180,17 @@ class DistributedExecutor:
 
 
 # ---- worker side ----------------------------------------------------------------------------
-def _worker_main(rank, world, port, stage, block_size, num_blocks, kv_geometry, threads, plans, results, errors):
+def _heartbeat(beats, rank: int) -> None:
+    while True:
+        beats[rank] = time.monotonic()
+        time.sleep(HEARTBEAT_SECONDS)
+
+
+def _worker_main(rank, world, port, stage, block_size, num_blocks, kv_geometry, threads, plans, results, errors,
+                 beats):
+    import threading
+
+    threading.Thread(target=_heartbeat, args=(beats, rank), name="tdpipe-heartbeat", daemon=True).start()
     try:
         torch.set_num_threads(threads)
         register_attention()
