@@ -1,7 +1,7 @@
 """Run tdpipe_hf with one process per stage under torchrun or accelerate launch.
 
     torchrun --nproc-per-node 2 benchmarks/torchrun_generate.py --num-prompts 16 --max-new-tokens 32
-    accelerate launch --num_processes 2 benchmarks/torchrun_generate.py
+    accelerate launch --multi_gpu --num_processes 2 benchmarks/torchrun_generate.py
     # two machines: torchrun --nnodes 2 --nproc-per-node 1 --node-rank R --master-addr HOST --master-port 29500 ...
 
 Every rank loads the model and keeps only its own stage; rank 0 runs the controller and prints

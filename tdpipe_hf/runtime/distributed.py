@@ -228,6 +228,7 @@ class _StageWorker:
         self.deliver = deliver
         self.on_shutdown = on_shutdown
         self.is_last = rank == world - 1
+        self.device = next(stage.layers[0].parameters()).device
         self._pending: list = []  # isend handles (and the tensors they read) still in flight
 
     def loop(self) -> None:
@@ -243,7 +244,7 @@ class _StageWorker:
                 self._drain()
                 return
             events.append((self.rank, "recv", batch.batch_id, batch.phase, t0, t1))
-            ctx = AttentionContext.build(batch, self.block_size)
+            ctx = AttentionContext.build(batch, self.block_size, self.device)
             out = self.stage.forward(hidden, ctx)
             t2 = time.perf_counter()
             events.append((self.rank, "compute", batch.batch_id, batch.phase, t1, t2))
@@ -270,13 +271,13 @@ class _StageWorker:
         batch, events, dtype = pickle.loads(meta.numpy().tobytes())
         hidden = torch.empty((1, int(header[1]), int(header[2])), dtype=dtype)
         dist.recv(hidden, src=self.rank - 1)
-        return batch, events, hidden
+        return batch, events, hidden.to(self.device)
 
     def _send(self, batch, events, hidden) -> None:
         t0 = time.perf_counter()
         self._drain()  # the previous micro-batch must have left before this one goes
         events = events + [(self.rank, "send", batch.batch_id, batch.phase, t0, time.perf_counter())]
-        hidden = hidden.contiguous()
+        hidden = hidden.contiguous().cpu()  # gloo moves host tensors
         meta = torch.frombuffer(bytearray(pickle.dumps((batch, events, hidden.dtype))), dtype=torch.uint8)
         header = torch.tensor([meta.numel(), hidden.shape[1], hidden.shape[2]], dtype=torch.long)
         for tensor in (header, meta, hidden):
