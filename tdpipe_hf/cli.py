@@ -123,6 +123,9 @@ def _bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from .runtime.malloc import tune_glibc_malloc
+
+    tune_glibc_malloc()  # our own process: same settings for every system the benchmark runs
     try:
         return _generate(args) if args.command == "generate" else _bench(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:

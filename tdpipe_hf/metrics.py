@@ -1,8 +1,9 @@
 """What the pipeline did, from the executors' timeline: bubble ratios, a Chrome trace, a plot.
 
 A timeline event is ``(stage, kind, batch_id, phase, start, end)`` with ``kind`` one of
-``recv`` (waiting for input), ``compute`` or ``send`` (waiting for the previous send to leave),
-times in ``time.perf_counter`` seconds (one clock for all processes of a machine).
+``recv`` (waiting for input), ``compute``, ``sample`` (the last stage picking tokens) or ``send``
+(waiting for the previous send to leave), times in ``time.perf_counter`` seconds (one clock for
+all processes of a machine). A stage is busy while it computes or samples.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+
+BUSY = ("compute", "sample")
 
 
 @dataclass
@@ -44,7 +48,7 @@ def bubble_ratios(timeline: list[tuple]) -> dict[str, dict[int, float]]:
 
     Per phase, a stage's bubble is the part of that phase's windows in which it did not compute.
     "all" covers the whole run, phase switches included."""
-    compute = [e for e in timeline if e[1] == "compute"]
+    compute = [e for e in timeline if e[1] in BUSY]
     if not compute:
         return {}
     stages = sorted({e[0] for e in compute})

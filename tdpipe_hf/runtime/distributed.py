@@ -25,6 +25,7 @@ from ..plan import MicroBatch, StepResult
 from .attention import AttentionContext
 from .attention import register as register_attention
 from .local import StageError
+from .malloc import tune_glibc_malloc
 from .sampler import sample_tokens
 from .stage import Stage
 
@@ -203,6 +204,7 @@ def _worker_main(rank, world, port, stage, block_size, num_blocks, kv_geometry, 
     try:
         torch.set_num_threads(threads)
         _pin_to_cores(rank, threads)
+        tune_glibc_malloc()
         register_attention()
         stage.allocate_kv(num_blocks, block_size, *kv_geometry)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -251,6 +253,7 @@ class _StageWorker:
             if self.is_last:
                 sampled = [seq for seq in batch.seqs if seq.sample]
                 tokens = sample_tokens(out, sampled)
+                events.append((self.rank, "sample", batch.batch_id, batch.phase, t2, time.perf_counter()))
                 result = StepResult(batch.batch_id, {s.request_id: t for s, t in zip(sampled, tokens)},
                                     [end - start for (_, kind, _, _, start, end) in events if kind == "compute"],
                                     events)

@@ -13,7 +13,7 @@ from .kv_cache import PagedKVCache
 # token), with no attention, norms or activations around it. Measured from the stage timelines of
 # `tdpipe bench` on SmolLM2 (2 stage processes, 2 CPU cores): the head took as long as 3 to 6
 # decoder layers across runs, against the 8 its weight suggests; half its weight sits in between.
-LM_HEAD_COST_SHARE = 0.5
+LM_HEAD_COST_SHARE = 0.85
 
 
 def split_layers(model, num_stages: int) -> list[range]:
