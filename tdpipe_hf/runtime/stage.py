@@ -10,9 +10,10 @@ from .kv_cache import PagedKVCache
 
 
 # The LM head's time per step relative to its weight: it runs once per sequence (not per prompt
-# token), with no attention, norms or activations around it. Measured from the stage timelines of
-# `tdpipe bench` on SmolLM2 (2 stage processes, 2 CPU cores): the head took as long as 3 to 6
-# decoder layers across runs, against the 8 its weight suggests; half its weight sits in between.
+# token), with no attention, norms or activations around it, but its large GEMM runs near peak.
+# Measured from the stage timelines of `tdpipe bench` on SmolLM2 (2 stage processes, 2 CPU cores,
+# glibc malloc tuned): the head took as long as about 7 decoder layers, against the 8 its weight
+# suggests.
 LM_HEAD_COST_SHARE = 0.85
 
 
