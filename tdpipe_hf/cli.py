@@ -1,4 +1,5 @@
-"""The ``tdpipe`` command: ``tdpipe generate`` answers a prompt, ``tdpipe bench`` measures throughput."""
+"""The ``tdpipe`` command: ``generate`` answers a prompt, ``run`` answers a JSONL file of prompts,
+``bench`` measures throughput."""
 
 from __future__ import annotations
 
@@ -40,6 +41,21 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None, help="torch seed for --sample")
+
+    run = commands.add_parser("run", help="answer a JSONL file of prompts into a JSONL file (resumable)")
+    run.add_argument("input", nargs="?", help="JSONL with 'prompt', 'messages' or OpenAI batch lines "
+                                              "(default: the sample prompts shipped with tdpipe_hf)")
+    run.add_argument("-o", "--output", help="answers JSONL, appended to and resumed from "
+                                            "(default: INPUT name + .answers.jsonl in the current directory)")
+    run.add_argument("--errors", help="where bad input lines are reported (default: OUTPUT.errors.jsonl)")
+    run.add_argument("--model", help="HF model directory or .gguf file (default: the shipped SmolLM2)")
+    run.add_argument("--stages", type=_positive, default=1)
+    run.add_argument("--executor", choices=("local", "distributed"), default=None,
+                     help="default: distributed with 2+ stages, local with 1")
+    run.add_argument("--max-new-tokens", type=_positive, default=256, help="for lines that do not set their own")
+    run.add_argument("--kv-blocks", type=_positive, default=None)
+    run.add_argument("--switch-policy", default="threshold")
+    run.add_argument("--no-chat-template", action="store_true", help="tokenize 'prompt' lines as plain text")
 
     bench = commands.add_parser("bench", help="HF generate vs HF generate_batch vs tdpipe_hf on chat prompts")
     bench.add_argument("--model", help="HF model directory or .gguf file (default: the shipped SmolLM2)")
@@ -121,13 +137,50 @@ def _bench(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    from pathlib import Path
+
+    import tdpipe_hf
+    from .models import DEFAULT_MODEL_NAME
+    from .offline import run_batch
+
+    if args.input is None:
+        from importlib import resources
+
+        source = resources.files("tdpipe_hf").joinpath("data", "sample_prompts.jsonl")
+        input_path, name = Path(str(source)), "sample_prompts"
+    else:
+        input_path = Path(args.input)
+        if not input_path.is_file():
+            raise FileNotFoundError(f"input file {input_path} does not exist")
+        name = input_path.stem
+    output = Path(args.output) if args.output else Path(f"{name}.answers.jsonl")
+    executor = args.executor or ("distributed" if args.stages > 1 else "local")
+    options = {"executor": executor, "switch_policy": args.switch_policy}
+    if args.kv_blocks:
+        options["kv_blocks"] = args.kv_blocks
+    print(f"loading model ...; {input_path} -> {output}", file=sys.stderr)
+    model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, **options)
+    try:
+        name = Path(args.model).name if args.model else DEFAULT_MODEL_NAME
+        summary = run_batch(model, tokenizer, input_path, output, args.errors, max_new_tokens=args.max_new_tokens,
+                            chat_template=not args.no_chat_template, model_name=name)
+    finally:
+        model.tdpipe_engine.close()
+    print(summary.format())
+    if summary.errors:
+        print(f"{summary.errors} bad line(s) reported in {args.errors or str(output) + '.errors.jsonl'}",
+              file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .runtime.malloc import tune_glibc_malloc
 
     tune_glibc_malloc()  # our own process: same settings for every system the benchmark runs
     try:
-        return _generate(args) if args.command == "generate" else _bench(args)
+        return {"generate": _generate, "run": _run, "bench": _bench}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"tdpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -86,25 +86,35 @@ class TDPipeEngine:
     def run(self, requests: list[Request], on_token: Callable[[Request, int], None] | None = None,
             progress: bool = False, description: str = "tdpipe") -> RunStats:
         self.check_fits(requests)
+        return self.run_stream(requests, on_token=on_token, progress=progress, total=len(requests),
+                               description=description)
+
+    def run_stream(self, requests: Iterable[Request], on_token: Callable[[Request, int], None] | None = None,
+                   on_finish: Callable[[Request], None] | None = None, progress: bool = False,
+                   total: int | None = None, description: str = "tdpipe", lookahead: int | None = None) -> RunStats:
+        """Run a possibly endless stream of requests (already checked to fit), ``on_finish``
+        called as each one finishes; at most ``lookahead`` wait in memory at once."""
         cfg = self.config
         in_flight = cfg.micro_batches or cfg.num_stages
         scheduler = Scheduler(BlockManager(self.num_blocks, cfg.block_size), in_flight,
                               admission=AdmitWhileFits(), batcher=ReadyPoolBatcher(),
                               switch=self.switch_cls(cfg.switch_fraction),
                               prefill_chunk_tokens=cfg.prefill_chunk_tokens, max_num_seqs=cfg.max_num_seqs)
-        bar = tqdm(total=len(requests), desc=description, unit="req", disable=not progress)
+        bar = tqdm(total=total, desc=description, unit="req", disable=not progress)
         start = time.perf_counter()
 
-        def on_finish(request: Request) -> None:
+        def finished(request: Request) -> None:
+            if on_finish is not None:
+                on_finish(request)
             bar.update(1)
             if progress:
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(tok_s=f"{controller.stats.generated_tokens / max(elapsed, 1e-9):.1f}")
 
-        controller = Controller(self.executor, scheduler, on_token=on_token, on_finish=on_finish,
+        controller = Controller(self.executor, scheduler, on_token=on_token, on_finish=finished,
                                 max_in_flight=in_flight)
         try:
-            self.last_stats = controller.run(requests)
+            self.last_stats = controller.run(requests, lookahead)
         finally:
             bar.close()
         return self.last_stats

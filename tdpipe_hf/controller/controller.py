@@ -7,7 +7,7 @@ the micro-batches (in-process or one process per stage) is invisible to it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -38,20 +38,35 @@ class Controller:
         self.stats = RunStats()
         self._in_flight: dict[int, MicroBatch] = {}
 
-    def run(self, requests: list[Request]) -> RunStats:
+    def run(self, requests: Iterable[Request], lookahead: int | None = None) -> RunStats:
         """Drive ``requests`` to completion. On an executor error nothing is half-applied: the
-        error propagates and every request keeps its tokens so far."""
-        for request in requests:
-            self.scheduler.add(request)
+        error propagates and every request keeps its tokens so far.
+
+        ``requests`` may be a lazy iterable: with ``lookahead``, only that many requests wait in
+        the scheduler at a time and more are drawn as they are admitted, so memory stays bounded
+        however long the stream is."""
+        source = iter(requests)
+        exhausted = self._refill(source, lookahead)
         while self.scheduler.has_work:
             self._dispatch()
             if not self._in_flight:
                 stuck = [r.request_id for r in self.scheduler.waiting]
                 raise RuntimeError(f"scheduler cannot make progress: requests {stuck[:10]} cannot be admitted")
             self._absorb(self.executor.collect())
+            if not exhausted:
+                exhausted = self._refill(source, lookahead)
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.phase_switches = self.scheduler.num_phase_switches
         return self.stats
+
+    def _refill(self, source: Iterator[Request], lookahead: int | None) -> bool:
+        """Move requests from ``source`` into the scheduler; True once ``source`` is exhausted."""
+        while lookahead is None or len(self.scheduler.waiting) < lookahead:
+            request = next(source, None)
+            if request is None:
+                return True
+            self.scheduler.add(request)
+        return False
 
     def _dispatch(self) -> None:
         while len(self._in_flight) < self.max_in_flight:

@@ -1,0 +1,252 @@
+"""Offline batch jobs: a JSONL file of prompts in, a JSONL file of answers out, resumable.
+
+Input lines are ``{"prompt": ...}``, ``{"messages": [...]}`` or OpenAI batch-API requests
+(``{"custom_id", "method", "url", "body": {"messages", "max_tokens"}}``). Each finished request
+is appended to the output as one line written with a single ``write`` and flushed (fsynced at
+most every second), so a crash loses only requests still in flight and a rerun skips every id
+already in the output. Bad lines go to an errors file with their line numbers; the job goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .controller import Request
+from .controller.controller import RunStats
+
+FSYNC_SECONDS = 1.0
+
+
+@dataclass
+class Job:
+    """One input line, parsed."""
+
+    line: int
+    id: str
+    messages: list[dict] | None
+    prompt: str | None
+    max_new_tokens: int | None
+    openai: bool = False
+
+
+@dataclass
+class JobSummary:
+    requests: int = 0
+    skipped: int = 0  # already in the output from an earlier run
+    errors: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    preemptions: int = 0
+    bubble: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+    def format(self) -> str:
+        text = (f"{self.requests} requests done ({self.skipped} already in the output, {self.errors} bad lines), "
+                f"{self.generated_tokens} tokens generated in {self.seconds:.1f}s: {self.tokens_per_s:.1f} tokens/s, "
+                f"{self.preemptions} preemptions")
+        if self.bubble:
+            from .metrics import format_bubbles
+
+            text += f"; {format_bubbles(self.bubble)}"
+        return text
+
+
+class BadLine(ValueError):
+    pass
+
+
+def parse_line(text: str, line: int) -> Job:
+    """A Job from one JSONL line; ``BadLine`` says what is wrong with it."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadLine(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise BadLine("a line must be a JSON object")
+    if "body" in record or "custom_id" in record:
+        body = record.get("body")
+        if not isinstance(body, dict) or "custom_id" not in record:
+            raise BadLine("an OpenAI batch line needs 'custom_id' and a 'body' object")
+        job_id = str(record["custom_id"])
+        messages = body.get("messages")
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        openai = True
+        prompt = None
+    else:
+        job_id = str(record.get("id", record.get("custom_id", f"line-{line}")))
+        messages, prompt, openai = record.get("messages"), record.get("prompt"), False
+        limit = record.get("max_new_tokens", record.get("max_tokens"))
+        if messages is None and prompt is None:
+            raise BadLine("a line needs 'prompt', 'messages' or an OpenAI batch 'body'")
+    if messages is not None:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
+            raise BadLine("'messages' must be a list of {'role', 'content'} objects")
+        if not messages or not any(str(m["content"]).strip() for m in messages):
+            raise BadLine("empty prompt: the messages have no content")
+    elif not isinstance(prompt, str) or not prompt.strip():
+        raise BadLine("empty prompt")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise BadLine(f"max tokens must be a positive integer, got {limit!r}")
+    return Job(line, job_id, messages, prompt, limit, openai)
+
+
+def done_ids(output: Path) -> set[str]:
+    """Ids already answered in ``output``; a torn last line (crash mid-write) is cut off."""
+    if not output.exists():
+        return set()
+    with open(output, "rb+") as handle:
+        data = handle.read()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            handle.truncate(keep)
+            data = data[:keep]
+    ids = set()
+    for raw in data.splitlines():
+        record = json.loads(raw)
+        ids.add(str(record.get("custom_id", record.get("id"))))
+    return ids
+
+
+class _Appender:
+    """Appends whole lines; flushes each, fsyncs at most every ``FSYNC_SECONDS``."""
+
+    def __init__(self, path: Path):
+        self.handle = open(path, "a", encoding="utf-8")
+        self.last_sync = time.monotonic()
+
+    def write(self, record: dict) -> None:
+        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.handle.flush()
+        if time.monotonic() - self.last_sync > FSYNC_SECONDS:
+            os.fsync(self.handle.fileno())
+            self.last_sync = time.monotonic()
+
+    def close(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+
+
+def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path, errors_path: str | Path | None = None,
+              max_new_tokens: int = 256, progress: bool = True, chat_template: bool = True,
+              lookahead: int = 1024, model_name: str | None = None) -> JobSummary:
+    """Answer every line of ``input_path`` into ``output_path`` with a wrapped model (see module doc).
+
+    ``errors_path`` defaults to ``OUTPUT.errors.jsonl`` and is rewritten by every run. Prompts
+    (``"prompt"`` lines too) go through the tokenizer's chat template unless ``chat_template`` is
+    False or the tokenizer has none. Returns the summary of this run.
+    """
+    from .metrics import bubble_ratios
+
+    engine = model.tdpipe_engine
+    input_path, output_path = Path(input_path), Path(output_path)
+    errors_path = Path(errors_path) if errors_path else output_path.with_name(output_path.name + ".errors.jsonl")
+    with open(input_path, encoding="utf-8") as handle:
+        total_lines = sum(1 for line in handle if line.strip())
+    finished = done_ids(output_path)
+    summary = JobSummary(skipped=len(finished))
+    eos = _eos_ids(model)
+    context = getattr(model.config, "max_position_embeddings", None)
+    use_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
+    model_name = model_name or Path(getattr(model.config, "_name_or_path", "") or model.config.model_type).name
+    pending: dict[int, tuple[Job, int]] = {}
+    out, errors = _Appender(output_path), open(errors_path, "w", encoding="utf-8")
+
+    def report(line: int, job_id: str | None, message: str) -> None:
+        summary.errors += 1
+        errors.write(json.dumps({"line": line, "id": job_id, "error": message}, ensure_ascii=False) + "\n")
+        errors.flush()
+
+    def requests() -> Iterator[Request]:
+        seen: set[str] = set()
+        with open(input_path, encoding="utf-8") as lines:
+            for number, text in enumerate(lines, 1):
+                if not text.strip():
+                    continue
+                try:
+                    job = parse_line(text, number)
+                except BadLine as exc:
+                    report(number, None, str(exc))
+                    continue
+                if job.id in finished:
+                    continue
+                if job.id in seen:
+                    report(number, job.id, f"duplicate id {job.id!r}")
+                    continue
+                ids = _tokenize(tokenizer, job, use_template)
+                limit = job.max_new_tokens or max_new_tokens
+                problem = _size_problem(len(ids), limit, context, engine.kv_capacity_tokens)
+                if problem:
+                    report(number, job.id, problem)
+                    continue
+                seen.add(job.id)
+                pending[number] = (job, len(ids))
+                yield Request(request_id=number, prompt_ids=ids, max_new_tokens=limit, eos_token_ids=eos)
+
+    def on_finish(request: Request) -> None:
+        job, prompt_len = pending.pop(request.request_id)
+        text = tokenizer.decode(request.output_ids, skip_special_tokens=True)
+        reason = "stop" if request.finish_reason == "stop" else "length"
+        out.write(_answer(job, text, prompt_len, len(request.output_ids), reason, model_name))
+        summary.requests += 1
+        summary.prompt_tokens += prompt_len
+        summary.generated_tokens += len(request.output_ids)
+
+    start = time.perf_counter()
+    try:
+        stats: RunStats = engine.run_stream(requests(), on_finish=on_finish, progress=progress,
+                                            total=max(0, total_lines - len(finished)), description="tdpipe run",
+                                            lookahead=lookahead)
+    finally:
+        out.close()
+        errors.close()
+    summary.seconds = time.perf_counter() - start
+    summary.preemptions = stats.preemptions
+    summary.bubble = bubble_ratios(stats.timeline) if engine.config.num_stages > 1 else {}
+    return summary
+
+
+def _eos_ids(model) -> frozenset[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset(eos if isinstance(eos, list) else [eos])
+
+
+def _tokenize(tokenizer, job: Job, use_template: bool) -> list[int]:
+    messages = job.messages if job.messages is not None else [{"role": "user", "content": job.prompt}]
+    if use_template:
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    text = job.prompt if job.prompt is not None else "\n".join(str(m["content"]) for m in messages)
+    return tokenizer(text)["input_ids"]
+
+
+def _size_problem(prompt_len: int, limit: int, context: int | None, capacity: int) -> str | None:
+    if context is not None and prompt_len > context:
+        return f"prompt has {prompt_len} tokens, more than the model's context of {context}"
+    if prompt_len + limit > capacity:
+        return (f"prompt ({prompt_len} tokens) + max new tokens ({limit}) exceeds the KV budget of {capacity} "
+                "tokens; raise kv_blocks/kv_cache_bytes or lower max tokens")
+    return None
+
+
+def _answer(job: Job, text: str, prompt_tokens: int, completion_tokens: int, reason: str, model: str) -> dict:
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    if not job.openai:
+        return {"id": job.id, "text": text, **usage, "finish_reason": reason}
+    body = {"object": "chat.completion", "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
+            "usage": usage}
+    return {"id": f"batch_req_{job.line}", "custom_id": job.id,
+            "response": {"status_code": 200, "request_id": f"req_{job.line}", "body": body}, "error": None}

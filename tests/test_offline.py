@@ -1,0 +1,143 @@
+"""`tdpipe run` / `run_batch`: formats, bad lines, resume after a crash, HF pipeline compatibility."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import pipeline
+
+import tdpipe_hf
+from conftest import byte_tokenizer, tiny_model, tiny_model_dir
+from tdpipe_hf.offline import parse_line, run_batch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny():
+    tokenizer = byte_tokenizer()
+    model = tiny_model("llama", seed=51, vocab_size=len(tokenizer))
+    return tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=200), tokenizer
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_answers_match_generate_and_bad_lines_are_reported(tiny, tmp_path):
+    model, tokenizer = tiny
+    lines = [{"prompt": "hello there"}, "{not json", {"prompt": "   "}, {"prompt": "x" * 300},
+             {"messages": [{"role": "user", "content": "abc"}], "id": "chat-1"}, {"nothing": 1},
+             {"prompt": "count to three", "max_new_tokens": 3}, {"prompt": "hello there", "id": "line-1"}]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    summary = run_batch(model, tokenizer, source, tmp_path / "out.jsonl", max_new_tokens=6, progress=False)
+    answers = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert set(answers) == {"line-1", "chat-1", "line-7"}
+    assert summary.requests == 3 and summary.errors == 5
+    expected = model.generate_batch([tokenizer("hello there")["input_ids"]], max_new_tokens=6)[0]
+    assert answers["line-1"]["completion_tokens"] == len(expected)
+    assert answers["line-1"]["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    assert answers["line-7"]["completion_tokens"] <= 3
+    errors = [json.loads(line) for line in (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines()]
+    by_line = {e["line"]: e["error"] for e in errors}
+    assert by_line[2].startswith("not valid JSON")
+    assert by_line[3] == "empty prompt"
+    assert "more than the model's context of 256" in by_line[4]
+    assert "needs 'prompt', 'messages'" in by_line[6]
+    assert "duplicate id 'line-1'" in by_line[8]
+
+
+def test_openai_batch_format_round_trips(tiny, tmp_path):
+    model, tokenizer = tiny
+    lines = [{"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "x", "messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 4}}
+             for i in range(3)]
+    source = write_lines(tmp_path / "batch.jsonl", lines)
+    run_batch(model, tokenizer, source, tmp_path / "out.jsonl", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in records) == ["req-0", "req-1", "req-2"]
+    for record in records:
+        assert record["error"] is None and record["response"]["status_code"] == 200
+        body = record["response"]["body"]
+        assert body["choices"][0]["message"]["role"] == "assistant"
+        assert 1 <= body["usage"]["completion_tokens"] <= 4
+        assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+
+
+def test_parse_line_rejects_nonsense():
+    with pytest.raises(ValueError, match="positive integer"):
+        parse_line(json.dumps({"prompt": "a", "max_new_tokens": 0}), 1)
+    with pytest.raises(ValueError, match="custom_id"):
+        parse_line(json.dumps({"body": {"messages": []}}), 1)
+    with pytest.raises(ValueError, match="JSON object"):
+        parse_line("[1, 2]", 1)
+
+
+def _run_cli(model_dir: Path, source: Path, output: Path) -> subprocess.Popen:
+    """The job in its own process; its console output goes to OUTPUT.log (a pipe could fill up)."""
+    command = [sys.executable, "-m", "tdpipe_hf.cli", "run", str(source), "-o", str(output), "--model",
+               str(model_dir), "--max-new-tokens", "8", "--kv-blocks", "400"]
+    log = open(f"{output}.log", "w")
+    return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_with_every_answer_exactly_once(tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "tiny", seed=52)
+    gen = torch.Generator().manual_seed(53)
+    words = ["alpha", "beta", "gamma", "delta", "pipeline", "stage", "token", "cache"]
+    lines = [{"prompt": " ".join(words[int(i)] for i in torch.randint(0, 8, (int(n),), generator=gen))}
+             for n in torch.randint(1, 12, (2000,), generator=gen)]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+
+    reference = tmp_path / "reference.jsonl"
+    done = _run_cli(model_dir, source, reference)
+    assert done.wait(timeout=600) == 0, Path(f"{reference}.log").read_text()[-2000:]
+
+    output = tmp_path / "out.jsonl"
+    job = _run_cli(model_dir, source, output)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and job.poll() is None:
+        if output.exists() and output.read_text().count("\n") >= 300:
+            break
+        time.sleep(0.05)
+    assert job.poll() is None, "the job finished before it could be killed"
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    partial = output.read_text().count("\n")
+    assert 300 <= partial < 2000
+    again = _run_cli(model_dir, source, output)
+    assert again.wait(timeout=600) == 0, Path(f"{output}.log").read_text()[-2000:]
+    assert f"({partial} already in the output" in Path(f"{output}.log").read_text()
+
+    def by_id(path):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        ids = [r["id"] for r in records]
+        assert len(ids) == len(set(ids)), "an answer was written twice"
+        return {r["id"]: r for r in records}
+
+    assert by_id(output) == by_id(reference)
+    assert len(by_id(output)) == 2000
+
+
+def test_transformers_pipeline_runs_through_the_engine(tiny):
+    model, tokenizer = tiny
+    tokenizer.padding_side = "left"
+    prompts = ["hello", "a longer prompt here", "xyz"]
+    tdpipe_hf.unwrap(model)
+    plain = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    expected = plain(prompts, max_new_tokens=5, do_sample=False, batch_size=3)
+    tdpipe_hf.wrap(model, num_stages=2)
+    runs_before = model.tdpipe_engine.last_stats
+    wrapped = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    actual = wrapped(prompts, max_new_tokens=5, do_sample=False, batch_size=3)
+    assert actual == expected
+    assert model.tdpipe_engine.last_stats is not runs_before
