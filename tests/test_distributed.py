@@ -94,7 +94,10 @@ def test_torchrun_launch_matches_hf(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     output = tmp_path / "out.json"
+    from tdpipe_hf.runtime.distributed import _free_port
+
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
                str(repo / "benchmarks" / "torchrun_generate.py"), "--tiny", "7", "--num-prompts", "6",
                "--max-new-tokens", "10", "--kv-blocks", "10", "--output", str(output)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=repo)

@@ -3,9 +3,10 @@
 HF's own attention modules project Q/K/V and apply RoPE; then they call the function registered
 under ``config._attn_implementation``. Ours stores the new keys/values in the stage's paged cache
 and attends over each request's cached context. A micro-batch is packed into one sequence (no
-padding): rows with one new token (decode) are attended together in one batched call, rows with
-several (prefill or recompute) one by one. Without a TD-Pipe context (a plain ``model(...)`` call)
-the function defers to HF's SDPA attention, so the wrapped model still works as a normal model.
+padding): rows with one new token (decode) are attended in batched calls, grouped by context
+length so that each group pads little; rows with several (prefill or recompute) one by one.
+Without a TD-Pipe context (a plain ``model(...)`` call) the function defers to HF's SDPA
+attention, so the wrapped model still works as a normal model.
 """
 
 from __future__ import annotations
@@ -33,6 +34,34 @@ class Segment:
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token rows of similar context length, attended in one batched call."""
+
+    rows: torch.Tensor    # packed index of each row
+    blocks: torch.Tensor  # [rows, max_blocks] block tables, zero-padded
+    mask: torch.Tensor    # [rows, 1, 1, max_blocks * block_size] valid context
+
+
+# A decode group is padded to its longest context; a new group starts when a row's context is
+# this much longer than the group's shortest, so short rows do not pay for long ones.
+GROUP_LENGTH_RATIO = 1.5
+MIN_GROUP_ROWS = 8
+
+
+def group_by_length(lengths: list[int]) -> list[list[int]]:
+    """Indices of ``lengths`` in runs of similar length (sorted), each a decode group."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    for index in order:
+        if groups and (len(groups[-1]) < MIN_GROUP_ROWS
+                       or lengths[index] <= GROUP_LENGTH_RATIO * lengths[groups[-1][0]]):
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+@dataclass
 class AttentionContext:
     """Per-micro-batch index tensors, built once and shared by every layer of every stage."""
 
@@ -40,10 +69,8 @@ class AttentionContext:
     positions: torch.Tensor       # [tokens]
     slots: torch.Tensor           # [tokens] flat cache slot of each new token
     logits_rows: torch.Tensor     # packed index of the last token of each sampled row
-    decode_rows: torch.Tensor | None    # packed index of each single-token row
-    decode_blocks: torch.Tensor | None  # [rows, max_blocks] block tables, zero-padded
-    decode_mask: torch.Tensor | None    # [rows, 1, 1, max_blocks * block_size] valid context
-    all_decode: bool
+    decode_groups: list[DecodeGroup]
+    all_decode: bool  # every row is a decode row, in one group, in packed order
     segments: list[Segment]
 
     @classmethod
@@ -77,15 +104,18 @@ class AttentionContext:
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
-        decode_blocks = decode_mask = decode_index = None
-        if decode_rows:
-            width = max(len(t) for t in decode_tables)
-            decode_blocks = tensor([t + [0] * (width - len(t)) for t in decode_tables])
+        groups = []
+        for members in group_by_length(decode_lens):
+            tables = [decode_tables[i] for i in members]
+            width = max(len(t) for t in tables)
             span = torch.arange(width * block_size, device=device)
-            decode_mask = (span[None, :] < tensor(decode_lens)[:, None])[:, None, None, :]
-            decode_index = tensor(decode_rows)
-        return cls(tensor(ids), tensor(positions), tensor(slots), tensor(logits_rows),
-                   decode_index, decode_blocks, decode_mask, not segments, segments)
+            lens = tensor([decode_lens[i] for i in members])
+            groups.append(DecodeGroup(tensor([decode_rows[i] for i in members]),
+                                      tensor([t + [0] * (width - len(t)) for t in tables]),
+                                      (span[None, :] < lens[:, None])[:, None, None, :]))
+        in_order = len(groups) == 1 and groups[0].rows.tolist() == list(range(len(ids)))
+        return cls(tensor(ids), tensor(positions), tensor(slots), tensor(logits_rows), groups,
+                   not segments and in_order, segments)
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -103,16 +133,16 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     k_cache, v_cache = cache.layer(layer)
 
     out = q.new_empty(q.shape)
-    if ctx.decode_rows is not None:
-        qd = q if ctx.all_decode else q[ctx.decode_rows]
-        kd = _gather(k_cache, ctx.decode_blocks).transpose(1, 2)  # [rows, kv_heads, ctx, dim]
-        vd = _gather(v_cache, ctx.decode_blocks).transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd.unsqueeze(2), kd, vd, attn_mask=ctx.decode_mask,
+    for group in ctx.decode_groups:
+        qd = q if ctx.all_decode else q[group.rows]
+        kd = _gather(k_cache, group.blocks).transpose(1, 2)  # [rows, kv_heads, ctx, dim]
+        vd = _gather(v_cache, group.blocks).transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd.unsqueeze(2), kd, vd, attn_mask=group.mask,
                                             scale=scaling, enable_gqa=True)[:, :, 0]
         if ctx.all_decode:
             out = od
         else:
-            out[ctx.decode_rows] = od
+            out[group.rows] = od
     for seg in ctx.segments:
         qs = q[seg.begin:seg.end].transpose(0, 1).unsqueeze(0)
         n = seg.end - seg.begin

@@ -141,14 +141,14 @@ class DistributedExecutor:
                 return source.get(timeout=_POLL_SECONDS)
             except queue.Empty:
                 pass
-            failure = self._failure()
+            failure = self._failure(check_heartbeats=what == "running")
             if failure is None and deadline is not None and time.monotonic() > deadline:
                 failure = f"stage workers did not start within {_START_TIMEOUT:.0f}s"
             if failure is not None:
                 self.close(force=True)
                 raise StageError(failure)
 
-    def _failure(self) -> str | None:
+    def _failure(self, check_heartbeats: bool = True) -> str | None:
         """What went wrong, if anything. A killed worker makes its neighbours fail too (their
         connection resets), so a dead process is named before the errors it caused."""
         errors = []
@@ -168,7 +168,7 @@ class DistributedExecutor:
             rank, message = errors[0]
             return f"stage {rank} ({self._layers(rank)}) failed: {message}"
         now = time.monotonic()
-        for rank, proc in enumerate(self._procs):
+        for rank, proc in enumerate(self._procs if check_heartbeats else []):  # imports take a while at start
             silent = now - self._beats[rank]
             if silent > HEARTBEAT_TIMEOUT:
                 return (f"stage {rank} ({self._layers(rank)}, pid {proc.pid}) is not responding: no heartbeat "
