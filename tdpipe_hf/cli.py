@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="default: distributed with 2+ stages, local with 1")
     run.add_argument("--max-new-tokens", type=_positive, default=256, help="for lines that do not set their own")
     run.add_argument("--kv-blocks", type=_positive, default=None)
-    run.add_argument("--switch-policy", default="threshold")
+    run.add_argument("--policy", default="tdpipe", help="scheduling policy (TDPipeConfig.policy)")
+    run.add_argument("--switch-policy", default="threshold", help="decode-to-prefill switch policy plugin")
     run.add_argument("--no-chat-template", action="store_true", help="tokenize 'prompt' lines as plain text")
 
     bench = commands.add_parser("bench", help="HF generate vs HF generate_batch vs tdpipe_hf on chat prompts")
@@ -156,7 +157,7 @@ def _run(args) -> int:
         name = input_path.stem
     output = Path(args.output) if args.output else Path(f"{name}.answers.jsonl")
     executor = args.executor or ("distributed" if args.stages > 1 else "local")
-    options = {"executor": executor, "switch_policy": args.switch_policy}
+    options = {"executor": executor, "policy": args.policy, "switch_policy": args.switch_policy}
     if args.kv_blocks:
         options["kv_blocks"] = args.kv_blocks
     print(f"loading model ...; {input_path} -> {output}", file=sys.stderr)

@@ -141,3 +141,12 @@ def test_transformers_pipeline_runs_through_the_engine(tiny):
     actual = wrapped(prompts, max_new_tokens=5, do_sample=False, batch_size=3)
     assert actual == expected
     assert model.tdpipe_engine.last_stats is not runs_before
+
+
+def test_cli_names_a_missing_input(tmp_path, capsys):
+    from tdpipe_hf import cli
+
+    assert cli.main(["run", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "out.jsonl")]) == 2
+    assert "none.jsonl does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--stages", "0"])
