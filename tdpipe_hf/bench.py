@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .mixin import eos_token_ids
+from .models import chat_prompt_ids
+
 SAMPLE_PROMPTS = "sample_prompts.jsonl"
 SYSTEMS = ("hf-generate", "hf-generate_batch", "tdpipe", "tdpipe-dist")
 
@@ -34,12 +37,14 @@ class BenchRow:
     bubble: list[float] | None = None  # per stage, idle share of the whole run
 
 
+def sample_prompts_path() -> Path:
+    """The sample prompts shipped in the package (a JSONL file with a ``prompt`` field)."""
+    return Path(str(resources.files("tdpipe_hf").joinpath("data", SAMPLE_PROMPTS)))
+
+
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:
     """Prompts from a JSONL file with a ``prompt`` field (default: the samples shipped in the package)."""
-    if path is None:
-        text = resources.files("tdpipe_hf").joinpath("data", SAMPLE_PROMPTS).read_text()
-    else:
-        text = Path(path).read_text()
+    text = Path(path or sample_prompts_path()).read_text()
     prompts = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -51,11 +56,7 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
 
 
 def chat_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
-    ids = []
-    for prompt in prompts:
-        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ids.append(list(out["input_ids"] if hasattr(out, "keys") else out))
-    return ids
+    return [chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}]) for prompt in prompts]
 
 
 def _trim_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
@@ -65,6 +66,17 @@ def _trim_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of a left-padded batch, as HF ``generate`` expects."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
 def run_hf_generate(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int, pad_id: int,
                     eos: set[int]) -> list[list[int]]:
     """HF ``generate`` over static, left-padded batches (prompts sorted by length to limit padding)."""
@@ -72,12 +84,8 @@ def run_hf_generate(model, prompts: list[list[int]], max_new_tokens: int, batch_
     outputs: list[list[int]] = [[] for _ in prompts]
     for begin in range(0, len(order), batch_size):
         group = order[begin:begin + batch_size]
-        width = max(len(prompts[i]) for i in group)
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(group):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
+        ids, mask = left_pad([prompts[i] for i in group], pad_id)
+        width = ids.shape[1]
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad_id)
@@ -114,7 +122,7 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
     from tdpipe_hf import metrics
 
     ids = chat_token_ids(tokenizer, prompts)
-    eos = set(tdpipe_hf.mixin._token_set(torch.tensor(model.generation_config.eos_token_id)))
+    eos = set(eos_token_ids(model.generation_config))
     pad_id = model.generation_config.pad_token_id
     pad_id = pad_id if pad_id is not None else min(eos)
     rows: list[BenchRow] = []

@@ -142,20 +142,17 @@ def _run(args) -> int:
     from pathlib import Path
 
     import tdpipe_hf
+    from .bench import sample_prompts_path
     from .models import DEFAULT_MODEL_NAME
     from .offline import run_batch
 
     if args.input is None:
-        from importlib import resources
-
-        source = resources.files("tdpipe_hf").joinpath("data", "sample_prompts.jsonl")
-        input_path, name = Path(str(source)), "sample_prompts"
+        input_path = sample_prompts_path()
     else:
         input_path = Path(args.input)
         if not input_path.is_file():
             raise FileNotFoundError(f"input file {input_path} does not exist")
-        name = input_path.stem
-    output = Path(args.output) if args.output else Path(f"{name}.answers.jsonl")
+    output = Path(args.output) if args.output else Path(f"{input_path.stem}.answers.jsonl")
     executor = args.executor or ("distributed" if args.stages > 1 else "local")
     options = {"executor": executor, "policy": args.policy, "switch_policy": args.switch_policy}
     if args.kv_blocks:

@@ -189,6 +189,12 @@ def _check_token_list(index: int, prompt) -> list[int]:
     return list(prompt)
 
 
+def eos_token_ids(generation_config: GenerationConfig) -> frozenset[int]:
+    """The ids that end a request, from a generation config (one id, a list, or none)."""
+    eos = generation_config.eos_token_id
+    return frozenset() if eos is None else _token_set(torch.tensor(eos))
+
+
 def _token_set(tensor: torch.Tensor | None) -> frozenset[int]:
     return frozenset() if tensor is None else frozenset(tensor.flatten().tolist())
 

@@ -43,6 +43,12 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, dtype=None):
     return model, tokenizer
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template, ready for the reply."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)  # a BatchEncoding in transformers 5
+
+
 def tiny_random_model(model_type: str = "llama", seed: int = 0, **overrides):
     """A randomly initialised 4-layer model (vocab 97, hidden 64): the same weights for the same
     seed in every process, so tests and multi-process runs can compare tokens without a download."""

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from .controller import Request
 from .controller.controller import RunStats
+from .mixin import eos_token_ids
+from .models import chat_prompt_ids
 
 FSYNC_SECONDS = 1.0
 
@@ -154,7 +156,7 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
         total_lines = sum(1 for line in handle if line.strip())
     finished = done_ids(output_path)
     summary = JobSummary(skipped=len(finished))
-    eos = _eos_ids(model)
+    eos = eos_token_ids(model.generation_config)
     context = getattr(model.config, "max_position_embeddings", None)
     use_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
     model_name = model_name or Path(getattr(model.config, "_name_or_path", "") or model.config.model_type).name
@@ -215,18 +217,10 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
     return summary
 
 
-def _eos_ids(model) -> frozenset[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        return frozenset()
-    return frozenset(eos if isinstance(eos, list) else [eos])
-
-
 def _tokenize(tokenizer, job: Job, use_template: bool) -> list[int]:
     messages = job.messages if job.messages is not None else [{"role": "user", "content": job.prompt}]
     if use_template:
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
+        return chat_prompt_ids(tokenizer, messages)
     text = job.prompt if job.prompt is not None else "\n".join(str(m["content"]) for m in messages)
     return tokenizer(text)["input_ids"]
 

@@ -66,5 +66,6 @@ class StepResult:
     batch_id: int
     tokens: dict[int, int]
     stage_seconds: list[float] = field(default_factory=list)
-    # timeline: (stage, "recv" | "compute" | "send", batch_id, phase, start, end), perf_counter seconds
+    # timeline: (stage, "recv" | "compute" | "sample" | "send", batch_id, phase, start, end), perf_counter
+    # seconds; see tdpipe_hf.metrics
     events: list[tuple] = field(default_factory=list)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tdpipe_hf
+from tdpipe_hf.bench import left_pad
 from tdpipe_hf.models import tiny_random_model
 
 
@@ -15,13 +16,7 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
 
 
 def left_padded(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
+    return left_pad(prompts, pad_id)
 
 
 def random_prompts(count: int, low: int = 1, high: int = 40, seed: int = 0, vocab: int = 97) -> list[list[int]]:

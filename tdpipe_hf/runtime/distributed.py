@@ -26,7 +26,7 @@ from .attention import AttentionContext
 from .attention import register as register_attention
 from .local import StageError
 from .malloc import tune_glibc_malloc
-from .sampler import sample_tokens
+from .sampler import sample_batch
 from .stage import Stage
 
 _SHUTDOWN = -1
@@ -251,10 +251,9 @@ class _StageWorker:
             t2 = time.perf_counter()
             events.append((self.rank, "compute", batch.batch_id, batch.phase, t1, t2))
             if self.is_last:
-                sampled = [seq for seq in batch.seqs if seq.sample]
-                tokens = sample_tokens(out, sampled)
+                tokens = sample_batch(out, batch)
                 events.append((self.rank, "sample", batch.batch_id, batch.phase, t2, time.perf_counter()))
-                result = StepResult(batch.batch_id, {s.request_id: t for s, t in zip(sampled, tokens)},
+                result = StepResult(batch.batch_id, tokens,
                                     [end - start for (_, kind, _, _, start, end) in events if kind == "compute"],
                                     events)
                 self.deliver(result)

@@ -7,7 +7,7 @@ from collections import deque
 
 from ..plan import MicroBatch, StepResult
 from .attention import AttentionContext
-from .sampler import sample_tokens
+from .sampler import sample_batch
 from .stage import Stage
 
 
@@ -51,10 +51,7 @@ class LocalExecutor:
             end = time.perf_counter()
             seconds.append(end - start)
             events.append((index, "compute", batch.batch_id, batch.phase, start, end))
-        sampled = [seq for seq in batch.seqs if seq.sample]
-        tokens = sample_tokens(hidden, sampled)
-        return StepResult(batch.batch_id, {seq.request_id: tok for seq, tok in zip(sampled, tokens)}, seconds,
-                          events)
+        return StepResult(batch.batch_id, sample_batch(hidden, batch), seconds, events)
 
     def close(self) -> None:
         self._queue.clear()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..plan import SequencePlan
+from ..plan import MicroBatch, SequencePlan
 
 
 def sample_tokens(logits: torch.Tensor, seqs: list[SequencePlan]) -> list[int]:
@@ -29,3 +29,9 @@ def sample_tokens(logits: torch.Tensor, seqs: list[SequencePlan]) -> list[int]:
         else:
             tokens[i] = int(scores.argmax(dim=-1)[0])
     return tokens
+
+
+def sample_batch(logits: torch.Tensor, batch: MicroBatch) -> dict[int, int]:
+    """The next token of every sampled sequence of ``batch``, by request id (the last stage's answer)."""
+    sampled = [seq for seq in batch.seqs if seq.sample]
+    return {seq.request_id: token for seq, token in zip(sampled, sample_tokens(logits, sampled))}
