@@ -1,5 +1,5 @@
 """The ``tdpipe`` command: ``generate`` answers a prompt, ``run`` answers a JSONL file of prompts,
-``bench`` measures throughput."""
+``bench`` measures throughput, ``train-predictor`` fits an output-length predictor."""
 
 from __future__ import annotations
 
@@ -56,7 +56,29 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--kv-blocks", type=_positive, default=None)
     run.add_argument("--policy", default="tdpipe", help="scheduling policy (TDPipeConfig.policy)")
     run.add_argument("--switch-policy", default="threshold", help="decode-to-prefill switch policy plugin")
+    run.add_argument("--admission", choices=("greedy", "fits"), default="greedy",
+                     help="prefill admission: greedy (predicted lengths, simulated KV; default) or fits (KV free now)")
+    run.add_argument("--predictor", help="output-length predictor: entry-point name or .npz file "
+                                         "(default: the one shipped for the model)")
+    run.add_argument("--kv-threshold", type=float, default=0.9,
+                     help="greedy prefill keeps the simulated KV peak under this share of the budget (default 0.9)")
+    run.add_argument("--online-learning", action="store_true",
+                     help="finished answers' lengths keep training the predictor during the run")
     run.add_argument("--no-chat-template", action="store_true", help="tokenize 'prompt' lines as plain text")
+
+    train = commands.add_parser("train-predictor", help="label prompts with the model's own output lengths, fit an "
+                                                        "output-length predictor, report accuracy, save it")
+    train.add_argument("input", nargs="?", help="JSONL prompts, as for `tdpipe run` (default: the bundled samples)")
+    train.add_argument("--labels", help="where the model's answers (the labels) go; resumable (default: "
+                                        "INPUT name + .MODEL.answers.jsonl in the current directory)")
+    train.add_argument("-o", "--output", help="predictor file (default: MODEL.npz in the current directory; "
+                                              "load it with TDPipeConfig(predictor=PATH))")
+    train.add_argument("--model", help="HF model directory or .gguf file (default: the shipped SmolLM2)")
+    train.add_argument("--kind", default="sklearn", help="predictor entry-point name to train (default sklearn)")
+    train.add_argument("--max-new-tokens", type=_positive, default=512, help="the workload's cap (default 512)")
+    train.add_argument("--stages", type=_positive, default=1, help="pipeline stages for labelling")
+    train.add_argument("--test-fraction", type=float, default=0.2, help="held-out share (default 0.2)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
 
     bench = commands.add_parser("bench", help="HF generate vs HF generate_batch vs tdpipe_hf on chat prompts")
     bench.add_argument("--model", help="HF model directory or .gguf file (default: the shipped SmolLM2)")
@@ -142,27 +164,21 @@ def _run(args) -> int:
     from pathlib import Path
 
     import tdpipe_hf
-    from .bench import sample_prompts_path
-    from .models import DEFAULT_MODEL_NAME
     from .offline import run_batch
 
-    if args.input is None:
-        input_path = sample_prompts_path()
-    else:
-        input_path = Path(args.input)
-        if not input_path.is_file():
-            raise FileNotFoundError(f"input file {input_path} does not exist")
+    input_path = _input_path(args.input)
     output = Path(args.output) if args.output else Path(f"{input_path.stem}.answers.jsonl")
     executor = args.executor or ("distributed" if args.stages > 1 else "local")
-    options = {"executor": executor, "policy": args.policy, "switch_policy": args.switch_policy}
+    options = {"executor": executor, "policy": args.policy, "switch_policy": args.switch_policy,
+               "admission": args.admission, "predictor": args.predictor, "kv_threshold": args.kv_threshold,
+               "online_learning": args.online_learning}
     if args.kv_blocks:
         options["kv_blocks"] = args.kv_blocks
     print(f"loading model ...; {input_path} -> {output}", file=sys.stderr)
     model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, **options)
     try:
-        name = Path(args.model).name if args.model else DEFAULT_MODEL_NAME
         summary = run_batch(model, tokenizer, input_path, output, args.errors, max_new_tokens=args.max_new_tokens,
-                            chat_template=not args.no_chat_template, model_name=name)
+                            chat_template=not args.no_chat_template)
     finally:
         model.tdpipe_engine.close()
     print(summary.format())
@@ -172,13 +188,55 @@ def _run(args) -> int:
     return 0
 
 
+def _input_path(text: str | None):
+    from pathlib import Path
+
+    from .bench import sample_prompts_path
+
+    if text is None:
+        return sample_prompts_path()
+    if not Path(text).is_file():
+        raise FileNotFoundError(f"input file {text} does not exist")
+    return Path(text)
+
+
+def _train_predictor(args) -> int:
+    from pathlib import Path
+
+    import tdpipe_hf
+    from .models import model_name
+    from .offline import run_batch
+    from .training import fit_and_report, read_labels
+
+    input_path = _input_path(args.input)
+    executor = "distributed" if args.stages > 1 else "local"
+    print("loading model ...", file=sys.stderr)
+    model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, executor=executor,
+                                                 admission="fits")
+    name = model_name(model)
+    labels = Path(args.labels) if args.labels else Path(f"{input_path.stem}.{name}.answers.jsonl")
+    try:
+        print(f"labelling {input_path} with {name} (max_new_tokens {args.max_new_tokens}) -> {labels}",
+              file=sys.stderr)
+        summary = run_batch(model, tokenizer, input_path, labels, max_new_tokens=args.max_new_tokens)
+        print(summary.format(), file=sys.stderr)
+    finally:
+        model.tdpipe_engine.close()
+    prompts, lengths = read_labels(input_path, labels, tokenizer)
+    report = fit_and_report(prompts, lengths, args.output or f"{name}.npz", kind=args.kind,
+                            test_fraction=args.test_fraction, seed=args.seed)
+    print(report.format())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .runtime.malloc import tune_glibc_malloc
 
     tune_glibc_malloc()  # our own process: same settings for every system the benchmark runs
     try:
-        return {"generate": _generate, "run": _run, "bench": _bench}[args.command](args)
+        commands = {"generate": _generate, "run": _run, "bench": _bench, "train-predictor": _train_predictor}
+        return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"tdpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2

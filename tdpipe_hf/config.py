@@ -7,11 +7,18 @@ from dataclasses import dataclass
 from typing import Any
 
 EXECUTORS = ("local", "distributed")
+ADMISSIONS = ("greedy", "fits")
 
 
 @dataclass
 class TDPipeConfig:
     """Engine settings. Invalid values raise ``ValueError`` naming the field, at construction.
+
+    Prefill admission: ``"greedy"`` (TD-Pipe: predicted output lengths, simulated future KV usage
+    kept <= ``kv_threshold`` x the budget, predictions scaled by ``length_scale``) or ``"fits"``
+    (admit while the prompts fit now). ``predictor``: None for the one shipped for the model, an
+    entry-point name, a ``.npz`` path, or a predictor object. ``online_learning`` feeds finished
+    requests' lengths back to the predictor.
 
     The KV budget is given either in blocks (``kv_blocks``) or in bytes (``kv_cache_bytes``);
     with neither, it is sized from free memory when the engine starts.
@@ -24,6 +31,11 @@ class TDPipeConfig:
     max_num_seqs: int = 256
     prefill_chunk_tokens: int = 512
     policy: str = "tdpipe"
+    admission: str = "greedy"
+    predictor: Any = None
+    kv_threshold: float = 0.9
+    length_scale: float = 1.0
+    online_learning: bool = False
     switch_policy: str = "threshold"
     switch_fraction: float = 0.5
     executor: str = "local"
@@ -48,6 +60,20 @@ class TDPipeConfig:
             raise ValueError("TDPipeConfig: give kv_blocks or kv_cache_bytes, not both")
         if not isinstance(self.switch_fraction, (int, float)) or not 0.0 <= self.switch_fraction <= 1.0:
             raise ValueError(f"TDPipeConfig.switch_fraction must be in [0, 1], got {self.switch_fraction!r}")
+        if self.admission not in ADMISSIONS:
+            raise ValueError(f"TDPipeConfig.admission must be one of {ADMISSIONS}, got {self.admission!r}")
+        for name, low in (("kv_threshold", 0.0), ("length_scale", 0.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
+                raise ValueError(f"TDPipeConfig.{name} must be a number > {low}, got {value!r}")
+        if self.kv_threshold > 1.0:
+            raise ValueError(f"TDPipeConfig.kv_threshold must be <= 1, got {self.kv_threshold!r}")
+        if not isinstance(self.online_learning, bool):
+            raise ValueError(f"TDPipeConfig.online_learning must be True or False, got {self.online_learning!r}")
+        if self.predictor is not None and not isinstance(self.predictor, str) \
+                and not callable(getattr(self.predictor, "predict", None)):
+            raise ValueError(f"TDPipeConfig.predictor must be a name, a .npz path or an object with "
+                             f"predict(prompts), got {self.predictor!r}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"TDPipeConfig.executor must be one of {EXECUTORS}, got {self.executor!r}")
         if self.policy != "tdpipe":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -13,12 +14,15 @@ from . import plugins
 from .config import TDPipeConfig
 from .controller import BlockManager, Controller, Request, Scheduler
 from .controller.controller import RunStats
-from .policies import AdmitWhileFits, ReadyPoolBatcher
+from .models import model_name
+from .policies import AdmitWhileFits, GreedyPrefill, ReadyPoolBatcher
+from .predictors import ConstantPredictor, check_predictor, load_predictor
 from .runtime.distributed import DistributedExecutor, join_torchrun_pipeline, launched_by_torchrun
 from .runtime.local import LocalExecutor
 from .runtime.stage import blocks_for_budget, build_stages, kv_geometry
 
 DEFAULT_CPU_KV_BYTES = 2 << 30
+logger = logging.getLogger("tdpipe_hf")
 
 
 def _available_memory(device: torch.device) -> int:
@@ -52,9 +56,32 @@ class TDPipeEngine:
             if self.num_blocks < 1:
                 raise ValueError(f"KV budget of {budget} bytes is smaller than one block of {config.block_size} tokens")
         self.switch_cls = plugins.load(plugins.SWITCH_POLICIES, config.switch_policy)
+        self.model_name = model_name(model)
+        self.predictor = self._make_predictor(config) if config.admission == "greedy" else None
         self.executor = self._make_executor(model, config)
         self.stage_layers = [stage.index_range for stage in self.executor.stages]
         self.last_stats: RunStats | None = None
+
+    def _make_predictor(self, config: TDPipeConfig):
+        """The configured predictor; with none configured, the one shipped for this model, or the
+        mean-length baseline (with a warning) for models nobody trained one for."""
+        if config.predictor is not None and not isinstance(config.predictor, str):
+            return check_predictor(config.predictor, type(config.predictor).__name__)
+        try:
+            return load_predictor(config.predictor, self.model_name)
+        except ValueError:
+            if config.predictor is not None:
+                raise
+            logger.warning("no output-length predictor is shipped for %s: greedy prefill uses a constant "
+                           "guess (train one with `tdpipe train-predictor`)", self.model_name)
+            return ConstantPredictor()
+
+    def _admission(self):
+        cfg = self.config
+        if cfg.admission == "fits":
+            return AdmitWhileFits()
+        return GreedyPrefill(self.predictor, cfg.kv_threshold, cfg.length_scale, online=cfg.online_learning,
+                             name=cfg.predictor if isinstance(cfg.predictor, str) else "")
 
     def _make_executor(self, model, config: TDPipeConfig):
         if config.executor == "distributed":
@@ -97,7 +124,7 @@ class TDPipeEngine:
         cfg = self.config
         in_flight = cfg.micro_batches or cfg.num_stages
         scheduler = Scheduler(BlockManager(self.num_blocks, cfg.block_size), in_flight,
-                              admission=AdmitWhileFits(), batcher=ReadyPoolBatcher(),
+                              admission=self._admission(), batcher=ReadyPoolBatcher(),
                               switch=self.switch_cls(cfg.switch_fraction),
                               prefill_chunk_tokens=cfg.prefill_chunk_tokens, max_num_seqs=cfg.max_num_seqs)
         bar = tqdm(total=total, desc=description, unit="req", disable=not progress)

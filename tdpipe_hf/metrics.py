@@ -111,3 +111,12 @@ def plot_timeline(timeline: list[tuple], path: str | Path, title: str = "tdpipe_
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def mean_kv_utilisation(kv_used: list[tuple[float, int]], kv_blocks: int) -> float:
+    """Time-weighted mean share of the KV blocks in use, from ``(time, blocks used)`` samples."""
+    if len(kv_used) < 2 or kv_blocks < 1:
+        return 0.0
+    area = sum(used * (later - now) for (now, used), (later, _) in zip(kv_used, kv_used[1:]))
+    span = kv_used[-1][0] - kv_used[0][0]
+    return area / span / kv_blocks if span > 0 else 0.0

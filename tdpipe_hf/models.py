@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -39,8 +40,21 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, dtype=None):
         kwargs["dtype"] = dtype
     tokenizer = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "gguf_file" in kwargs:  # HF records only the directory; the file names the model
+        model.name_or_path = str(path / kwargs["gguf_file"])
     model.eval()
     return model, tokenizer
+
+
+def model_name(model) -> str:
+    """A short name for ``model`` (``SmolLM2-135M-Instruct``), used to find its shipped predictor.
+
+    From the directory or GGUF file it was loaded from, quantisation suffix dropped."""
+    source = str(getattr(model, "name_or_path", "") or "").rstrip("/")
+    name = Path(source).name
+    if name.endswith(".gguf"):
+        name = re.sub(r"\.(Q\d\w*|IQ\d\w*|F16|F32|BF16)$", "", name[: -len(".gguf")], flags=re.IGNORECASE)
+    return name or type(model).__name__
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:

@@ -20,6 +20,7 @@ from .controller import Request
 from .controller.controller import RunStats
 from .mixin import eos_token_ids
 from .models import chat_prompt_ids
+from .models import model_name as model_name_of
 
 FSYNC_SECONDS = 1.0
 
@@ -45,6 +46,7 @@ class JobSummary:
     generated_tokens: int = 0
     seconds: float = 0.0
     preemptions: int = 0
+    kv_utilisation: float = 0.0
     bubble: dict = field(default_factory=dict)
 
     @property
@@ -54,7 +56,7 @@ class JobSummary:
     def format(self) -> str:
         text = (f"{self.requests} requests done ({self.skipped} already in the output, {self.errors} bad lines), "
                 f"{self.generated_tokens} tokens generated in {self.seconds:.1f}s: {self.tokens_per_s:.1f} tokens/s, "
-                f"{self.preemptions} preemptions")
+                f"{self.preemptions} preemptions, mean KV use {100 * self.kv_utilisation:.0f} %")
         if self.bubble:
             from .metrics import format_bubbles
 
@@ -99,6 +101,18 @@ def parse_line(text: str, line: int) -> Job:
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise BadLine(f"max tokens must be a positive integer, got {limit!r}")
     return Job(line, job_id, messages, prompt, limit, openai)
+
+
+def answer_lengths(output: str | Path) -> dict[str, int]:
+    """Generated tokens per answered id of a ``run_batch`` output (plain or OpenAI shape)."""
+    lengths = {}
+    with open(output, encoding="utf-8") as handle:
+        for raw in handle:
+            if raw.strip():
+                record = json.loads(raw)
+                usage = record["response"]["body"]["usage"] if "custom_id" in record else record
+                lengths[str(record.get("custom_id", record.get("id")))] = int(usage["completion_tokens"])
+    return lengths
 
 
 def done_ids(output: Path) -> set[str]:
@@ -147,7 +161,7 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
     (``"prompt"`` lines too) go through the tokenizer's chat template unless ``chat_template`` is
     False or the tokenizer has none. Returns the summary of this run.
     """
-    from .metrics import bubble_ratios
+    from .metrics import bubble_ratios, mean_kv_utilisation
 
     engine = model.tdpipe_engine
     input_path, output_path = Path(input_path), Path(output_path)
@@ -159,7 +173,7 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
     eos = eos_token_ids(model.generation_config)
     context = getattr(model.config, "max_position_embeddings", None)
     use_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
-    model_name = model_name or Path(getattr(model.config, "_name_or_path", "") or model.config.model_type).name
+    model_name = model_name or model_name_of(model)
     pending: dict[int, tuple[Job, int]] = {}
     out, errors = _Appender(output_path), open(errors_path, "w", encoding="utf-8")
 
@@ -184,7 +198,7 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
                 if job.id in seen:
                     report(number, job.id, f"duplicate id {job.id!r}")
                     continue
-                ids = _tokenize(tokenizer, job, use_template)
+                ids = tokenize_job(tokenizer, job, use_template)
                 limit = job.max_new_tokens or max_new_tokens
                 problem = _size_problem(len(ids), limit, context, engine.kv_capacity_tokens)
                 if problem:
@@ -213,11 +227,12 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
         errors.close()
     summary.seconds = time.perf_counter() - start
     summary.preemptions = stats.preemptions
+    summary.kv_utilisation = mean_kv_utilisation(stats.kv_used, stats.kv_blocks)
     summary.bubble = bubble_ratios(stats.timeline) if engine.config.num_stages > 1 else {}
     return summary
 
 
-def _tokenize(tokenizer, job: Job, use_template: bool) -> list[int]:
+def tokenize_job(tokenizer, job: Job, use_template: bool) -> list[int]:
     messages = job.messages if job.messages is not None else [{"role": "user", "content": job.prompt}]
     if use_template:
         return chat_prompt_ids(tokenizer, messages)

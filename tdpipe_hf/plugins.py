@@ -15,7 +15,9 @@ PREDICTORS = "tdpipe_hf.predictors"
 # Same targets as pyproject's entry points, so a source checkout that is not pip-installed works.
 _BUILTINS = {
     SWITCH_POLICIES: {"threshold": "tdpipe_hf.policies.switch:ThresholdSwitch"},
-    PREDICTORS: {"constant": "tdpipe_hf.predictors.constant:ConstantPredictor"},
+    PREDICTORS: {"constant": "tdpipe_hf.predictors.constant:ConstantPredictor",
+                 "oracle": "tdpipe_hf.predictors.oracle:OraclePredictor",
+                 "sklearn": "tdpipe_hf.predictors.learned:LengthRegressor"},
 }
 _REGISTERED: dict[str, dict[str, type]] = {SWITCH_POLICIES: {}, PREDICTORS: {}}
 _KIND = {SWITCH_POLICIES: "switch policy", PREDICTORS: "predictor"}

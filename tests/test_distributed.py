@@ -20,7 +20,8 @@ def test_stage_processes_match_hf_with_preemption(num_stages):
     model = tiny_model("llama", seed=41)
     ids, mask = left_padded(random_prompts(10, low=2, high=30, seed=42))
     expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
-    tdpipe_hf.wrap(model, num_stages=num_stages, block_size=4, kv_blocks=24, executor="distributed")
+    tdpipe_hf.wrap(model, num_stages=num_stages, block_size=4, kv_blocks=24, executor="distributed",
+                   admission="fits")  # the baseline rule over-admits: preemption is forced
     try:
         actual = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
         stats = model.tdpipe_engine.last_stats

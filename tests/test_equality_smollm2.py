@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import tdpipe_hf
+from tdpipe_hf.predictors import ConstantPredictor
 from tdpipe_hf.bench import chat_token_ids, load_prompts
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,9 @@ def test_matches_hf_generate_with_preemption(workload, num_stages, executor):
     model, ids, references = workload
     longest = max(len(p) for p in ids) + MAX_NEW
     kv_blocks = -(-longest // 16) * 3  # about three requests' worth: forces preemption
-    tdpipe_hf.wrap(model, num_stages=num_stages, kv_blocks=kv_blocks, executor=executor)
+    # a deliberately wrong predictor (every answer 1 token) makes greedy prefill over-admit
+    tdpipe_hf.wrap(model, num_stages=num_stages, kv_blocks=kv_blocks, executor=executor,
+                   predictor=ConstantPredictor(1.0))
     try:
         outputs = model.generate_batch(ids, max_new_tokens=MAX_NEW, do_sample=False)
         stats = model.tdpipe_engine.last_stats

@@ -26,7 +26,8 @@ def test_padded_batch_with_eos_matches_hf(model_type, num_stages, kv_blocks):
     ids, mask = left_padded(prompts)
     eos = eos_mid_batch(model, ids, mask)
     expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos)
-    options = {"kv_blocks": kv_blocks} if kv_blocks else {}
+    # the baseline admission rule ignores future growth, so the tight budget forces preemption
+    options = {"kv_blocks": kv_blocks, "admission": "fits"} if kv_blocks else {}
     tdpipe_hf.wrap(model, num_stages=num_stages, block_size=4, prefill_chunk_tokens=64, **options)
     with torch.inference_mode():
         actual = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos)

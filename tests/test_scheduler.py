@@ -67,9 +67,9 @@ class FakePipeline:
         pass
 
 
-def run(prompts, max_new, num_stages=2, num_blocks=64, block_size=4, chunk=32, fraction=0.5):
+def run(prompts, max_new, num_stages=2, num_blocks=64, block_size=4, chunk=32, fraction=0.5, admission=None):
     blocks = BlockManager(num_blocks, block_size)
-    scheduler = Scheduler(blocks, num_stages, AdmitWhileFits(), ReadyPoolBatcher(), ThresholdSwitch(fraction),
+    scheduler = Scheduler(blocks, num_stages, admission or AdmitWhileFits(), ReadyPoolBatcher(), ThresholdSwitch(fraction),
                           prefill_chunk_tokens=chunk)
     pipeline = FakePipeline(num_stages, block_size)
     requests = [Request(i, p, max_new, frozenset({EOS})) for i, p in enumerate(prompts)]

@@ -7,6 +7,7 @@ the micro-batches (in-process or one process per stage) is invisible to it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -24,6 +25,8 @@ class RunStats:
     preemptions: int = 0
     phase_switches: int = 0
     timeline: list[tuple] = field(default_factory=list)  # executors' (stage, kind, batch, phase, start, end)
+    kv_blocks: int = 0
+    kv_used: list[tuple[float, int]] = field(default_factory=list)  # (time, blocks in use) at each dispatch
 
 
 class Controller:
@@ -35,7 +38,7 @@ class Controller:
         self.scheduler = scheduler
         self.on_token = on_token
         self.on_finish = on_finish
-        self.stats = RunStats()
+        self.stats = RunStats(kv_blocks=scheduler.blocks.num_blocks)
         self._in_flight: dict[int, MicroBatch] = {}
 
     def run(self, requests: Iterable[Request], lookahead: int | None = None) -> RunStats:
@@ -55,6 +58,7 @@ class Controller:
             self._absorb(self.executor.collect())
             if not exhausted:
                 exhausted = self._refill(source, lookahead)
+        self.stats.kv_used.append((time.perf_counter(), self.scheduler.blocks.num_used))
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.phase_switches = self.scheduler.num_phase_switches
         return self.stats
@@ -74,6 +78,7 @@ class Controller:
             if batch is None:
                 return
             self._in_flight[batch.batch_id] = batch
+            self.stats.kv_used.append((time.perf_counter(), self.scheduler.blocks.num_used))
             self.stats.micro_batches[batch.phase] += 1
             self.executor.submit(batch)
 

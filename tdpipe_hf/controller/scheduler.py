@@ -64,6 +64,9 @@ class Scheduler:
         request.finish_reason = reason
         self.blocks.release(request)
         self.running.remove(request)
+        observe = getattr(self.admission, "observe", None)
+        if observe is not None:
+            observe(request)
 
     @property
     def has_work(self) -> bool:
@@ -103,7 +106,7 @@ class Scheduler:
         )
 
     def _admissible(self) -> int:
-        return self.admission.admit(self.waiting, self.blocks, len(self.running), self.max_num_seqs)
+        return self.admission.admit(self.waiting, self.running, self.blocks, self.max_num_seqs)
 
     def _prefill_batch(self) -> MicroBatch | None:
         count = self._admissible()

@@ -1,6 +1,72 @@
-"""Output-length predictors: a small protocol and the built-ins."""
+"""Output-length predictors: the protocol, the built-ins and ``load_predictor``.
 
-from .base import Predictor
+Built-ins (entry-point names): ``sklearn`` (default, trained per model), ``constant`` (mean length),
+``oracle`` (true lengths, for experiments). Third parties add theirs under the entry-point group
+``tdpipe_hf.predictors``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .. import plugins
+from ..models import DEFAULT_MODEL_NAME
+from .base import Predictor, check_predictor, checked_predictions, read_arrays
 from .constant import ConstantPredictor
+from .learned import LengthRegressor
+from .oracle import OraclePredictor
 
-__all__ = ["ConstantPredictor", "Predictor"]
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "predictors"
+
+
+def shipped_predictor_path(model_name: str) -> Path:
+    return SHIPPED_DIR / f"{model_name}.npz"
+
+
+def shipped_models() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.npz"))
+
+
+def load_predictor_file(path: str | os.PathLike):
+    """A predictor saved with ``save(path)``, read back by the kind recorded in the file."""
+    meta, _ = read_arrays(path)
+    cls = plugins.load(plugins.PREDICTORS, meta["kind"])
+    if not callable(getattr(cls, "load", None)):
+        raise TypeError(f"predictor kind {meta['kind']!r} in {path} has no load(path) classmethod")
+    return check_predictor(cls.load(path), meta["kind"])
+
+
+def load_predictor(name: str | None = None, model_name: str = DEFAULT_MODEL_NAME):
+    """A ready-to-use predictor.
+
+    ``None``/``"default"``: the one shipped for ``model_name`` (trained on its own outputs).
+    A path to a ``.npz`` file: a saved predictor. Otherwise an entry-point name: the plugin's
+    class built with no arguments; a built-in kind that has a shipped file for ``model_name``
+    (``sklearn``) comes back trained.
+    """
+    if name is None or name == "default":
+        path = shipped_predictor_path(model_name)
+        if not path.exists():
+            raise ValueError(f"no predictor is shipped for model {model_name!r} (shipped: "
+                             f"{', '.join(shipped_models()) or 'none'}); train one with `tdpipe train-predictor` "
+                             f"or pass a predictor name: {', '.join(plugins.available(plugins.PREDICTORS))}")
+        return load_predictor_file(path)
+    if name.endswith(".npz") or os.sep in name:
+        if not Path(name).exists():
+            raise FileNotFoundError(f"predictor file {name} does not exist")
+        return load_predictor_file(name)
+    cls = plugins.load(plugins.PREDICTORS, name)
+    shipped = shipped_predictor_path(model_name)
+    if shipped.exists() and read_arrays(shipped)[0]["kind"] == name:
+        return load_predictor_file(shipped)
+    try:
+        predictor = cls()
+    except Exception as exc:
+        raise TypeError(f"predictor {name!r} could not be built with no arguments: {exc}") from exc
+    return check_predictor(predictor, name)
+
+
+__all__ = ["ConstantPredictor", "LengthRegressor", "OraclePredictor", "Predictor", "check_predictor",
+           "checked_predictions", "load_predictor", "load_predictor_file", "shipped_models",
+           "shipped_predictor_path"]

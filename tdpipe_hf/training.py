@@ -1,0 +1,103 @@
+"""``tdpipe train-predictor``: label prompts with the served model's own output lengths, fit an
+output-length predictor, report its accuracy on a held-out split against the mean-length
+baseline, and save it under the model's name.
+
+Labels come from ``run_batch`` (the engine itself, greedy, natural EOS, a ``max_new_tokens`` cap),
+so labelling is resumable like any ``tdpipe run`` job and its tokens are HF ``generate``'s tokens.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import plugins
+from .offline import BadLine, answer_lengths, parse_line, tokenize_job
+
+BUCKET_EDGES = (32, 64, 128, 256, 512)  # buckets: <32, 32-63, 64-127, 128-255, 256-511, >=512
+
+
+def length_bucket(length: float) -> int:
+    return bisect.bisect_right(BUCKET_EDGES, length)
+
+
+@dataclass
+class Accuracy:
+    name: str
+    mae: float
+    bucket_accuracy: float
+    count: int
+
+    def format(self) -> str:
+        return f"{self.name:<10} MAE {self.mae:7.1f} tokens   bucket accuracy {100 * self.bucket_accuracy:5.1f} %"
+
+
+def evaluate(name: str, predictor, prompts: list[list[int]], lengths: list[int]) -> Accuracy:
+    predicted = np.asarray(predictor.predict(prompts), dtype=np.float64)
+    truth = np.asarray(lengths, dtype=np.float64)
+    buckets_hit = [length_bucket(p) == length_bucket(t) for p, t in zip(predicted, truth)]
+    return Accuracy(name, float(np.mean(np.abs(predicted - truth))), float(np.mean(buckets_hit)), len(lengths))
+
+
+def read_labels(input_path: str | Path, answers_path: str | Path, tokenizer, chat_template: bool = True
+                ) -> tuple[list[list[int]], list[int]]:
+    """(prompt ids, output length) for every input line that has an answer, tokenized the way
+    ``run_batch`` tokenized it."""
+    lengths = answer_lengths(answers_path)
+    use_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
+    prompts, labels = [], []
+    with open(input_path, encoding="utf-8") as lines:
+        for number, text in enumerate(lines, 1):
+            if not text.strip():
+                continue
+            try:
+                job = parse_line(text, number)
+            except BadLine:
+                continue
+            if job.id in lengths:
+                prompts.append(tokenize_job(tokenizer, job, use_template))
+                labels.append(lengths.pop(job.id))
+    return prompts, labels
+
+
+def split(count: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(count)
+    cut = int(round(count * (1 - test_fraction)))
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+@dataclass
+class TrainingReport:
+    train_size: int
+    test_size: int
+    learned: Accuracy
+    baseline: Accuracy
+    path: Path
+
+    def format(self) -> str:
+        return (f"held-out split: {self.test_size} prompts (trained on {self.train_size})\n"
+                f"  {self.learned.format()}\n  {self.baseline.format()}\nsaved {self.path}")
+
+
+def fit_and_report(prompts: list[list[int]], lengths: list[int], output: str | Path, kind: str = "sklearn",
+                   test_fraction: float = 0.2, seed: int = 0) -> TrainingReport:
+    """Fit ``kind`` on the train split, compare with the mean on the test split, save it."""
+    if len(prompts) < 10:
+        raise ValueError(f"need at least 10 labelled prompts to train and test a predictor, got {len(prompts)}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test fraction must be between 0 and 1, got {test_fraction}")
+    train, test = split(len(prompts), test_fraction, seed)
+
+    def pick(items, index):
+        return [items[i] for i in index]
+
+    learned = plugins.load(plugins.PREDICTORS, kind)().fit(pick(prompts, train), pick(lengths, train))
+    mean = plugins.load(plugins.PREDICTORS, "constant")().fit(pick(prompts, train), pick(lengths, train))
+    report = TrainingReport(len(train), len(test),
+                            evaluate(kind, learned, pick(prompts, test), pick(lengths, test)),
+                            evaluate("mean", mean, pick(prompts, test), pick(lengths, test)), Path(output))
+    report.path = learned.save(output)
+    return report

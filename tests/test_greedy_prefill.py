@@ -1,0 +1,148 @@
+"""Greedy prefill admission (predicted lengths + simulated future KV usage) on the fake paged
+pipeline of test_scheduler, and the predictors it relies on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tdpipe_hf
+from tdpipe_hf.controller import BlockManager, Request
+from tdpipe_hf.policies import GreedyPrefill
+from tdpipe_hf.policies.prefill import simulated_peak_blocks
+from tdpipe_hf.predictors import (ConstantPredictor, LengthRegressor, OraclePredictor, load_predictor,
+                                  load_predictor_file)
+from test_scheduler import reference, run
+
+
+def workload(count=24, seed=3):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 50, size=int(rng.integers(3, 14))).tolist() for _ in range(count)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(tokens=st.lists(st.integers(1, 60), min_size=1, max_size=12), data=st.data(),
+       block_size=st.integers(1, 8))
+def test_simulated_peak_matches_step_by_step(tokens, data, block_size):
+    remaining = data.draw(st.lists(st.integers(1, 40), min_size=len(tokens), max_size=len(tokens)))
+    brute = 0
+    for step in range(max(remaining) + 1):
+        held = sum(-(-(t + step) // block_size) for t, r in zip(tokens, remaining) if r >= step)
+        brute = max(brute, held)
+    assert simulated_peak_blocks(np.array(tokens), np.array(remaining), block_size) == brute
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.7])
+def test_oracle_admission_stays_under_the_budget_without_preemption(threshold):
+    prompts, max_new, num_blocks = workload(), 40, 48
+    truth = [len(reference(p, max_new)) for p in prompts]
+    oracle = OraclePredictor().fit(prompts, truth)
+    requests, stats, _, blocks = run(prompts, max_new, num_blocks=num_blocks,
+                                     admission=GreedyPrefill(oracle, kv_threshold=threshold))
+    assert [r.output_ids for r in requests] == [reference(p, max_new) for p in prompts]
+    assert stats.preemptions == 0
+    assert max(used for _, used in stats.kv_used) <= threshold * num_blocks
+    assert blocks.num_free == num_blocks
+
+
+def test_greedy_admits_more_than_fits_now_would_allow_safely():
+    """Baseline admission over-commits and preempts on the same budget; greedy does not."""
+    prompts, max_new = workload(), 40
+    _, baseline, _, _ = run(prompts, max_new, num_blocks=48)
+    truth = [len(reference(p, max_new)) for p in prompts]
+    _, greedy, _, _ = run(prompts, max_new, num_blocks=48,
+                          admission=GreedyPrefill(OraclePredictor().fit(prompts, truth)))
+    assert baseline.preemptions > 0 and greedy.preemptions == 0
+
+
+def test_wrong_predictor_is_caught_by_preemption_with_identical_tokens():
+    prompts, max_new = workload(), 40
+    wrong = GreedyPrefill(ConstantPredictor(1.0), kv_threshold=1.0)  # every answer "1 token"
+    requests, stats, _, blocks = run(prompts, max_new, num_blocks=48, admission=wrong)
+    assert stats.preemptions > 0
+    assert [r.output_ids for r in requests] == [reference(p, max_new) for p in prompts]
+    assert blocks.num_free == blocks.num_blocks
+
+
+def test_online_learning_updates_the_predictor():
+    prompts, max_new = workload(32), 40
+    predictor = ConstantPredictor(500.0)
+    requests, _, _, _ = run(prompts, max_new, num_blocks=200,
+                            admission=GreedyPrefill(predictor, online=True, update_every=8))
+    true_mean = np.mean([len(r.output_ids) for r in requests])
+    assert predictor.count == 32 and predictor.length == pytest.approx(true_mean)  # 500 forgotten
+
+
+@pytest.mark.parametrize("kind", ["constant", "oracle", "sklearn"])
+def test_saved_predictor_predicts_the_same(tmp_path, kind):
+    prompts = workload(60, seed=5)
+    lengths = [5 + 3 * len(p) + (p[0] % 7) for p in prompts]
+    predictor = {"constant": ConstantPredictor, "oracle": OraclePredictor,
+                 "sklearn": lambda: LengthRegressor(n_features=256, epochs=5)}[kind]().fit(prompts, lengths)
+    path = predictor.save(tmp_path / kind)
+    again = load_predictor_file(path)
+    assert type(again) is type(predictor)
+    np.testing.assert_allclose(again.predict(prompts), predictor.predict(prompts), rtol=1e-6)
+    assert load_predictor(str(path)).predict(prompts[:3]) == again.predict(prompts[:3])
+
+
+def test_learned_predictor_beats_the_mean_on_learnable_lengths():
+    prompts = workload(300, seed=6)
+    lengths = [4 * len(p) + (30 if 7 in p else 0) for p in prompts]
+    train, test = slice(0, 240), slice(240, 300)
+    learned = LengthRegressor().fit(prompts[train], lengths[train])
+    mean = ConstantPredictor().fit(prompts[train], lengths[train])
+
+    def mae(predictor):
+        return np.mean(np.abs(np.array(predictor.predict(prompts[test])) - lengths[test]))
+
+    assert mae(learned) < 0.7 * mae(mean)
+
+
+def test_unknown_predictor_lists_the_available_ones():
+    with pytest.raises(ValueError, match=r"unknown predictor 'nope'; available: .*constant.*oracle.*sklearn"):
+        load_predictor("nope")
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        load_predictor("missing.npz")
+
+
+def test_broken_predictor_is_named():
+    class Broken:
+        def predict(self, prompts):
+            return ["long"] * len(prompts)
+
+    policy = GreedyPrefill(Broken(), name="broken-plugin")
+    with pytest.raises(ValueError, match=r"predictor 'broken-plugin' returned 'long'"):
+        policy.admit([Request(0, [1, 2, 3], 4)], [], BlockManager(10, 4), 8)
+    with pytest.raises(ValueError, match="TDPipeConfig.predictor must be"):
+        tdpipe_hf.TDPipeConfig(predictor=42)
+
+
+def test_train_predictor_cli_labels_fits_reports_and_saves(tmp_path, capsys):
+    """End to end on a tiny random model: labels are the engine's own answers (resumable), the
+    saved predictor loads by path, and the engine uses it; a rerun reuses the labels."""
+    from conftest import tiny_model_dir
+    from tdpipe_hf import cli
+    from tdpipe_hf.offline import answer_lengths
+
+    model_dir = tiny_model_dir(tmp_path / "tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    words = ["alpha", "beta", "gamma delta", "epsilon zeta eta", "theta"]
+    prompts.write_text("".join(f'{{"id": {i}, "prompt": "{words[i % 5]} {i}"}}\n' for i in range(30)))
+    labels, output = tmp_path / "labels.jsonl", tmp_path / "predictor.npz"
+    argv = ["train-predictor", str(prompts), "--labels", str(labels), "-o", str(output), "--model",
+            str(model_dir), "--max-new-tokens", "12"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "held-out split: 6 prompts (trained on 24)" in printed and "sklearn" in printed and "mean" in printed
+    lengths = answer_lengths(labels)
+    assert len(lengths) == 30 and all(1 <= n <= 12 for n in lengths.values())
+    predictor = load_predictor(str(output))
+    assert isinstance(predictor, LengthRegressor)
+    model = tdpipe_hf.from_pretrained(str(model_dir), predictor=str(output))[0]
+    assert model.tdpipe_engine.predictor.predict([[5, 6, 7]]) == predictor.predict([[5, 6, 7]])
+    before = labels.read_text()
+    assert cli.main(argv) == 0
+    assert labels.read_text() == before, "a rerun must reuse the labels, not regenerate them"
