@@ -15,7 +15,7 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold
 
 from tdpipe_hf.models import load_model_and_tokenizer
-from tdpipe_hf.predictors import ConstantPredictor, LengthRegressor
+from tdpipe_hf.predictors import ConstantPredictor, LearnedLengthPredictor
 from tdpipe_hf.training import evaluate, read_labels
 
 
@@ -41,7 +41,7 @@ def main(prompts_path: str, labels_path: str) -> None:
     print(f"{len(prompts)} labelled prompts; mean length {lengths_arr.mean():.1f}, median {np.median(lengths_arr):.0f}, "
           f"at the cap {np.mean(lengths_arr >= lengths_arr.max()):.1%}")
     embedding = model.get_input_embeddings().weight.detach().numpy()
-    hashed = LengthRegressor()
+    hashed = LearnedLengthPredictor()
 
     def mean_embedding(batch):
         return np.stack([embedding[p].mean(axis=0) for p in batch] )
@@ -54,7 +54,7 @@ def main(prompts_path: str, labels_path: str) -> None:
 
     designs = {
         "mean": ConstantPredictor,
-        "sklearn (hashed n-grams, SGD)": LengthRegressor,
+        "sklearn (hashed n-grams, SGD)": LearnedLengthPredictor,
         "hashed n-grams, Ridge": lambda: RidgeOn(hashed_features, alpha=1.0),
         "prompt length only, Ridge": lambda: RidgeOn(lambda b: np.log1p([[len(p)] for p in b])),
         "mean token embedding, Ridge": lambda: RidgeOn(embedding_and_length, alpha=10.0),

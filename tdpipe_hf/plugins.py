@@ -17,7 +17,7 @@ _BUILTINS = {
     SWITCH_POLICIES: {"threshold": "tdpipe_hf.policies.switch:ThresholdSwitch"},
     PREDICTORS: {"constant": "tdpipe_hf.predictors.constant:ConstantPredictor",
                  "oracle": "tdpipe_hf.predictors.oracle:OraclePredictor",
-                 "sklearn": "tdpipe_hf.predictors.learned:LengthRegressor"},
+                 "sklearn": "tdpipe_hf.predictors.learned:LearnedLengthPredictor"},
 }
 _REGISTERED: dict[str, dict[str, type]] = {SWITCH_POLICIES: {}, PREDICTORS: {}}
 _KIND = {SWITCH_POLICIES: "switch policy", PREDICTORS: "predictor"}

@@ -14,7 +14,7 @@ from .. import plugins
 from ..models import DEFAULT_MODEL_NAME
 from .base import Predictor, check_predictor, checked_predictions, read_arrays
 from .constant import ConstantPredictor
-from .learned import LengthRegressor
+from .learned import LearnedLengthPredictor
 from .oracle import OraclePredictor
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "predictors"
@@ -67,6 +67,6 @@ def load_predictor(name: str | None = None, model_name: str = DEFAULT_MODEL_NAME
     return check_predictor(predictor, name)
 
 
-__all__ = ["ConstantPredictor", "LengthRegressor", "OraclePredictor", "Predictor", "check_predictor",
+__all__ = ["ConstantPredictor", "LearnedLengthPredictor", "OraclePredictor", "Predictor", "check_predictor",
            "checked_predictions", "load_predictor", "load_predictor_file", "shipped_models",
            "shipped_predictor_path"]

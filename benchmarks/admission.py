@@ -1,0 +1,75 @@
+"""Prefill admission policies side by side on the real prompt workload (one run, same engine).
+
+    python benchmarks/admission.py [--requests 512] [--max-new-tokens 512] [--stages 2]
+
+Runs the first N prompts of shared/data/prompts.jsonl with: greedy prefill + the shipped predictor,
+the baseline "admit while the KV fits now", and greedy prefill + an oracle that knows every answer's
+length (from benchmarks/data/*.lengths.jsonl, the model's own greedy answers). Prints tokens/s,
+preemptions and mean KV utilisation per policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import tempfile
+from pathlib import Path
+
+import tdpipe_hf
+from tdpipe_hf.models import load_model_and_tokenizer
+from tdpipe_hf.offline import answer_lengths, run_batch
+from tdpipe_hf.predictors import OraclePredictor
+from tdpipe_hf.training import read_labels
+
+HERE = Path(__file__).resolve().parent
+WORKLOAD = HERE.parent.parent / "shared" / "data" / "prompts.jsonl"
+LENGTHS = HERE / "data" / "prompts.SmolLM2-135M-Instruct.lengths.jsonl"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", default=str(WORKLOAD))
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--kv-blocks", type=int, default=None)
+    parser.add_argument("--policies", default="greedy,fits,oracle")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="tdpipe-admission-"))
+    source = work / "prompts.jsonl"
+    with open(args.prompts) as lines:
+        source.write_text("".join(itertools.islice(lines, args.requests)))
+    model, tokenizer = load_model_and_tokenizer()
+    prompts, lengths = read_labels(args.prompts, LENGTHS, tokenizer)
+    oracle = OraclePredictor().fit(prompts, lengths)
+    settings = {"greedy": {"admission": "greedy"}, "fits": {"admission": "fits"},
+                "oracle": {"admission": "greedy", "predictor": oracle}}
+    rows = []
+    for name in args.policies.split(","):
+        options = dict(settings[name], num_stages=args.stages,
+                       executor="distributed" if args.stages > 1 else "local")
+        if args.kv_blocks:
+            options["kv_blocks"] = args.kv_blocks
+        tdpipe_hf.wrap(model, **options)
+        try:
+            summary = run_batch(model, tokenizer, source, work / f"{name}.jsonl", max_new_tokens=args.max_new_tokens)
+            blocks = model.tdpipe_engine.num_blocks
+        finally:
+            tdpipe_hf.unwrap(model)
+        row = {"policy": name, "requests": summary.requests, "tokens": summary.generated_tokens,
+               "tokens_per_s": round(summary.tokens_per_s, 1), "preemptions": summary.preemptions,
+               "kv_utilisation": round(summary.kv_utilisation, 3), "kv_blocks": blocks}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{'policy':<8} {'tok/s':>7} {'preempt':>8} {'KV use':>7}")
+    for row in rows:
+        print(f"{row['policy']:<8} {row['tokens_per_s']:>7} {row['preemptions']:>8} {100 * row['kv_utilisation']:>6.1f}%")
+    same = {name: answer_lengths(work / f"{name}.jsonl") for name in (r["policy"] for r in rows)}
+    reference = next(iter(same.values()))
+    print("identical output lengths across policies:", all(v == reference for v in same.values()))
+
+
+if __name__ == "__main__":
+    main()
