@@ -54,8 +54,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="default: distributed with 2+ stages, local with 1")
     run.add_argument("--max-new-tokens", type=_positive, default=256, help="for lines that do not set their own")
     run.add_argument("--kv-blocks", type=_positive, default=None)
-    run.add_argument("--policy", default="tdpipe", help="scheduling policy (TDPipeConfig.policy)")
-    run.add_argument("--switch-policy", default="threshold", help="decode-to-prefill switch policy plugin")
+    run.add_argument("--policy", default="tdpipe", choices=("tdpipe", "hybrid", "naive"),
+                     help="tdpipe (default), or a baseline: hybrid (vLLM-style mixed batches), naive (static batches)")
+    run.add_argument("--switch-policy", default="intensity",
+                     help="decode-to-prefill switch policy plugin (default intensity; built-in: threshold)")
+    run.add_argument("--no-stealing", action="store_true", help="tdpipe without inter-batch work stealing")
     run.add_argument("--admission", choices=("greedy", "fits"), default="greedy",
                      help="prefill admission: greedy (predicted lengths, simulated KV; default) or fits (KV free now)")
     run.add_argument("--predictor", help="output-length predictor: entry-point name or .npz file "
@@ -170,6 +173,7 @@ def _run(args) -> int:
     output = Path(args.output) if args.output else Path(f"{input_path.stem}.answers.jsonl")
     executor = args.executor or ("distributed" if args.stages > 1 else "local")
     options = {"executor": executor, "policy": args.policy, "switch_policy": args.switch_policy,
+               "stealing": not args.no_stealing,
                "admission": args.admission, "predictor": args.predictor, "kv_threshold": args.kv_threshold,
                "online_learning": args.online_learning}
     if args.kv_blocks:

@@ -8,13 +8,17 @@ from typing import Any
 
 EXECUTORS = ("local", "distributed")
 ADMISSIONS = ("greedy", "fits")
+POLICIES = ("tdpipe", "hybrid", "naive")
 
 
 @dataclass
 class TDPipeConfig:
     """Engine settings. Invalid values raise ``ValueError`` naming the field, at construction.
 
-    Prefill admission: ``"greedy"`` (TD-Pipe: predicted output lengths, simulated future KV usage
+    ``policy``: ``"tdpipe"`` (prefill and decode phases; ``stealing`` balances decode micro-batches,
+    ``switch_policy`` decides when decode hands back to prefill), or a baseline in the same engine:
+    ``"hybrid"`` (vLLM-style: prefill chunks and decodes mixed in every micro-batch) or ``"naive"``
+    (static batches). Prefill admission (tdpipe): ``"greedy"`` (TD-Pipe: predicted output lengths, simulated future KV usage
     kept <= ``kv_threshold`` x the budget, predictions scaled by ``length_scale``) or ``"fits"``
     (admit while the prompts fit now). ``predictor``: None for the one shipped for the model, an
     entry-point name, a ``.npz`` path, or a predictor object. ``online_learning`` feeds finished
@@ -31,12 +35,13 @@ class TDPipeConfig:
     max_num_seqs: int = 256
     prefill_chunk_tokens: int = 512
     policy: str = "tdpipe"
+    stealing: bool = True
     admission: str = "greedy"
     predictor: Any = None
     kv_threshold: float = 0.9
     length_scale: float = 1.0
     online_learning: bool = False
-    switch_policy: str = "threshold"
+    switch_policy: str = "intensity"
     switch_fraction: float = 0.5
     executor: str = "local"
     threads_per_stage: int | None = None
@@ -76,8 +81,10 @@ class TDPipeConfig:
                              f"predict(prompts), got {self.predictor!r}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"TDPipeConfig.executor must be one of {EXECUTORS}, got {self.executor!r}")
-        if self.policy != "tdpipe":
-            raise ValueError(f"TDPipeConfig.policy must be 'tdpipe' (the only policy so far), got {self.policy!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"TDPipeConfig.policy must be one of {POLICIES}, got {self.policy!r}")
+        if not isinstance(self.stealing, bool):
+            raise ValueError(f"TDPipeConfig.stealing must be True or False, got {self.stealing!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "TDPipeConfig":

@@ -120,3 +120,17 @@ def mean_kv_utilisation(kv_used: list[tuple[float, int]], kv_blocks: int) -> flo
     area = sum(used * (later - now) for (now, used), (later, _) in zip(kv_used, kv_used[1:]))
     span = kv_used[-1][0] - kv_used[0][0]
     return area / span / kv_blocks if span > 0 else 0.0
+
+
+def decode_imbalance(decode_batches: list[tuple[int, int]], num_stages: int) -> dict[str, float]:
+    """How unequal the decode micro-batches in flight together are: over every run of
+    ``num_stages`` consecutive decode batches, (largest - smallest) / mean, averaged, for rows
+    (tokens computed) and for context (KV read by attention). 0 is perfectly balanced."""
+    spreads = {"rows": [], "context": []}
+    for first in range(len(decode_batches) - num_stages + 1):
+        window = decode_batches[first:first + num_stages]
+        for key, values in (("rows", [w[0] for w in window]), ("context", [w[1] for w in window])):
+            mean = sum(values) / len(values)
+            if mean > 0:
+                spreads[key].append((max(values) - min(values)) / mean)
+    return {key: sum(v) / len(v) if v else 0.0 for key, v in spreads.items()}

@@ -14,7 +14,8 @@ PREDICTORS = "tdpipe_hf.predictors"
 
 # Same targets as pyproject's entry points, so a source checkout that is not pip-installed works.
 _BUILTINS = {
-    SWITCH_POLICIES: {"threshold": "tdpipe_hf.policies.switch:ThresholdSwitch"},
+    SWITCH_POLICIES: {"intensity": "tdpipe_hf.policies.switch:IntensitySwitch",
+                      "threshold": "tdpipe_hf.policies.switch:ThresholdSwitch"},
     PREDICTORS: {"constant": "tdpipe_hf.predictors.constant:ConstantPredictor",
                  "oracle": "tdpipe_hf.predictors.oracle:OraclePredictor",
                  "sklearn": "tdpipe_hf.predictors.learned:LearnedLengthPredictor"},

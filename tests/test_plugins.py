@@ -13,9 +13,6 @@ class DrainFirst:
 
     calls = 0
 
-    def __init__(self, fraction):
-        pass
-
     def should_prefill(self, state):
         DrainFirst.calls += 1
         return state.can_admit and state.num_decoding == 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..metrics import BUSY
 from ..plan import MicroBatch, StepResult
 from .request import Request, Status
 from .scheduler import Scheduler
@@ -27,6 +28,7 @@ class RunStats:
     timeline: list[tuple] = field(default_factory=list)  # executors' (stage, kind, batch, phase, start, end)
     kv_blocks: int = 0
     kv_used: list[tuple[float, int]] = field(default_factory=list)  # (time, blocks in use) at each dispatch
+    decode_batches: list[tuple[int, int]] = field(default_factory=list)  # (rows, context tokens) per decode batch
 
 
 class Controller:
@@ -79,12 +81,20 @@ class Controller:
                 return
             self._in_flight[batch.batch_id] = batch
             self.stats.kv_used.append((time.perf_counter(), self.scheduler.blocks.num_used))
-            self.stats.micro_batches[batch.phase] += 1
+            self.stats.micro_batches[batch.phase] = self.stats.micro_batches.get(batch.phase, 0) + 1
+            if batch.phase == "decode":
+                self.stats.decode_batches.append((len(batch.seqs), sum(s.context_len for s in batch.seqs)))
             self.executor.submit(batch)
 
     def _absorb(self, result: StepResult) -> None:
         batch = self._in_flight.pop(result.batch_id)
         self.stats.timeline.extend(result.events)
+        busy: dict[int, float] = {}
+        for stage, kind, _, _, start, end in result.events:
+            if kind in BUSY:
+                busy[stage] = busy.get(stage, 0.0) + end - start
+        if busy:
+            self.scheduler.observe_step(batch, max(busy.values()))
         requests = {r.request_id: r for r in self.scheduler.running}
         for seq in batch.seqs:
             request = requests[seq.request_id]

@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..plan import MicroBatch, SequencePlan
+from .cost import StageTimeModel
 from .kv import BlockManager
 from .request import Request, Status
 
@@ -31,7 +32,12 @@ class DecodeState:
     peak_decoding: int
     num_waiting: int
     can_admit: bool
-    decode_steps: int
+    decode_steps: int  # decode micro-batches formed in this decode phase
+    admissible: int = 0  # waiting requests a prefill phase would admit now
+    admissible_tokens: int = 0  # their tokens to prefill
+    decode_context: int = 0  # context tokens of the decoding requests (KV that attention reads)
+    prefill_chunk_tokens: int = 512
+    cost: StageTimeModel | None = None  # stage times fitted to this run
 
 
 class Scheduler:
@@ -53,6 +59,7 @@ class Scheduler:
         self._admissions = itertools.count()
         self._peak_decoding = 0
         self._decode_steps = 0
+        self.cost = StageTimeModel()
 
     # ---- requests -------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -67,6 +74,17 @@ class Scheduler:
         observe = getattr(self.admission, "observe", None)
         if observe is not None:
             observe(request)
+        self._left_decode(request)
+
+    def _left_decode(self, request: Request) -> None:
+        forget = getattr(self.batcher, "forget", None)
+        if forget is not None:
+            forget(request)
+
+    def observe_step(self, batch: MicroBatch, seconds: float) -> None:
+        """The slowest stage's busy time for ``batch``: feeds the stage-time model."""
+        self.cost.observe(batch.phase, len(batch.seqs), batch.num_tokens,
+                          sum(seq.context_len for seq in batch.seqs), seconds)
 
     @property
     def has_work(self) -> bool:
@@ -96,13 +114,20 @@ class Scheduler:
             self._decode_steps = 0
 
     def _decode_state(self) -> DecodeState:
+        admissible = self._admissible()
+        decoding = [r for r in self.running if r.status is Status.DECODING]
         return DecodeState(
             num_stages=self.num_stages,
-            num_decoding=sum(r.status is Status.DECODING for r in self.running),
+            num_decoding=len(decoding),
             peak_decoding=self._peak_decoding,
             num_waiting=len(self.waiting),
-            can_admit=self._admissible() > 0,
+            can_admit=admissible > 0,
             decode_steps=self._decode_steps,
+            admissible=admissible,
+            admissible_tokens=sum(self.waiting[i].num_tokens for i in range(admissible)),
+            decode_context=sum(r.num_tokens for r in decoding),
+            prefill_chunk_tokens=self.prefill_chunk_tokens,
+            cost=self.cost,
         )
 
     def _admissible(self) -> int:
@@ -142,14 +167,15 @@ class Scheduler:
         self._decode_steps += 1
         return MicroBatch(next(self._batch_ids), Phase.DECODE.value, [self._plan(r) for r in chosen])
 
-    def _make_room(self, request: Request, chosen: list[Request]) -> bool:
-        """Free blocks for ``request``'s next token by preempting younger requests.
+    def _make_room(self, request: Request, chosen: list[Request], num_tokens: int | None = None) -> bool:
+        """Free blocks for ``request``'s next token (or ``num_tokens``) by preempting younger requests.
 
         Victims are the youngest requests not in flight. If a younger request is in flight, wait
         for it to come back rather than preempt an older one; if ``request`` is the youngest of
         all, it preempts itself. Returns False when the batch should stop growing for now.
         """
-        while not self.blocks.can_hold(request, request.num_tokens):
+        need = request.num_tokens if num_tokens is None else num_tokens
+        while not self.blocks.can_hold(request, need):
             younger = [r for r in self.running if r.admitted_at > request.admitted_at]
             idle = [r for r in younger if not r.in_flight]
             if idle:
@@ -170,15 +196,21 @@ class Scheduler:
         request.num_cached = 0
         request.num_preemptions += 1
         request.status = Status.PREEMPTED
+        self._left_decode(request)
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
-    def _plan(self, request: Request) -> SequencePlan:
+    def _plan(self, request: Request, max_tokens: int | None = None) -> SequencePlan:
+        """Compute ``request``'s pending tokens, or only the first ``max_tokens`` of them (a
+        prefill chunk, which samples nothing unless it reaches the end)."""
         request.in_flight = True
+        pending = request.pending_ids
+        chunk = pending if max_tokens is None else pending[:max_tokens]
         return SequencePlan(
             request_id=request.request_id,
-            token_ids=request.pending_ids,
+            token_ids=chunk,
             start=request.num_cached,
+            sample=len(chunk) == len(pending),
             block_table=list(request.block_table),
             sampling=request.sampling,
             history=request.history if request.sampling.needs_history else None,

@@ -1,7 +1,7 @@
 """Pluggable decisions. Each policy is a small class with one method; none touches tensors."""
 
 from .prefill import AdmitWhileFits, GreedyPrefill
-from .stealing import ReadyPoolBatcher
-from .switch import ThresholdSwitch
+from .stealing import ReadyPoolBatcher, StaticBatcher
+from .switch import IntensitySwitch, ThresholdSwitch
 
-__all__ = ["AdmitWhileFits", "GreedyPrefill", "ReadyPoolBatcher", "ThresholdSwitch"]
+__all__ = ["AdmitWhileFits", "GreedyPrefill", "IntensitySwitch", "ReadyPoolBatcher", "StaticBatcher", "ThresholdSwitch"]
