@@ -36,6 +36,10 @@ def register_switch_policy(name: str, cls: type) -> None:
     register(SWITCH_POLICIES, name, cls)
 
 
+def register_predictor(name: str, cls: type) -> None:
+    register(PREDICTORS, name, cls)
+
+
 def available(group: str) -> list[str]:
     names = set(_BUILTINS[group]) | set(_REGISTERED[group])
     names |= {ep.name for ep in entry_points(group=group)}
