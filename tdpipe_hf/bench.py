@@ -20,6 +20,16 @@ from .models import chat_prompt_ids
 
 SAMPLE_PROMPTS = "sample_prompts.jsonl"
 SYSTEMS = ("hf-generate", "hf-generate_batch", "tdpipe", "tdpipe-dist")
+# Named engine settings compared by ``tdpipe bench --policies``: TD-Pipe, TD-Pipe with one part
+# taken out, and the baseline schedules in the same engine.
+POLICY_VARIANTS = {
+    "tdpipe": {},
+    "tdpipe-nosteal": {"stealing": False},
+    "tdpipe-threshold": {"switch_policy": "threshold"},
+    "tdpipe-fits": {"admission": "fits"},
+    "hybrid": {"policy": "hybrid"},
+    "naive": {"policy": "naive"},
+}
 
 
 @dataclass
@@ -32,7 +42,10 @@ class BenchRow:
     tokens_per_s: float
     threads: int | None = None  # torch threads (per stage process for the distributed executor)
     same_as_hf: int | None = None  # requests whose tokens equal HF generate's (greedy)
+    policy: str = "tdpipe"
     preemptions: int | None = None
+    kv_utilisation: float | None = None  # time-weighted mean share of KV blocks in use
+    decode_imbalance: float | None = None  # mean (max - min) / mean rows of decode batches in flight together
     decode_bubble: list[float] | None = None  # per stage, idle share of the decode phase
     bubble: list[float] | None = None  # per stage, idle share of the whole run
 
@@ -114,10 +127,12 @@ def _timed(fn):
 
 def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, stages: tuple[int, ...] = (1, 2),
                   hf_batch_size: int = 16, systems: tuple[str, ...] = SYSTEMS,
-                  tdpipe_options: dict | None = None, dist_stages: tuple[int, ...] = (2,), local_threads: tuple[int, ...] = (), trace: str | None = None,
-                  log=print) -> list[BenchRow]:
-    """Run ``systems`` one after the other on the same prompts. ``trace``: write the last
-    distributed run's timeline as a Chrome trace (``trace``) and a PNG (``trace`` + ``.png``)."""
+                  tdpipe_options: dict | None = None, dist_stages: tuple[int, ...] = (2,),
+                  local_threads: tuple[int, ...] = (), trace: str | None = None,
+                  policies: tuple[str, ...] = ("tdpipe",), log=print) -> list[BenchRow]:
+    """Run ``systems`` one after the other on the same prompts, tdpipe once per policy variant
+    (``POLICY_VARIANTS``). ``trace``: write the last distributed run's timeline as a Chrome trace
+    (``trace``) and a PNG (``trace`` + ``.png``)."""
     import tdpipe_hf
     from tdpipe_hf import metrics
 
@@ -129,14 +144,17 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
     reference = None
 
     def add(system: str, n_stages: int, outputs: list[list[int]], seconds: float, stats=None,
-            threads: int | None = None) -> None:
+            threads: int | None = None, policy: str = "-") -> None:
         generated = sum(len(o) for o in outputs)
         same = None if reference is None else sum(a == b for a, b in zip(outputs, reference))
         row = BenchRow(system, n_stages, len(outputs), generated, round(seconds, 3),
-                       round(generated / seconds, 2), threads or torch.get_num_threads(), same)
-        line = f"  {system:<22} stages={n_stages} {generated} tokens in {seconds:.1f}s -> {row.tokens_per_s:.1f} tok/s"
+                       round(generated / seconds, 2), threads or torch.get_num_threads(), same, policy)
+        line = (f"  {system:<20} {policy:<16} stages={n_stages} {generated} tokens in {seconds:.1f}s -> "
+                f"{row.tokens_per_s:.1f} tok/s")
         if stats is not None:
             row.preemptions = stats.preemptions
+            row.kv_utilisation = round(metrics.mean_kv_utilisation(stats.kv_used, stats.kv_blocks), 4)
+            row.decode_imbalance = round(metrics.decode_imbalance(stats.decode_batches, n_stages)["rows"], 4)
             bubbles = metrics.bubble_ratios(stats.timeline)
             row.bubble = [round(r, 4) for r in bubbles.get("all", {}).values()]
             row.decode_bubble = [round(r, 4) for r in bubbles.get("decode", {}).values()]
@@ -144,8 +162,9 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
         rows.append(row)
         log(line)
 
-    def run_tdpipe(system: str, n_stages: int, threads: int | None = None, **options) -> None:
-        tdpipe_hf.wrap(model, num_stages=n_stages, **{**(tdpipe_options or {}), **options})
+    def run_tdpipe(system: str, n_stages: int, threads: int | None = None, policy: str = "tdpipe",
+                   **options) -> None:
+        tdpipe_hf.wrap(model, num_stages=n_stages, **{**(tdpipe_options or {}), **POLICY_VARIANTS[policy], **options})
         default_threads = torch.get_num_threads()
         if threads and options.get("executor") != "distributed":
             torch.set_num_threads(threads)
@@ -159,7 +178,7 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
         finally:
             tdpipe_hf.unwrap(model)
             torch.set_num_threads(default_threads)
-        add(system, n_stages, outputs, seconds, stats, threads)
+        add(system, n_stages, outputs, seconds, stats, threads, policy)
         if trace and options.get("executor") == "distributed":
             metrics.write_chrome_trace(stats.timeline, trace)
             metrics.plot_timeline(stats.timeline, f"{trace}.png", f"{system}, {n_stages} stages")
@@ -176,28 +195,38 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
             add("hf-generate_batch", 1, outputs, seconds)
         except Exception as exc:  # report, keep benchmarking the rest
             log(f"  hf-generate_batch failed: {type(exc).__name__}: {exc}")
-    if "tdpipe" in systems:
-        for n_stages in stages:
-            run_tdpipe("tdpipe-local", n_stages)
-            for threads in local_threads:
-                run_tdpipe("tdpipe-local", n_stages, threads=threads)
-    if "tdpipe-dist" in systems:
-        for n_stages in dist_stages:
-            run_tdpipe("tdpipe-distributed", n_stages, executor="distributed")
+    unknown = sorted(set(policies) - set(POLICY_VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown policy variant(s) {unknown}; choose from {', '.join(POLICY_VARIANTS)}")
+    for policy in policies:
+        if "tdpipe" in systems:
+            for n_stages in stages:
+                run_tdpipe("tdpipe-local", n_stages, policy=policy)
+                for threads in local_threads:
+                    run_tdpipe("tdpipe-local", n_stages, threads=threads, policy=policy)
+        if "tdpipe-dist" in systems:
+            for n_stages in dist_stages:
+                run_tdpipe("tdpipe-distributed", n_stages, policy=policy, executor="distributed")
     return rows
 
 
 def format_table(rows: list[BenchRow]) -> str:
     base = next((r.tokens_per_s for r in rows if r.system == "hf-generate"), None)
-    lines = ["| system | stages | threads | requests | generated tokens | seconds | tokens/s | vs HF generate | same tokens as HF "
-             "| decode bubble per stage |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| system | policy | stages | threads | requests | generated tokens | seconds | tokens/s | vs HF generate "
+             "| same tokens as HF | preemptions | KV use | decode imbalance | decode bubble per stage |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def share(value):
+        return "-" if value is None else f"{value:.1%}"
+
     for r in rows:
         ratio = f"{r.tokens_per_s / base:.2f}x" if base else "-"
         same = "-" if r.same_as_hf is None else f"{r.same_as_hf}/{r.requests}"
         bubble = " / ".join(f"{b:.1%}" for b in r.decode_bubble) if r.decode_bubble else "-"
-        lines.append(f"| {r.system} | {r.stages} | {r.threads} | {r.requests} | {r.generated_tokens} | {r.seconds:.1f} | "
-                     f"{r.tokens_per_s:.1f} | {ratio} | {same} | {bubble} |")
+        preempt = "-" if r.preemptions is None else r.preemptions
+        lines.append(f"| {r.system} | {r.policy} | {r.stages} | {r.threads} | {r.requests} | {r.generated_tokens} | "
+                     f"{r.seconds:.1f} | {r.tokens_per_s:.1f} | {ratio} | {same} | {preempt} | "
+                     f"{share(r.kv_utilisation)} | {share(r.decode_imbalance)} | {bubble} |")
     return "\n".join(lines)
 
 

@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
                             "per-core comparison with one-thread stage processes)")
     bench.add_argument("--trace", help="write the tdpipe-dist run's timeline here as a Chrome/Perfetto trace "
                                        "(and a PNG plot next to it)")
+    bench.add_argument("--policies", default="tdpipe",
+                       help="comma-separated policy variants to run for tdpipe systems: tdpipe, tdpipe-nosteal, "
+                            "tdpipe-threshold, tdpipe-fits, hybrid, naive (default tdpipe)")
     bench.add_argument("--hf-batch-size", type=_positive, default=16, help="static batch size for HF generate")
     bench.add_argument("--kv-blocks", type=_positive, default=None, help="tdpipe KV budget in blocks")
     bench.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
@@ -154,7 +157,7 @@ def _bench(args) -> int:
     rows = bench.run_benchmark(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stages=args.stages,
                                hf_batch_size=args.hf_batch_size, systems=systems, tdpipe_options=options,
                                dist_stages=args.dist_stages, local_threads=args.local_threads,
-                               trace=args.trace,
+                               trace=args.trace, policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
                                log=lambda line: print(line, file=sys.stderr))
     print(bench.format_table(rows))
     if args.json_path:

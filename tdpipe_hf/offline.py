@@ -103,6 +103,18 @@ def parse_line(text: str, line: int) -> Job:
     return Job(line, job_id, messages, prompt, limit, openai)
 
 
+def read_jobs(input_path: str | Path) -> Iterator[tuple[int, Job | BadLine]]:
+    """Every non-blank line of a job file with its line number: a Job, or the BadLine saying what
+    is wrong with it."""
+    with open(input_path, encoding="utf-8") as lines:
+        for number, text in enumerate(lines, 1):
+            if text.strip():
+                try:
+                    yield number, parse_line(text, number)
+                except BadLine as exc:
+                    yield number, exc
+
+
 def answer_lengths(output: str | Path) -> dict[str, int]:
     """Generated tokens per answered id of a ``run_batch`` output (plain or OpenAI shape)."""
     lengths = {}
@@ -184,29 +196,24 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
 
     def requests() -> Iterator[Request]:
         seen: set[str] = set()
-        with open(input_path, encoding="utf-8") as lines:
-            for number, text in enumerate(lines, 1):
-                if not text.strip():
-                    continue
-                try:
-                    job = parse_line(text, number)
-                except BadLine as exc:
-                    report(number, None, str(exc))
-                    continue
-                if job.id in finished:
-                    continue
-                if job.id in seen:
-                    report(number, job.id, f"duplicate id {job.id!r}")
-                    continue
-                ids = tokenize_job(tokenizer, job, use_template)
-                limit = job.max_new_tokens or max_new_tokens
-                problem = _size_problem(len(ids), limit, context, engine.kv_capacity_tokens)
-                if problem:
-                    report(number, job.id, problem)
-                    continue
-                seen.add(job.id)
-                pending[number] = (job, len(ids))
-                yield Request(request_id=number, prompt_ids=ids, max_new_tokens=limit, eos_token_ids=eos)
+        for number, job in read_jobs(input_path):
+            if isinstance(job, BadLine):
+                report(number, None, str(job))
+                continue
+            if job.id in finished:
+                continue
+            if job.id in seen:
+                report(number, job.id, f"duplicate id {job.id!r}")
+                continue
+            ids = tokenize_job(tokenizer, job, use_template)
+            limit = job.max_new_tokens or max_new_tokens
+            problem = _size_problem(len(ids), limit, context, engine.kv_capacity_tokens)
+            if problem:
+                report(number, job.id, problem)
+                continue
+            seen.add(job.id)
+            pending[number] = (job, len(ids))
+            yield Request(request_id=number, prompt_ids=ids, max_new_tokens=limit, eos_token_ids=eos)
 
     def on_finish(request: Request) -> None:
         job, prompt_len = pending.pop(request.request_id)

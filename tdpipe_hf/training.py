@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plugins
-from .offline import BadLine, answer_lengths, parse_line, tokenize_job
+from .offline import Job, answer_lengths, read_jobs, tokenize_job
 
 BUCKET_EDGES = (32, 64, 128, 256, 512)  # buckets: <32, 32-63, 64-127, 128-255, 256-511, >=512
 
@@ -49,17 +49,10 @@ def read_labels(input_path: str | Path, answers_path: str | Path, tokenizer, cha
     lengths = answer_lengths(answers_path)
     use_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
     prompts, labels = [], []
-    with open(input_path, encoding="utf-8") as lines:
-        for number, text in enumerate(lines, 1):
-            if not text.strip():
-                continue
-            try:
-                job = parse_line(text, number)
-            except BadLine:
-                continue
-            if job.id in lengths:
-                prompts.append(tokenize_job(tokenizer, job, use_template))
-                labels.append(lengths.pop(job.id))
+    for _, job in read_jobs(input_path):
+        if isinstance(job, Job) and job.id in lengths:
+            prompts.append(tokenize_job(tokenizer, job, use_template))
+            labels.append(lengths.pop(job.id))
     return prompts, labels
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tdpipe_hf
+from tdpipe_hf.bench import POLICY_VARIANTS
 from conftest import hf_generate, left_padded, random_prompts, tiny_model
 
 MAX_NEW = 24
@@ -139,16 +140,6 @@ def test_forward_still_plain_hf_after_wrap():
     assert type(model).__name__ == "LlamaForCausalLM"
 
 
-POLICY_VARIANTS = {
-    "tdpipe": {},
-    "tdpipe-nosteal": {"stealing": False},
-    "tdpipe-threshold": {"switch_policy": "threshold"},
-    "tdpipe-fits": {"admission": "fits"},
-    "hybrid": {"policy": "hybrid", "prefill_chunk_tokens": 16},  # small chunks: prompts span batches
-    "naive": {"policy": "naive"},
-}
-
-
 @pytest.mark.parametrize("variant", POLICY_VARIANTS)
 @pytest.mark.parametrize("num_stages, executor", [(2, "local"), (3, "local"), (2, "distributed")])
 def test_every_policy_matches_hf(variant, num_stages, executor):
@@ -159,8 +150,9 @@ def test_every_policy_matches_hf(variant, num_stages, executor):
     model = tiny_model("llama", seed=51)
     ids, mask = left_padded(random_prompts(10, low=2, high=30, seed=52))
     expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    # small prefill chunks: hybrid splits prompts over several mixed micro-batches
     tdpipe_hf.wrap(model, num_stages=num_stages, block_size=4, kv_blocks=40, executor=executor,
-                   **POLICY_VARIANTS[variant])
+                   prefill_chunk_tokens=16, **POLICY_VARIANTS[variant])
     try:
         actual = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
     finally:
