@@ -146,9 +146,6 @@ class TDPipeEngine:
                    total: int | None = None, description: str = "tdpipe", lookahead: int | None = None) -> RunStats:
         """Run a possibly endless stream of requests (already checked to fit), ``on_finish``
         called as each one finishes; at most ``lookahead`` wait in memory at once."""
-        cfg = self.config
-        in_flight = cfg.micro_batches or cfg.num_stages
-        scheduler = self._scheduler(in_flight)
         bar = tqdm(total=total, desc=description, unit="req", disable=not progress)
         start = time.perf_counter()
 
@@ -160,13 +157,19 @@ class TDPipeEngine:
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(tok_s=f"{controller.stats.generated_tokens / max(elapsed, 1e-9):.1f}")
 
-        controller = Controller(self.executor, scheduler, on_token=on_token, on_finish=finished,
-                                max_in_flight=in_flight)
+        controller = self.controller(on_token=on_token, on_finish=finished)
         try:
             self.last_stats = controller.run(requests, lookahead)
         finally:
             bar.close()
         return self.last_stats
+
+    def controller(self, on_token: Callable[[Request, int], None] | None = None,
+                   on_finish: Callable[[Request], None] | None = None) -> Controller:
+        """A controller with a fresh scheduler of the configured policy over this engine's executor."""
+        in_flight = self.config.micro_batches or self.config.num_stages
+        return Controller(self.executor, self._scheduler(in_flight), on_token=on_token, on_finish=on_finish,
+                          max_in_flight=in_flight)
 
     def close(self) -> None:
         self.executor.close()

@@ -53,13 +53,21 @@ class Controller:
         source = iter(requests)
         exhausted = self._refill(source, lookahead)
         while self.scheduler.has_work:
-            self._dispatch()
-            if not self._in_flight:
-                stuck = [r.request_id for r in self.scheduler.waiting]
-                raise RuntimeError(f"scheduler cannot make progress: requests {stuck[:10]} cannot be admitted")
-            self._absorb(self.executor.collect())
+            self.step()
             if not exhausted:
                 exhausted = self._refill(source, lookahead)
+        return self.finish_stats()
+
+    def step(self) -> None:
+        """Fill the pipeline, then absorb the next micro-batch that comes back. A server calls
+        this in its own loop, adding requests to the scheduler between steps."""
+        self._dispatch()
+        if not self._in_flight:
+            stuck = [r.request_id for r in self.scheduler.waiting]
+            raise RuntimeError(f"scheduler cannot make progress: requests {stuck[:10]} cannot be admitted")
+        self._absorb(self.executor.collect())
+
+    def finish_stats(self) -> RunStats:
         self.stats.kv_used.append((time.perf_counter(), self.scheduler.blocks.num_used))
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.phase_switches = self.scheduler.num_phase_switches
