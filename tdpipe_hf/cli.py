@@ -1,5 +1,6 @@
 """The ``tdpipe`` command: ``generate`` answers a prompt, ``run`` answers a JSONL file of prompts,
-``bench`` measures throughput, ``train-predictor`` fits an output-length predictor."""
+``bench`` measures throughput, ``train-predictor`` fits an output-length predictor, ``demo`` starts
+the Gradio demo."""
 
 from __future__ import annotations
 
@@ -108,6 +109,16 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--hf-batch-size", type=_positive, default=16, help="static batch size for HF generate")
     bench.add_argument("--kv-blocks", type=_positive, default=None, help="tdpipe KV budget in blocks")
     bench.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
+
+    demo = commands.add_parser("demo", help="Gradio demo: streaming chat, and two policies compared on a batch "
+                                            "(needs the demo extra: pip install 'tdpipe_hf[demo]')")
+    demo.add_argument("--model", help="HF model directory or .gguf file (default: the shipped SmolLM2)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    demo.add_argument("--port", type=_positive, default=None, help="port (default: gradio's, 7860 or the next free)")
+    demo.add_argument("--stages", type=_positive, default=1, help="pipeline stages of the chat engine (default 1)")
+    demo.add_argument("--kv-blocks", type=_positive, default=None, help="KV budget in blocks (default: from free memory)")
+    demo.add_argument("--max-new-tokens", type=_positive, default=128, help="default answer length (default 128)")
+    demo.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     return parser
 
 
@@ -236,13 +247,27 @@ def _train_predictor(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        print("tdpipe demo: error: the demo needs gradio: pip install 'tdpipe_hf[demo]'", file=sys.stderr)
+        return 2
+    from .demo_app import serve
+
+    serve(args.model, host=args.host, port=args.port, stages=args.stages, kv_blocks=args.kv_blocks,
+          max_new_tokens=args.max_new_tokens, share=args.share)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .runtime.malloc import tune_glibc_malloc
 
     tune_glibc_malloc()  # our own process: same settings for every system the benchmark runs
     try:
-        commands = {"generate": _generate, "run": _run, "bench": _bench, "train-predictor": _train_predictor}
+        commands = {"generate": _generate, "run": _run, "bench": _bench, "train-predictor": _train_predictor,
+                    "demo": _demo}
         return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"tdpipe {args.command}: error: {exc}", file=sys.stderr)
