@@ -1,6 +1,6 @@
 """The ``tdpipe`` command: ``generate`` answers a prompt, ``run`` answers a JSONL file of prompts,
-``bench`` measures throughput, ``train-predictor`` fits an output-length predictor, ``demo`` starts
-the Gradio demo."""
+``bench`` measures throughput, ``train-predictor`` fits an output-length predictor, ``simulate``
+runs the paper-scale simulator, ``demo`` starts the Gradio demo."""
 
 from __future__ import annotations
 
@@ -109,6 +109,22 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--hf-batch-size", type=_positive, default=16, help="static batch size for HF generate")
     bench.add_argument("--kv-blocks", type=_positive, default=None, help="tdpipe KV budget in blocks")
     bench.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
+
+    sim = commands.add_parser("simulate", help="paper-scale discrete-event simulation: the real scheduler and "
+                                               "policies on simulated GPUs (throughput, bubbles, plots)")
+    sim.add_argument("--model", default="llama2-13b", help="llama2-13b, qwen2.5-32b, llama2-70b, smollm2-135m")
+    sim.add_argument("--gpu", default="a100-pcie", help="l20 or a100-pcie")
+    sim.add_argument("--gpus", type=_positive, default=4, help="GPUs: pipeline stages, or the TP degree (default 4)")
+    sim.add_argument("--policies", default="tdpipe,hybrid,pp-separate,naive,tp,tp-separate",
+                     help="comma-separated: tdpipe, tdpipe-constant, tdpipe-nosteal, tdpipe-threshold, tdpipe-fits, "
+                          "hybrid, pp-separate, naive, tp, tp-separate")
+    sim.add_argument("--requests", type=_positive, default=5000, help="ShareGPT-like requests (default 5000)")
+    sim.add_argument("--seed", type=int, default=0, help="workload seed")
+    sim.add_argument("--chunk-tokens", type=_positive, default=None,
+                     help="prefill micro-batch token target (default: 512, 2048 for separate-batch baselines)")
+    sim.add_argument("--out", default="tdpipe-sim", help="directory for the plots (default ./tdpipe-sim)")
+    sim.add_argument("--no-plots", action="store_true")
+    sim.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
 
     demo = commands.add_parser("demo", help="Gradio demo: streaming chat, and two policies compared on a batch "
                                             "(needs the demo extra: pip install 'tdpipe_hf[demo]')")
@@ -247,6 +263,34 @@ def _train_predictor(args) -> int:
     return 0
 
 
+def _simulate(args) -> int:
+    from .sim import POLICIES, SimSetup, sharegpt_like, simulate
+    from .sim.report import format_table, write_json, write_plots
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown simulator policies {unknown}; choose from {', '.join(POLICIES)}")
+    setup = SimSetup.named(args.model, args.gpu, args.gpus)
+    workload = sharegpt_like(args.requests, seed=args.seed)
+    title = f"{setup.model.name} on {args.gpus} x {setup.gpu.name}"
+    print(f"simulating {title}: {len(workload)} requests", file=sys.stderr)
+    rows = []
+    for policy in policies:
+        rows.append(simulate(setup, policy, workload, chunk_tokens=args.chunk_tokens, keep_timeline=not args.no_plots))
+        row = rows[-1]
+        print(f"  {policy}: {row['tokens_per_s']:.0f} tokens/s, bubble {row['bubble_ratio']:.1%} "
+              f"({row['sim_wall_s']:.0f} s to simulate)", file=sys.stderr)
+    print(format_table(rows))
+    if not args.no_plots:
+        for path in write_plots(rows, args.out, title):
+            print(f"wrote {path}", file=sys.stderr)
+    if args.json_path:
+        write_json(rows, args.json_path)
+        print(f"wrote {args.json_path}", file=sys.stderr)
+    return 0
+
+
 def _demo(args) -> int:
     import importlib.util
 
@@ -267,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_glibc_malloc()  # our own process: same settings for every system the benchmark runs
     try:
         commands = {"generate": _generate, "run": _run, "bench": _bench, "train-predictor": _train_predictor,
-                    "demo": _demo}
+                    "simulate": _simulate, "demo": _demo}
         return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"tdpipe {args.command}: error: {exc}", file=sys.stderr)

@@ -12,16 +12,14 @@ from tqdm.auto import tqdm
 
 from . import plugins
 from .config import TDPipeConfig
-from .controller import BlockManager, Controller, Request, Scheduler
+from .controller import Controller, Request, Scheduler
 from .controller.controller import RunStats
 from .models import model_name
-from .policies import AdmitWhileFits, GreedyPrefill, ReadyPoolBatcher, StaticBatcher
-from .policies.baselines import AdmitWholeGroup, DrainSwitch, HybridScheduler
-from .policies.switch import CheckedSwitch
 from .predictors import ConstantPredictor, check_predictor, load_predictor
 from .runtime.distributed import DistributedExecutor, join_torchrun_pipeline, launched_by_torchrun
 from .runtime.local import LocalExecutor
 from .runtime.stage import blocks_for_budget, build_stages, kv_geometry
+from .scheduling import build_scheduler, build_switch
 
 DEFAULT_CPU_KV_BYTES = 2 << 30
 logger = logging.getLogger("tdpipe_hf")
@@ -58,7 +56,7 @@ class TDPipeEngine:
             if self.num_blocks < 1:
                 raise ValueError(f"KV budget of {budget} bytes is smaller than one block of {config.block_size} tokens")
         self.switch_cls = plugins.load(plugins.SWITCH_POLICIES, config.switch_policy)
-        self._switch()  # a broken plugin fails here, naming itself, not mid-run
+        build_switch(config, self.switch_cls)  # a broken plugin fails here, naming itself, not mid-run
         self.model_name = model_name(model)
         self.predictor = self._make_predictor(config) if config.admission == "greedy" else None
         self.executor = self._make_executor(model, config)
@@ -79,34 +77,9 @@ class TDPipeEngine:
                            "guess (train one with `tdpipe train-predictor`)", self.model_name)
             return ConstantPredictor()
 
-    def _admission(self):
-        cfg = self.config
-        if cfg.admission == "fits":
-            return AdmitWhileFits()
-        return GreedyPrefill(self.predictor, cfg.kv_threshold, cfg.length_scale, online=cfg.online_learning,
-                             name=cfg.predictor if isinstance(cfg.predictor, str) else "")
-
-    def _switch(self):
-        try:
-            policy = self.switch_cls()
-        except Exception as exc:
-            raise TypeError(f"switch policy {self.config.switch_policy!r} could not be built with no arguments: "
-                            f"{exc}") from exc
-        if callable(getattr(policy, "configure", None)):
-            policy.configure(self.config)
-        return CheckedSwitch(policy, self.config.switch_policy)
-
     def _scheduler(self, in_flight: int) -> Scheduler:
         """A fresh scheduler for one run: the configured policy's parts."""
-        cfg = self.config
-        blocks = BlockManager(self.num_blocks, cfg.block_size)
-        common = dict(prefill_chunk_tokens=cfg.prefill_chunk_tokens, max_num_seqs=cfg.max_num_seqs)
-        if cfg.policy == "hybrid":
-            return HybridScheduler(blocks, in_flight, AdmitWhileFits(), None, None, **common)
-        if cfg.policy == "naive":
-            return Scheduler(blocks, in_flight, AdmitWholeGroup(), StaticBatcher(), DrainSwitch(), **common)
-        batcher = ReadyPoolBatcher() if cfg.stealing else StaticBatcher()
-        return Scheduler(blocks, in_flight, self._admission(), batcher, self._switch(), **common)
+        return build_scheduler(self.config, self.num_blocks, in_flight, self.predictor, self.switch_cls)
 
     def _make_executor(self, model, config: TDPipeConfig):
         if config.executor == "distributed":

@@ -34,8 +34,11 @@ class RunStats:
 class Controller:
     def __init__(self, executor, scheduler: Scheduler,
                  on_token: Callable[[Request, int], None] | None = None,
-                 on_finish: Callable[[Request], None] | None = None, max_in_flight: int | None = None):
+                 on_finish: Callable[[Request], None] | None = None, max_in_flight: int | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        """``clock`` timestamps the KV-use samples; a simulated executor passes its virtual clock."""
         self.executor = executor
+        self.clock = clock
         self.max_in_flight = max_in_flight or executor.num_stages
         self.scheduler = scheduler
         self.on_token = on_token
@@ -68,7 +71,7 @@ class Controller:
         self._absorb(self.executor.collect())
 
     def finish_stats(self) -> RunStats:
-        self.stats.kv_used.append((time.perf_counter(), self.scheduler.blocks.num_used))
+        self.stats.kv_used.append((self.clock(), self.scheduler.blocks.num_used))
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.phase_switches = self.scheduler.num_phase_switches
         return self.stats
@@ -88,7 +91,7 @@ class Controller:
             if batch is None:
                 return
             self._in_flight[batch.batch_id] = batch
-            self.stats.kv_used.append((time.perf_counter(), self.scheduler.blocks.num_used))
+            self.stats.kv_used.append((self.clock(), self.scheduler.blocks.num_used))
             self.stats.micro_batches[batch.phase] = self.stats.micro_batches.get(batch.phase, 0) + 1
             if batch.phase == "decode":
                 self.stats.decode_batches.append((len(batch.seqs), sum(s.context_len for s in batch.seqs)))

@@ -1,0 +1,89 @@
+"""A simulated executor: the executor interface (num_stages, submit, collect, close) on a
+virtual clock, with stage times from a cost function instead of a model.
+
+A micro-batch submitted at virtual time t (when the controller last collected) enters stage 0
+at max(t, stage 0 free); stage s+1 starts at max(stage s end + transfer, stage s+1 free). Stages
+are FIFO, so batches finish in submit order and ``collect`` returns the oldest one, moving the
+clock to its finish. There is no model: each request has a predetermined output length and the
+"sampled" token is EOS when the request reaches it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from ..plan import MicroBatch, StepResult
+from .cost import SeqShape
+
+EOS = 2
+NOT_EOS = 3
+
+StageTimes = Callable[[list[SeqShape]], list[float]]
+
+
+class SimExecutor:
+    """``stage_times(seqs)`` gives each stage's compute seconds for a micro-batch;
+    ``transfer(tokens)`` the seconds to pass its activations to the next stage;
+    ``dispatch_overhead`` the controller's seconds between a collect and the next submit."""
+
+    def __init__(self, num_stages: int, stage_times: StageTimes, transfer: Callable[[int], float] | None = None,
+                 dispatch_overhead: float = 0.0):
+        self.num_stages = num_stages
+        self.stage_times = stage_times
+        self.transfer = transfer or (lambda tokens: 0.0)
+        self.dispatch_overhead = dispatch_overhead
+        self.now = 0.0
+        self._free = [0.0] * num_stages
+        self._queue: deque[tuple[float, StepResult]] = deque()
+        self._targets: dict[int, tuple[int, int]] = {}  # request_id -> (prompt tokens, output tokens)
+
+    def expect(self, request_id: int, prompt_len: int, output_len: int) -> None:
+        """Request ``request_id`` will stop (EOS) after ``output_len`` generated tokens."""
+        if output_len < 1:
+            raise ValueError(f"request {request_id}: output length must be >= 1, got {output_len}")
+        self._targets[request_id] = (prompt_len, output_len)
+
+    def clock(self) -> float:
+        return self.now
+
+    def submit(self, batch: MicroBatch) -> None:
+        seqs = [SeqShape(len(s.token_ids), s.context_len, s.sample) for s in batch.seqs]
+        times = self.stage_times(seqs)
+        if len(times) != self.num_stages:
+            raise ValueError(f"stage_times gave {len(times)} times for {self.num_stages} stages")
+        tokens = batch.num_tokens
+        ready = self.now + self.dispatch_overhead
+        events = []
+        for stage, seconds in enumerate(times):
+            start = max(ready, self._free[stage])
+            end = start + seconds
+            self._free[stage] = end
+            events.append((stage, "compute", batch.batch_id, batch.phase, start, end))
+            if stage + 1 < self.num_stages:
+                ready = end + self.transfer(tokens)
+                events.append((stage, "send", batch.batch_id, batch.phase, end, ready))
+            else:
+                ready = end
+        result = StepResult(batch.batch_id, self._tokens(batch), list(times), events)
+        self._queue.append((ready, result))
+
+    def _tokens(self, batch: MicroBatch) -> dict[int, int]:
+        tokens = {}
+        for seq in batch.seqs:
+            if not seq.sample:
+                continue
+            prompt_len, output_len = self._targets[seq.request_id]
+            generated = seq.context_len - prompt_len + 1  # outputs so far, this one included
+            tokens[seq.request_id] = EOS if generated >= output_len else NOT_EOS
+        return tokens
+
+    def collect(self) -> StepResult:
+        if not self._queue:
+            raise RuntimeError("collect() called with no micro-batch in flight")
+        finish, result = self._queue.popleft()
+        self.now = max(self.now, finish)
+        return result
+
+    def close(self) -> None:
+        self._queue.clear()

@@ -1,0 +1,155 @@
+"""One simulated run: a setup (model, GPU, count), a policy, a workload -> throughput and bubbles.
+
+Every policy is the engine's own scheduler, built by ``build_scheduler`` from a ``TDPipeConfig``;
+only the executor is simulated. Pipeline policies run one stage per GPU with an even layer split
+and one micro-batch in flight per stage; tensor-parallel baselines run the whole model as one
+"stage" whose time is the TP cost, one batch at a time.
+
+Baselines as in the paper: TP and PP, each with separate batches (vLLM's default scheduler:
+prefill whenever a waiting request fits, otherwise decode; here the phase machine with the
+admit-while-it-fits rule and a switch that leaves decode as soon as a request finished) or hybrid
+batches (chunked prefill mixed with decodes). Every micro-batch holds at most 256 sequences,
+vLLM's default ``max_num_seqs`` per (virtual) engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import TDPipeConfig
+from ..controller import Controller, Status
+from ..metrics import bubble_ratios, mean_kv_utilisation
+from ..predictors import ConstantPredictor, OraclePredictor
+from ..scheduling import build_scheduler
+from .cost import EFFICIENCY, CostModel, Efficiency, SeqShape, even_split
+from .executor import SimExecutor
+from .specs import GPUS, MODELS, GPUSpec, ModelSpec
+from .workload import SimRequest, to_requests
+
+MAX_SEQS_PER_BATCH = 256
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    parallel: str  # "pp" (one stage per GPU) or "tp" (tensor parallel over all GPUs)
+    options: dict = field(default_factory=dict)  # TDPipeConfig fields
+    predictor: str | None = None  # "oracle" or "constant" for greedy prefill
+    chunk_tokens: int = 512
+
+
+_SEPARATE = dict(admission="fits", stealing=False, switch_policy="threshold", switch_fraction=1.0)
+
+POLICIES: dict[str, PolicySpec] = {
+    "tdpipe": PolicySpec("pp", dict(policy="tdpipe"), "oracle"),
+    "tdpipe-constant": PolicySpec("pp", dict(policy="tdpipe"), "constant"),
+    "tdpipe-nosteal": PolicySpec("pp", dict(policy="tdpipe", stealing=False), "oracle"),
+    "tdpipe-threshold": PolicySpec("pp", dict(policy="tdpipe", switch_policy="threshold"), "oracle"),
+    "tdpipe-fits": PolicySpec("pp", dict(policy="tdpipe", admission="fits")),
+    "hybrid": PolicySpec("pp", dict(policy="hybrid")),
+    "pp-separate": PolicySpec("pp", dict(policy="tdpipe", **_SEPARATE), chunk_tokens=2048),
+    "naive": PolicySpec("pp", dict(policy="naive"), chunk_tokens=2048),
+    "tp": PolicySpec("tp", dict(policy="hybrid")),
+    "tp-separate": PolicySpec("tp", dict(policy="tdpipe", **_SEPARATE), chunk_tokens=2048),
+}
+
+
+@dataclass
+class SimSetup:
+    model: ModelSpec
+    gpu: GPUSpec
+    num_gpus: int
+    efficiency: Efficiency = Efficiency()
+    block_size: int = 16
+    dispatch_overhead: float = 0.0  # controller seconds between a collect and the next submit
+    kv_blocks: int | None = None  # override the budget derived from memory
+    max_seqs_per_batch: int = MAX_SEQS_PER_BATCH
+
+    @classmethod
+    def named(cls, model: str, gpu: str, num_gpus: int, **kwargs) -> "SimSetup":
+        try:
+            kwargs.setdefault("efficiency", EFFICIENCY.get(gpu, Efficiency()))
+            return cls(MODELS[model], GPUS[gpu], num_gpus, **kwargs)
+        except KeyError as exc:
+            raise ValueError(f"unknown model or GPU {exc}; models: {', '.join(MODELS)}; GPUs: {', '.join(GPUS)}") from None
+
+    @property
+    def cost(self) -> CostModel:
+        return CostModel(self.model, self.gpu, self.efficiency)
+
+
+def make_executor(setup: SimSetup, parallel: str) -> tuple[SimExecutor, int]:
+    """The simulated executor for ``parallel`` and its KV budget in blocks."""
+    cost = setup.cost
+    if parallel == "tp":
+        blocks = cost.kv_blocks([setup.model.num_layers], setup.block_size, devices_per_stage=setup.num_gpus)
+        executor = SimExecutor(1, lambda seqs: [cost.tp_time(seqs, setup.num_gpus)],
+                               dispatch_overhead=setup.dispatch_overhead)
+    else:
+        layers = even_split(setup.model.num_layers, setup.num_gpus)
+        blocks = cost.kv_blocks(layers, setup.block_size)
+
+        def stage_times(seqs: list[SeqShape]) -> list[float]:
+            per_layer = cost.layers_time(seqs, 1)
+            times = [n * per_layer for n in layers]
+            times[-1] += cost.head_time(seqs) + setup.efficiency.step_overhead
+            return times
+
+        executor = SimExecutor(len(layers), stage_times, cost.transfer_time, setup.dispatch_overhead)
+    return executor, setup.kv_blocks or blocks
+
+
+def _predictor(kind: str | None, requests, workload: list[SimRequest]):
+    if kind == "oracle":
+        return OraclePredictor().fit([r.prompt_ids for r in requests], [w.output_len for w in workload])
+    if kind == "constant":
+        return ConstantPredictor(float(np.mean([w.output_len for w in workload])))
+    return None
+
+
+def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tokens: int | None = None,
+             keep_timeline: bool = False) -> dict:
+    """Run ``workload`` under ``policy``; a result row (virtual seconds, tokens/s, bubbles, ...)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown simulator policy {policy!r}; choose from {', '.join(POLICIES)}")
+    spec = POLICIES[policy]
+    executor, num_blocks = make_executor(setup, spec.parallel)
+    if num_blocks < 1:
+        raise ValueError(f"{setup.model.name} does not fit on {setup.num_gpus} x {setup.gpu.name} "
+                         f"({spec.parallel}): no memory left for the KV cache")
+    in_flight = executor.num_stages
+    config = TDPipeConfig(num_stages=in_flight, block_size=setup.block_size, kv_blocks=num_blocks,
+                          max_num_seqs=setup.max_seqs_per_batch * in_flight,
+                          prefill_chunk_tokens=chunk_tokens or spec.chunk_tokens, **spec.options)
+    requests = to_requests(workload)
+    capacity = num_blocks * setup.block_size
+    too_long = [r.request_id for r in requests if r.max_tokens > capacity]
+    if too_long:
+        raise ValueError(f"requests {too_long[:5]} need more KV than the {capacity}-token budget")
+    for request, item in zip(requests, workload):
+        executor.expect(request.request_id, item.prompt_len, item.output_len)
+    scheduler = build_scheduler(config, num_blocks, in_flight, _predictor(spec.predictor, requests, workload))
+    controller = Controller(executor, scheduler, max_in_flight=in_flight, clock=executor.clock)
+    wall = time.perf_counter()
+    stats = controller.run(requests)
+    wall = time.perf_counter() - wall
+    finished = sum(r.status is Status.FINISHED and len(r.output_ids) == w.output_len
+                   for r, w in zip(requests, workload))
+    bubbles = bubble_ratios(stats.timeline)
+    mean = lambda scope: float(np.mean(list(bubbles[scope].values()))) if scope in bubbles else None  # noqa: E731
+    row = {
+        "policy": policy, "parallel": spec.parallel, "model": setup.model.name, "gpu": setup.gpu.name,
+        "gpus": setup.num_gpus, "requests": len(requests), "finished": finished,
+        "generated_tokens": stats.generated_tokens, "seconds": executor.now,
+        "tokens_per_s": stats.generated_tokens / executor.now if executor.now > 0 else 0.0,
+        "bubble_ratio": mean("all"), "prefill_bubble": mean("prefill"), "decode_bubble": mean("decode"),
+        "bubble_per_stage": bubbles.get("all", {}), "preemptions": stats.preemptions,
+        "phase_switches": stats.phase_switches, "kv_blocks": num_blocks,
+        "kv_utilisation": mean_kv_utilisation(stats.kv_used, num_blocks),
+        "micro_batches": dict(stats.micro_batches), "sim_wall_s": wall,
+    }
+    if keep_timeline:
+        row["timeline"] = stats.timeline
+    return row

@@ -1,0 +1,125 @@
+"""The paper-scale simulator: the virtual clock, the cost model's arithmetic, determinism, and
+every real policy finishing every request under a tight simulated KV budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tdpipe_hf.cli import main
+from tdpipe_hf.plan import MicroBatch, SequencePlan
+from tdpipe_hf.sim import POLICIES, SimExecutor, SimSetup, sharegpt_like, simulate
+from tdpipe_hf.sim.cost import CostModel, Efficiency, SeqShape
+from tdpipe_hf.sim.executor import EOS, NOT_EOS
+from tdpipe_hf.sim.specs import GPUS, MODELS
+from tdpipe_hf.sim.workload import SimRequest
+
+PLAIN = Efficiency(compute=0.5, memory=0.8, layer_overhead=0.0, step_overhead=0.0, link=1.0)
+
+
+def batch(batch_id, phase, *seqs):
+    return MicroBatch(batch_id, phase, [SequencePlan(rid, [7] * new, start, []) for rid, new, start in seqs])
+
+
+def test_executor_pipelines_batches_on_a_virtual_clock():
+    executor = SimExecutor(2, lambda seqs: [1.0, 2.0], transfer=lambda tokens: 0.5)
+    executor.expect(0, prompt_len=4, output_len=2)
+    executor.expect(1, prompt_len=4, output_len=1)
+    executor.submit(batch(0, "prefill", (0, 4, 0)))
+    executor.submit(batch(1, "prefill", (1, 4, 0)))
+    first, second = executor.collect(), executor.collect()
+    # batch 0: stage 0 [0, 1], transfer to 1.5, stage 1 [1.5, 3.5]; batch 1: stage 0 [1, 2], stage 1 waits until 3.5
+    compute = [(e[0], e[4], e[5]) for e in first.events + second.events if e[1] == "compute"]
+    assert compute == [(0, 0.0, 1.0), (1, 1.5, 3.5), (0, 1.0, 2.0), (1, 3.5, 5.5)]
+    assert executor.now == 5.5
+    assert first.tokens == {0: NOT_EOS} and second.tokens == {1: EOS}
+    executor.submit(batch(2, "decode", (0, 1, 4)))  # enters stage 0 at the clock, not earlier
+    assert [e[4] for e in executor.collect().events if e[1] == "compute"] == [5.5, 7.0]
+
+
+def test_decode_step_matches_the_roofline_by_hand():
+    model, gpu = MODELS["llama2-13b"], GPUS["l20"]
+    cost = CostModel(model, gpu, PLAIN)
+    context = 1000
+    # one decode token is memory bound: weights and the KV of 1000 tokens per layer, plus the LM head
+    layer_bytes = model.layer_params * 2 + context * 2 * model.num_kv_heads * model.head_dim * 2
+    expected = (model.num_layers * layer_bytes + model.vocab * model.hidden * 2) / (gpu.memory_bandwidth * 0.8)
+    assert cost.stage_time([SeqShape(1, context)], model.num_layers, last=True) == pytest.approx(expected)
+    # a long prefill is compute bound: 2 FLOPs per parameter per token plus causal attention
+    n = 4096
+    flops = model.num_layers * (2 * n * model.layer_params + 4 * n * (n + 1) / 2 * model.hidden) \
+        + 2 * model.vocab * model.hidden
+    assert cost.stage_time([SeqShape(n, n)], model.num_layers, last=True) == pytest.approx(
+        flops / (gpu.peak_flops * 0.5), rel=1e-3)
+
+
+def test_tensor_parallel_splits_the_work_and_pays_all_reduces():
+    cost = CostModel(MODELS["llama2-13b"], GPUS["a100-pcie"], PLAIN)
+    seqs = [SeqShape(1, 500)] * 64
+    whole = cost.stage_time(seqs, 40, last=True)
+    assert cost.tp_time(seqs, 1) == pytest.approx(whole)
+    allreduce = cost.allreduce_time(64, 4)
+    assert allreduce > 6 * GPUS["a100-pcie"].link_latency
+    assert cost.tp_time(seqs, 4) == pytest.approx(whole / 4 + 80 * allreduce)
+
+
+def test_one_stage_pipeline_takes_its_cost_models_time():
+    """One request through a one-stage simulated pipeline: prefill, then one decode step per
+    further token, back to back; the virtual clock must equal the sum of the model's times."""
+    setup = SimSetup.named("llama2-13b", "l20", 1, efficiency=PLAIN)
+    prompt, output = 100, 20
+    row = simulate(setup, "tdpipe-fits", [SimRequest(prompt, output)])
+    cost = setup.cost
+    expected = cost.stage_time([SeqShape(prompt, prompt)], 40, last=True) + sum(
+        cost.stage_time([SeqShape(1, prompt + k)], 40, last=True) for k in range(1, output))
+    assert row["seconds"] == pytest.approx(expected)
+    assert row["generated_tokens"] == output and row["finished"] == 1
+
+
+def test_simulation_is_deterministic_for_a_seed():
+    setup = SimSetup.named("llama2-13b", "l20", 4)
+    workload = sharegpt_like(120, seed=3)
+    assert workload == sharegpt_like(120, seed=3) and workload != sharegpt_like(120, seed=4)
+    assert all(w.prompt_len <= 1024 and w.prompt_len + w.output_len <= 2048 for w in workload)
+    first = simulate(setup, "tdpipe", workload, keep_timeline=True)
+    second = simulate(setup, "tdpipe", workload, keep_timeline=True)
+    for key in ("seconds", "tokens_per_s", "bubble_ratio", "phase_switches", "timeline"):
+        assert first[key] == second[key], key
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_every_policy_finishes_every_request_under_a_tight_kv_budget(policy):
+    workload = sharegpt_like(40, seed=1, max_prompt=200, max_total=400)
+    setup = SimSetup.named("llama2-13b", "l20", 4, kv_blocks=60)  # 960 tokens for 40 requests
+    row = simulate(setup, policy, workload)
+    assert row["finished"] == row["requests"] == 40
+    assert row["generated_tokens"] == sum(w.output_len for w in workload)
+    assert 0.0 <= row["bubble_ratio"] < 1.0 and row["tokens_per_s"] > 0
+
+
+def test_tight_budget_forces_preemption_for_the_fits_rule():
+    workload = sharegpt_like(40, seed=1, max_prompt=200, max_total=400)
+    row = simulate(SimSetup.named("llama2-13b", "l20", 4, kv_blocks=60), "hybrid", workload)
+    assert row["preemptions"] > 0  # the budget is tight enough to exercise recompute
+
+
+def test_kv_budget_comes_from_memory_left_after_weights():
+    cost = CostModel(MODELS["llama2-70b"], GPUS["l20"])
+    four = cost.kv_blocks([20] * 4, 16)
+    assert four > 0
+    assert CostModel(MODELS["llama2-70b"], GPUS["l20"]).kv_blocks([80], 16) < 0  # 140 GB on one 48 GB card
+    with pytest.raises(ValueError, match="does not fit"):
+        simulate(SimSetup.named("llama2-70b", "l20", 1), "tdpipe", [SimRequest(10, 5)])
+
+
+def test_cli_simulate_writes_rows(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert main(["simulate", "--model", "llama2-13b", "--gpu", "a100-pcie", "--gpus", "2", "--requests", "30",
+                 "--policies", "tdpipe,hybrid,naive,tp", "--out", str(tmp_path / "plots"), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["policy"] for r in rows] == ["tdpipe", "hybrid", "naive", "tp"]
+    assert all(r["tokens_per_s"] > 0 and 0 <= r["bubble_ratio"] < 1 for r in rows)
+    assert (tmp_path / "plots" / "throughput.png").exists() and (tmp_path / "plots" / "timeline-tdpipe.png").exists()
+    assert "| tdpipe | pp |" in capsys.readouterr().out
+    assert main(["simulate", "--policies", "nope", "--requests", "2"]) == 2
