@@ -110,8 +110,9 @@ def _predictor(kind: str | None, requests, workload: list[SimRequest]):
 
 
 def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tokens: int | None = None,
-             keep_timeline: bool = False) -> dict:
-    """Run ``workload`` under ``policy``; a result row (virtual seconds, tokens/s, bubbles, ...)."""
+             keep_timeline: bool = False, predictor=None) -> dict:
+    """Run ``workload`` under ``policy``; a result row (virtual seconds, tokens/s, bubbles, ...).
+    ``predictor`` replaces the policy's length oracle (e.g. a learned one, on real prompts)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown simulator policy {policy!r}; choose from {', '.join(POLICIES)}")
     spec = POLICIES[policy]
@@ -130,7 +131,9 @@ def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tok
         raise ValueError(f"requests {too_long[:5]} need more KV than the {capacity}-token budget")
     for request, item in zip(requests, workload):
         executor.expect(request.request_id, item.prompt_len, item.output_len)
-    scheduler = build_scheduler(config, num_blocks, in_flight, _predictor(spec.predictor, requests, workload))
+    if predictor is None or spec.predictor is None:
+        predictor = _predictor(spec.predictor, requests, workload)
+    scheduler = build_scheduler(config, num_blocks, in_flight, predictor)
     controller = Controller(executor, scheduler, max_in_flight=in_flight, clock=executor.clock)
     wall = time.perf_counter()
     stats = controller.run(requests)

@@ -25,8 +25,12 @@ SHAREGPT_MEAN_OUTPUT = 337.99
 
 @dataclass(frozen=True)
 class SimRequest:
+    """A request's lengths; ``prompt_ids`` only when real prompts are replayed (a learned
+    predictor needs them)."""
+
     prompt_len: int
     output_len: int
+    prompt_ids: tuple[int, ...] | None = None
 
 
 def _lognormal(rng: np.random.Generator, mean: float, sigma: float, size: int) -> np.ndarray:
@@ -53,6 +57,6 @@ def to_requests(workload: list[SimRequest]) -> list[Request]:
     authors' benchmark sets ``max_tokens`` to it (with ``ignore_eos``)."""
     requests = []
     for i, item in enumerate(workload):
-        prompt = [1000 + i] + [5] * (item.prompt_len - 1)
+        prompt = list(item.prompt_ids) if item.prompt_ids else [1000 + i] + [5] * (item.prompt_len - 1)
         requests.append(Request(i, prompt, item.output_len, frozenset({EOS})))
     return requests
