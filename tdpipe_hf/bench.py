@@ -132,7 +132,8 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
                   policies: tuple[str, ...] = ("tdpipe",), log=print) -> list[BenchRow]:
     """Run ``systems`` one after the other on the same prompts, tdpipe once per policy variant
     (``POLICY_VARIANTS``). ``trace``: write the last distributed run's timeline as a Chrome trace
-    (``trace``) and a PNG (``trace`` + ``.png``)."""
+    (``trace``) and a PNG (``trace`` + ``.png``); with several policies, one of each per policy
+    (``trace`` with ``-POLICY`` before its suffix)."""
     import tdpipe_hf
     from tdpipe_hf import metrics
 
@@ -180,8 +181,11 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
             torch.set_num_threads(default_threads)
         add(system, n_stages, outputs, seconds, stats, threads, policy)
         if trace and options.get("executor") == "distributed":
-            metrics.write_chrome_trace(stats.timeline, trace)
-            metrics.plot_timeline(stats.timeline, f"{trace}.png", f"{system}, {n_stages} stages")
+            path = Path(trace)
+            if len(policies) > 1:
+                path = path.with_name(f"{path.stem}-{policy}{path.suffix}")
+            metrics.write_chrome_trace(stats.timeline, path)
+            metrics.plot_timeline(stats.timeline, f"{path}.png", f"{system} {policy}, {n_stages} stages")
 
     if "hf-generate" in systems:
         tdpipe_hf.unwrap(model)

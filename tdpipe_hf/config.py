@@ -8,6 +8,7 @@ from typing import Any
 
 EXECUTORS = ("local", "distributed")
 ADMISSIONS = ("greedy", "fits")
+LENGTH_PLANNING = ("distribution", "point")
 POLICIES = ("tdpipe", "hybrid", "naive")
 
 
@@ -19,7 +20,9 @@ class TDPipeConfig:
     ``switch_policy`` decides when decode hands back to prefill), or a baseline in the same engine:
     ``"hybrid"`` (vLLM-style: prefill chunks and decodes mixed in every micro-batch) or ``"naive"``
     (static batches). Prefill admission (tdpipe): ``"greedy"`` (TD-Pipe: predicted output lengths, simulated future KV usage
-    kept <= ``kv_threshold`` x the budget, predictions scaled by ``length_scale``) or ``"fits"``
+    kept <= ``kv_threshold`` x the budget, predictions scaled by ``length_scale``; with
+    ``length_planning="distribution"`` every outcome the predictor gives a probability counts with
+    that probability, ``"point"`` plans with one length per request) or ``"fits"``
     (admit while the prompts fit now). ``predictor``: None for the one shipped for the model, an
     entry-point name, a ``.npz`` path, or a predictor object. ``online_learning`` feeds finished
     requests' lengths back to the predictor.
@@ -40,6 +43,7 @@ class TDPipeConfig:
     predictor: Any = None
     kv_threshold: float = 0.9
     length_scale: float = 1.0
+    length_planning: str = "distribution"
     online_learning: bool = False
     switch_policy: str = "intensity"
     switch_fraction: float = 0.5
@@ -65,6 +69,9 @@ class TDPipeConfig:
             raise ValueError("TDPipeConfig: give kv_blocks or kv_cache_bytes, not both")
         if not isinstance(self.switch_fraction, (int, float)) or not 0.0 <= self.switch_fraction <= 1.0:
             raise ValueError(f"TDPipeConfig.switch_fraction must be in [0, 1], got {self.switch_fraction!r}")
+        if self.length_planning not in LENGTH_PLANNING:
+            raise ValueError(f"TDPipeConfig.length_planning must be one of {LENGTH_PLANNING}, "
+                             f"got {self.length_planning!r}")
         if self.admission not in ADMISSIONS:
             raise ValueError(f"TDPipeConfig.admission must be one of {ADMISSIONS}, got {self.admission!r}")
         for name, low in (("kv_threshold", 0.0), ("length_scale", 0.0)):

@@ -32,7 +32,8 @@ def build_admission(config: TDPipeConfig, predictor=None):
     if config.admission == "fits":
         return AdmitWhileFits()
     return GreedyPrefill(predictor, config.kv_threshold, config.length_scale, online=config.online_learning,
-                         name=config.predictor if isinstance(config.predictor, str) else "")
+                         name=config.predictor if isinstance(config.predictor, str) else "",
+                         planning=config.length_planning)
 
 
 def build_scheduler(config: TDPipeConfig, num_blocks: int, in_flight: int, predictor=None,

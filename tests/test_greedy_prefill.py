@@ -34,6 +34,60 @@ def test_simulated_peak_matches_step_by_step(tokens, data, block_size):
     assert simulated_peak_blocks(np.array(tokens), np.array(remaining), block_size) == brute
 
 
+@settings(max_examples=60, deadline=None)
+@given(outcomes=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 40), st.floats(0.0, 1.0)), min_size=1,
+                         max_size=10), block_size=st.integers(1, 8))
+def test_weighted_peak_is_the_peak_of_expected_usage(outcomes, block_size):
+    tokens, remaining, weights = (np.array(column) for column in zip(*outcomes))
+    expected = max(sum(w * -(-(t + step) // block_size) for t, r, w in outcomes if r >= step)
+                   for step in range(max(remaining) + 1))
+    assert simulated_peak_blocks(tokens, remaining, block_size, weights.astype(float)) == pytest.approx(expected)
+
+
+class TwoOutcomes:
+    """Every answer runs to ``cap`` with probability ``p``, else stops after ``short`` tokens."""
+
+    def __init__(self, cap, short, p):
+        self.cap, self.short, self.p = cap, short, p
+
+    def predict(self, prompts):
+        return [self.cap if self.p > 0.5 else self.short] * len(prompts)
+
+    def predict_outcomes(self, prompts):
+        return [[(self.cap, self.p), (self.short, 1 - self.p)]] * len(prompts)
+
+
+def test_distribution_planning_books_expected_use_not_the_likelier_class():
+    waiting = [Request(i, [1] * 16, 100) for i in range(20)]
+    blocks = BlockManager(90, 16)
+    predictor = TwoOutcomes(cap=100, short=10, p=0.6)
+    # point: every request planned at the cap, ceil((16 + 100) / 16) = 8 blocks each -> 11 fit
+    assert GreedyPrefill(predictor, kv_threshold=1.0, planning="point").admit(waiting, [], blocks, 64) == 11
+    # distribution: the peak is at the cap, where 0.6 x 8 = 4.8 blocks each are expected -> 18 fit
+    assert GreedyPrefill(predictor, kv_threshold=1.0).admit(waiting, [], blocks, 64) == 18
+
+
+def test_running_request_past_its_short_outcome_is_planned_at_the_cap():
+    predictor = TwoOutcomes(cap=100, short=10, p=0.1)
+    policy = GreedyPrefill(predictor, kv_threshold=1.0)
+    running = Request(0, [1] * 16, 100)
+    running.output_ids = [2] * 20  # already longer than the short outcome
+    tokens, remaining, weights, _ = policy._state([running], 16)
+    assert remaining.tolist() == [80] and weights.tolist() == [1.0]
+
+
+def test_bad_outcomes_name_the_predictor():
+    class Lopsided(TwoOutcomes):
+        def predict_outcomes(self, prompts):
+            return [[(10, 0.7), (20, 0.7)]] * len(prompts)
+
+    policy = GreedyPrefill(Lopsided(100, 10, 0.5), name="lopsided")
+    with pytest.raises(ValueError, match=r"predictor 'lopsided' returned outcomes .* summing to 1"):
+        policy.admit([Request(0, [1, 2, 3], 4)], [], BlockManager(10, 4), 8)
+    with pytest.raises(ValueError, match="TDPipeConfig.length_planning"):
+        tdpipe_hf.TDPipeConfig(length_planning="vibes")
+
+
 @pytest.mark.parametrize("threshold", [0.9, 0.7])
 def test_oracle_admission_stays_under_the_budget_without_preemption(threshold):
     prompts, max_new, num_blocks = workload(), 40, 48

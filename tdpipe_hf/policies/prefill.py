@@ -7,13 +7,14 @@ budget. ``AdmitWhileFits`` is the baseline that only looks at the KV free now (v
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from ..controller.kv import BlockManager
 from ..controller.request import Request
-from ..predictors.base import checked_predictions
+from ..predictors.base import checked_outcomes, checked_predictions
 
 
 class AdmitWhileFits:
@@ -43,20 +44,24 @@ class AdmitWhileFits:
         return count
 
 
-def simulated_peak_blocks(tokens: np.ndarray, remaining: np.ndarray, block_size: int) -> int:
+def simulated_peak_blocks(tokens: np.ndarray, remaining: np.ndarray, block_size: int,
+                          weights: np.ndarray | None = None) -> float:
     """Peak KV blocks over the future of requests holding ``tokens`` now that will generate
     ``remaining`` more tokens each, one per decode step, freeing their blocks when done.
 
     Usage only grows between two finishes, so the peak is just before one of them: checking every
     request's finish step is exact, where the paper's code samples fixed steps (5, 8, 16, ..., 4096)
-    and can miss a peak between two of them.
+    and can miss a peak between two of them. With ``weights`` each row is one possible outcome of
+    a request, counted with its probability: the result is the peak of the *expected* usage.
     """
     if tokens.size == 0:
         return 0
     steps = np.unique(np.concatenate(([0], remaining)))
     alive = remaining[:, None] >= steps[None, :]
-    held = -(-(tokens[:, None] + np.minimum(steps[None, :], remaining[:, None])) // block_size)
-    return int((held * alive).sum(axis=0).max())
+    held = -(-(tokens[:, None] + np.minimum(steps[None, :], remaining[:, None])) // block_size) * alive
+    if weights is not None:
+        return float((held * weights[:, None]).sum(axis=0).max())
+    return int(held.sum(axis=0).max())
 
 
 class GreedyPrefill:
@@ -65,37 +70,60 @@ class GreedyPrefill:
     code). ``length_scale`` inflates predictions as a safety margin. A misprediction costs a
     preemption (recompute), never a wrong token.
 
+    ``planning="distribution"`` (beyond the paper) plans with the predictor's length distribution
+    when it has ``predict_outcomes``: every outcome of every request enters the simulation with its
+    probability (a running request's outcomes it has already outlived are dropped and the rest
+    renormalised), so the plan follows the expected KV use of the whole set. ``"point"`` plans
+    with ``predict`` alone, as the paper does with its bucket classifier's class.
+
     With ``online``, finished requests' true lengths go to ``predictor.update`` every
     ``update_every`` finishes (and cached predictions are refreshed).
     """
 
     def __init__(self, predictor, kv_threshold: float = 0.9, length_scale: float = 1.0,
-                 online: bool = False, update_every: int = 16, name: str = ""):
+                 online: bool = False, update_every: int = 16, name: str = "", planning: str = "distribution"):
         self.predictor = predictor
         self.kv_threshold = kv_threshold
         self.length_scale = length_scale
         self.online = online and callable(getattr(predictor, "update", None))
         self.update_every = update_every
         self.name = name or type(predictor).__name__
-        self._predicted: dict[int, float] = {}
+        self.use_outcomes = planning == "distribution" and callable(getattr(predictor, "predict_outcomes", None))
+        self._predicted: dict[int, list[tuple[float, float]]] = {}
         self._finished: list[tuple[list[int], int]] = []
 
-    def _predictions(self, requests: Sequence[Request]) -> list[float]:
+    def _outcomes(self, requests: Sequence[Request]) -> list[list[tuple[float, float]]]:
+        """Each request's (length, probability) outcomes; one sure outcome for point planning."""
         missing = [r for r in requests if r.request_id not in self._predicted]
         if missing:
-            values = checked_predictions(self.predictor, [r.prompt_ids for r in missing], self.name)
+            prompts = [r.prompt_ids for r in missing]
+            if self.use_outcomes:
+                values = checked_outcomes(self.predictor, prompts, self.name)
+            else:
+                values = [[(length, 1.0)] for length in checked_predictions(self.predictor, prompts, self.name)]
             self._predicted.update((r.request_id, v) for r, v in zip(missing, values))
         return [self._predicted[r.request_id] for r in requests]
 
-    def _state(self, requests: Sequence[Request], block_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens held now, tokens still to generate) per request, from the predictions."""
-        tokens = np.array([r.num_tokens for r in requests], dtype=np.int64)
-        generated = np.array([len(r.output_ids) for r in requests], dtype=np.int64)
-        cap = np.array([r.max_new_tokens for r in requests], dtype=np.int64) - generated
-        guess = np.array(self._predictions(requests)) * self.length_scale - generated
-        # a request that outlived its prediction is expected to need at least one more block
-        remaining = np.clip(np.maximum(np.ceil(guess), block_size), 1, np.maximum(cap, 1)).astype(np.int64)
-        return tokens, remaining
+    def _state(self, requests: Sequence[Request], block_size: int) -> tuple[np.ndarray, ...]:
+        """One row per (request, outcome): tokens held now, tokens still to generate, probability,
+        and the request's index."""
+        tokens, remaining, weights, owner = [], [], [], []
+        for index, (request, outcomes) in enumerate(zip(requests, self._outcomes(requests))):
+            generated = len(request.output_ids)
+            cap = max(request.max_new_tokens - generated, 1)
+            left = [(math.ceil(length * self.length_scale) - generated, prob) for length, prob in outcomes]
+            possible = [(n, q) for n, q in left if n > 0 and q > 0]
+            total = sum(q for _, q in possible)
+            if not possible or total <= 0:
+                # it outlived every predicted outcome: expect it to need at least one more block
+                possible, total = [(block_size, 1.0)], 1.0
+            for n, q in possible:
+                tokens.append(request.num_tokens)
+                remaining.append(min(max(n, 1), cap))
+                weights.append(q / total)
+                owner.append(index)
+        return (np.array(tokens, dtype=np.int64), np.array(remaining, dtype=np.int64),
+                np.array(weights, dtype=np.float64), np.array(owner, dtype=np.int64))
 
     def admit(self, waiting: Sequence[Request], running: Sequence[Request], blocks: BlockManager,
               max_running: int) -> int:
@@ -113,14 +141,14 @@ class GreedyPrefill:
         if fits_now == 0:
             return 0
         candidates = list(waiting)[:fits_now]
-        run_tokens, run_remaining = self._state(running, blocks.block_size)
-        new_tokens, new_remaining = self._state(candidates, blocks.block_size)
+        run = self._state(running, blocks.block_size)[:3]
+        *new, new_owner = self._state(candidates, blocks.block_size)
         budget = self.kv_threshold * blocks.num_blocks
 
         def fits(count: int) -> bool:
-            tokens = np.concatenate([run_tokens, new_tokens[:count]])
-            remaining = np.concatenate([run_remaining, new_remaining[:count]])
-            return simulated_peak_blocks(tokens, remaining, blocks.block_size) <= budget
+            rows = np.searchsorted(new_owner, count)  # the outcomes of the first ``count`` candidates
+            tokens, remaining, weights = (np.concatenate([a, b[:rows]]) for a, b in zip(run, new))
+            return simulated_peak_blocks(tokens, remaining, blocks.block_size, weights) <= budget
 
         # the peak grows with every admitted request, so the longest admissible prefix is a bisection
         low, high = 0, fits_now

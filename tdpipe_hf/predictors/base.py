@@ -14,8 +14,9 @@ import numpy as np
 
 @runtime_checkable
 class Predictor(Protocol):
-    """Required: ``predict``. Optional: ``fit`` (offline training), ``update`` (online learning from
-    finished requests), ``save(path)`` / classmethod ``load(path)``."""
+    """Required: ``predict``. Optional: ``predict_outcomes`` (a length distribution per prompt, which
+    greedy prefill plans with when present), ``fit`` (offline training), ``update`` (online
+    learning from finished requests), ``save(path)`` / classmethod ``load(path)``."""
 
     def predict(self, prompts: list[list[int]]) -> list[float]:
         """Expected number of generated tokens for each chat-templated prompt (token ids)."""
@@ -47,6 +48,31 @@ def checked_predictions(predictor, prompts: list[list[int]], name: str = "") -> 
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"predictor {label!r} returned {value}, expected a finite length >= 0")
         out.append(value)
+    return out
+
+
+def checked_outcomes(predictor, prompts: list[list[int]], name: str = "") -> list[list[tuple[float, float]]]:
+    """``predictor.predict_outcomes(prompts)``: per prompt, (length, probability) pairs whose
+    probabilities sum to 1; a ValueError naming the predictor when they do not."""
+    label = name or type(predictor).__name__
+    try:
+        answers = list(predictor.predict_outcomes(prompts))
+    except Exception as exc:
+        raise RuntimeError(f"predictor {label!r} failed in predict_outcomes(): {exc}") from exc
+    if len(answers) != len(prompts):
+        raise ValueError(f"predictor {label!r} returned {len(answers)} outcome lists for {len(prompts)} prompts")
+    out = []
+    for outcomes in answers:
+        try:
+            pairs = [(float(length), float(prob)) for length, prob in outcomes]
+        except (TypeError, ValueError):
+            raise ValueError(f"predictor {label!r} returned outcomes {outcomes!r}, expected (length, probability) "
+                             f"pairs") from None
+        if (not pairs or any(not math.isfinite(n) or n < 0 or not 0.0 <= q <= 1.0 for n, q in pairs)
+                or abs(sum(q for _, q in pairs) - 1.0) > 1e-6):
+            raise ValueError(f"predictor {label!r} returned outcomes {pairs!r}: lengths must be finite and >= 0, "
+                             f"probabilities in [0, 1] summing to 1")
+        out.append(pairs)
     return out
 
 

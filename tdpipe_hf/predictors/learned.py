@@ -80,20 +80,34 @@ class LearnedLengthPredictor:
 
     def cap_probability(self, prompts: list[list[int]]) -> list[float]:
         """How likely each answer runs to the cap: the predictor's uncertainty, per prompt."""
-        self._check_trained()
-        return self.classifier.predict_proba(self._features(prompts))[:, 1].tolist() if prompts else []
+        return self._parts(prompts)[0].tolist() if prompts else []
 
-    def predict(self, prompts: list[list[int]]) -> list[float]:
+    def _parts(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(probability of running to the cap, length if it stops earlier) per prompt."""
         self._check_trained()
-        if not prompts:
-            return []
         features = self._features(prompts)
-        at_cap = self.classifier.predict_proba(features)[:, 1] > 0.5
+        at_cap = self.classifier.predict_proba(features)[:, 1]
         if self.short_trained:
             short = np.clip(self.regressor.predict(features) * self.max_length, 1.0, max(self.max_length - 1, 1.0))
         else:
             short = np.full(len(prompts), self.max_length / 2)
-        return np.where(at_cap, self.max_length, short).tolist()
+        return at_cap, short
+
+    def predict(self, prompts: list[list[int]]) -> list[float]:
+        """The more likely of the two outcomes (the lower error per request)."""
+        if not prompts:
+            return []
+        at_cap, short = self._parts(prompts)
+        return np.where(at_cap > 0.5, self.max_length, short).tolist()
+
+    def predict_outcomes(self, prompts: list[list[int]]) -> list[list[tuple[float, float]]]:
+        """Both outcomes with their probabilities: planning with the whole distribution keeps the
+        sum over many requests right, where the hard class over-books KV (half the answers are
+        "probably at the cap" and most of them stop early)."""
+        if not prompts:
+            return []
+        at_cap, short = self._parts(prompts)
+        return [[(self.max_length, float(p)), (float(s), 1.0 - float(p))] for p, s in zip(at_cap, short)]
 
     def _check_trained(self) -> None:
         if not hasattr(self.classifier, "coef_"):
