@@ -2,9 +2,11 @@
 
     python benchmarks/admission.py [--requests 512] [--max-new-tokens 512] [--stages 2]
 
-Runs the first N prompts of shared/data/prompts.jsonl with: greedy prefill + the shipped predictor,
-the baseline "admit while the KV fits now", and greedy prefill + an oracle that knows every answer's
-length (from benchmarks/data/*.lengths.jsonl, the model's own greedy answers). Prints tokens/s,
+Runs the first N prompts of shared/data/prompts.jsonl with: greedy prefill + the shipped predictor
+planning with its length distribution (``greedy``, the default) or with one length per request
+(``greedy-point``, as the paper), the baseline "admit while the KV fits now" (``fits``), and greedy
+prefill + an oracle that knows every answer's length (``oracle``; from
+benchmarks/data/*.lengths.jsonl, the model's own greedy answers). Prints tokens/s,
 preemptions and mean KV utilisation per policy.
 """
 
@@ -34,7 +36,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--kv-blocks", type=int, default=None)
-    parser.add_argument("--policies", default="greedy,fits,oracle")
+    parser.add_argument("--policies", default="greedy,greedy-point,fits,oracle")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tdpipe-admission-"))
@@ -45,6 +47,7 @@ def main() -> None:
     prompts, lengths = read_labels(args.prompts, LENGTHS, tokenizer)
     oracle = OraclePredictor().fit(prompts, lengths)
     settings = {"greedy": {"admission": "greedy"}, "fits": {"admission": "fits"},
+                "greedy-point": {"admission": "greedy", "length_planning": "point"},
                 "oracle": {"admission": "greedy", "predictor": oracle}}
     rows = []
     for name in args.policies.split(","):
@@ -63,9 +66,9 @@ def main() -> None:
                "kv_utilisation": round(summary.kv_utilisation, 3), "kv_blocks": blocks}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{'policy':<8} {'tok/s':>7} {'preempt':>8} {'KV use':>7}")
+    print(f"\n{'policy':<13} {'tok/s':>7} {'preempt':>8} {'KV use':>7}")
     for row in rows:
-        print(f"{row['policy']:<8} {row['tokens_per_s']:>7} {row['preemptions']:>8} {100 * row['kv_utilisation']:>6.1f}%")
+        print(f"{row['policy']:<13} {row['tokens_per_s']:>7} {row['preemptions']:>8} {100 * row['kv_utilisation']:>6.1f}%")
     same = {name: answer_lengths(work / f"{name}.jsonl") for name in (r["policy"] for r in rows)}
     reference = next(iter(same.values()))
     print("identical output lengths across policies:", all(v == reference for v in same.values()))
