@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from ..plan import MicroBatch, SequencePlan
 from .cost import StageTimeModel
@@ -23,21 +23,51 @@ class Phase(enum.Enum):
     DECODE = "decode"
 
 
-@dataclass
 class DecodeState:
-    """What a switch policy sees when deciding whether to leave decode."""
+    """What a switch policy sees when deciding whether to leave decode.
 
-    num_stages: int
-    num_decoding: int
-    peak_decoding: int
-    num_waiting: int
-    can_admit: bool
-    decode_steps: int  # decode micro-batches formed in this decode phase
-    admissible: int = 0  # waiting requests a prefill phase would admit now
-    admissible_tokens: int = 0  # their tokens to prefill
-    decode_context: int = 0  # context tokens of the decoding requests (KV that attention reads)
-    prefill_chunk_tokens: int = 512
-    cost: StageTimeModel | None = None  # stage times fitted to this run
+    ``admissible`` (waiting requests a prefill phase would admit now), ``admissible_tokens``
+    (their tokens to prefill) and ``can_admit`` run the admission policy, which costs a KV
+    simulation: given as numbers, or computed from ``admission()`` on first read, so a policy
+    that decides without them (most decode steps) never pays for it.
+    """
+
+    def __init__(self, num_stages: int, num_decoding: int, peak_decoding: int, num_waiting: int,
+                 decode_steps: int, decode_context: int = 0, prefill_chunk_tokens: int = 512,
+                 cost: StageTimeModel | None = None, can_admit: bool | None = None, admissible: int | None = None,
+                 admissible_tokens: int | None = None,
+                 admission: Callable[[], tuple[int, int]] | None = None):
+        self.num_stages = num_stages
+        self.num_decoding = num_decoding
+        self.peak_decoding = peak_decoding
+        self.num_waiting = num_waiting
+        self.decode_steps = decode_steps  # decode micro-batches formed in this decode phase
+        self.decode_context = decode_context  # context tokens of the decoding requests (KV attention reads)
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.cost = cost  # stage times fitted to this run
+        self._admission = admission
+        self._admissible = admissible
+        self._admissible_tokens = admissible_tokens
+        self._can_admit = can_admit
+
+    def _admit(self) -> None:
+        if self._admissible is None:
+            self._admissible, self._admissible_tokens = self._admission() if self._admission else (0, 0)
+
+    @property
+    def admissible(self) -> int:
+        self._admit()
+        return self._admissible
+
+    @property
+    def admissible_tokens(self) -> int:
+        if self._admissible_tokens is None:
+            self._admit()
+        return self._admissible_tokens
+
+    @property
+    def can_admit(self) -> bool:
+        return self._can_admit if self._can_admit is not None else self.admissible > 0
 
 
 class Scheduler:
@@ -114,20 +144,22 @@ class Scheduler:
             self._decode_steps = 0
 
     def _decode_state(self) -> DecodeState:
-        admissible = self._admissible()
         decoding = [r for r in self.running if r.status is Status.DECODING]
+
+        def admission() -> tuple[int, int]:
+            count = self._admissible()
+            return count, sum(self.waiting[i].num_tokens for i in range(count))
+
         return DecodeState(
             num_stages=self.num_stages,
             num_decoding=len(decoding),
             peak_decoding=self._peak_decoding,
             num_waiting=len(self.waiting),
-            can_admit=admissible > 0,
             decode_steps=self._decode_steps,
-            admissible=admissible,
-            admissible_tokens=sum(self.waiting[i].num_tokens for i in range(admissible)),
             decode_context=sum(r.num_tokens for r in decoding),
             prefill_chunk_tokens=self.prefill_chunk_tokens,
             cost=self.cost,
+            admission=admission,
         )
 
     def _admissible(self) -> int:

@@ -121,4 +121,4 @@ class DrainSwitch:
     """Static batching's switch: the next group starts only when the current one is done."""
 
     def should_prefill(self, state) -> bool:
-        return state.can_admit and state.num_decoding == 0
+        return state.num_decoding == 0 and state.can_admit

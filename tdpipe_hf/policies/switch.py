@@ -23,10 +23,8 @@ class ThresholdSwitch:
         self.fraction = config.switch_fraction
 
     def should_prefill(self, state) -> bool:
-        if not state.can_admit:
-            return False
         needed = max(state.num_stages, self.fraction * state.peak_decoding)
-        return state.num_decoding < needed
+        return state.num_decoding < needed and state.can_admit
 
 
 class IntensitySwitch:
@@ -48,12 +46,12 @@ class IntensitySwitch:
         self.fallback.configure(config)
 
     def should_prefill(self, state) -> bool:
+        if state.num_decoding and state.decode_steps % state.num_stages:
+            return False
         if not state.can_admit:
             return False
         if state.num_decoding == 0:
             return True
-        if state.decode_steps % state.num_stages:
-            return False
         stages = state.num_stages
         rows_now = state.num_decoding / stages
         rows_after = (state.num_decoding + state.admissible) / stages
