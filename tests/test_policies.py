@@ -96,6 +96,41 @@ def test_work_stealing_rebalances_after_a_wave_of_finishes(policy, balanced):
     assert (spread <= 1) == balanced, sizes
 
 
+def kv_bound_cost() -> StageTimeModel:
+    """Decode time 2 ms + 0.01 ms per row + 0.1 ms per 100 context tokens (KV reads dominate)."""
+    cost = StageTimeModel()
+    for rows, context in ((4, 400), (8, 4000), (16, 1600), (32, 12800), (64, 3200)):
+        cost.observe("decode", rows, rows, context, 0.002 + 1e-5 * rows + 1e-6 * context)
+    return cost
+
+
+def batch_time(batch) -> float:
+    return 0.002 + 1e-5 * len(batch) + 1e-6 * sum(r.num_tokens for r in batch)
+
+
+def test_time_balanced_stealing_evens_out_kv_heavy_batches():
+    """Ten old requests (1 000 context tokens) ahead of ten new ones (100): equal rows would put
+    all the KV in one batch; balancing by estimated time splits it."""
+    ready = [Request(i, [1] * (1000 if i < 10 else 100), 8, frozenset({EOS})) for i in range(20)]
+    context = sum(r.num_tokens for r in ready)
+    by_rows = ReadyPoolBatcher(balance="rows").select(ready, 20, 2, cost=kv_bound_cost(), context=context)
+    assert [r.request_id for r in by_rows] == list(range(10))
+    batcher = ReadyPoolBatcher()
+    first = batcher.select(ready, 20, 2, cost=kv_bound_cost(), context=context)
+    rest = [r for r in ready if r not in first]
+    assert max(batch_time(first), batch_time(rest)) / min(batch_time(first), batch_time(rest)) < 1.25
+    # the requests it left in the pool ride in the next micro-batch, ahead of any that return
+    returned = [Request(20 + i, [1] * 1000, 8, frozenset({EOS})) for i in range(10)]
+    second = batcher.select(returned + rest, 20, 2, cost=kv_bound_cost(), context=context)
+    assert set(r.request_id for r in rest) <= set(r.request_id for r in second)
+
+
+def test_time_balanced_stealing_falls_back_to_rows_without_timings():
+    ready = [Request(i, [1] * (1000 if i < 10 else 100), 8, frozenset({EOS})) for i in range(20)]
+    chosen = ReadyPoolBatcher().select(ready, 20, 2, cost=StageTimeModel(), context=11000)
+    assert len(chosen) == 10
+
+
 def state(**overrides) -> DecodeState:
     cost = StageTimeModel()
     for rows in (2, 4, 8, 16, 32):  # decode: 10 ms fixed + 1 ms per row

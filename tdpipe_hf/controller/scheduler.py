@@ -183,10 +183,12 @@ class Scheduler:
         ready = [r for r in self.running if r.status is Status.DECODING and not r.in_flight]
         if not ready:
             return None
-        num_decoding = sum(r.status is Status.DECODING for r in self.running)
+        decoding = [r for r in self.running if r.status is Status.DECODING]
+        num_decoding = len(decoding)
         self._peak_decoding = max(self._peak_decoding, num_decoding)
         chosen: list[Request] = []
-        for request in self.batcher.select(ready, num_decoding, self.num_stages):
+        context = sum(r.num_tokens for r in decoding)
+        for request in self.batcher.select(ready, num_decoding, self.num_stages, cost=self.cost, context=context):
             if request.status is not Status.DECODING:
                 continue  # preempted to make room for an older request in this loop
             if not self._make_room(request, chosen):

@@ -22,6 +22,7 @@ import numpy as np
 from ..config import TDPipeConfig
 from ..controller import Controller, Status
 from ..metrics import bubble_ratios, mean_kv_utilisation
+from ..policies import ReadyPoolBatcher
 from ..predictors import ConstantPredictor, OraclePredictor
 from ..scheduling import build_scheduler
 from .cost import EFFICIENCY, CostModel, Efficiency, SeqShape, even_split
@@ -38,6 +39,7 @@ class PolicySpec:
     options: dict = field(default_factory=dict)  # TDPipeConfig fields
     predictor: str | None = None  # "oracle" or "constant" for greedy prefill
     chunk_tokens: int = 512
+    steal_balance: str | None = None  # ReadyPoolBatcher(balance=...) in place of the default
 
 
 _SEPARATE = dict(admission="fits", stealing=False, switch_policy="threshold", switch_fraction=1.0)
@@ -45,6 +47,7 @@ _SEPARATE = dict(admission="fits", stealing=False, switch_policy="threshold", sw
 POLICIES: dict[str, PolicySpec] = {
     "tdpipe": PolicySpec("pp", dict(policy="tdpipe"), "oracle"),
     "tdpipe-constant": PolicySpec("pp", dict(policy="tdpipe"), "constant"),
+    "tdpipe-rowsteal": PolicySpec("pp", dict(policy="tdpipe"), "oracle", steal_balance="rows"),
     "tdpipe-nosteal": PolicySpec("pp", dict(policy="tdpipe", stealing=False), "oracle"),
     "tdpipe-threshold": PolicySpec("pp", dict(policy="tdpipe", switch_policy="threshold"), "oracle"),
     "tdpipe-fits": PolicySpec("pp", dict(policy="tdpipe", admission="fits")),
@@ -134,6 +137,8 @@ def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tok
     if predictor is None or spec.predictor is None:
         predictor = _predictor(spec.predictor, requests, workload)
     scheduler = build_scheduler(config, num_blocks, in_flight, predictor)
+    if spec.steal_balance:  # the paper's row-count stealing, for comparison
+        scheduler.batcher = ReadyPoolBatcher(balance=spec.steal_balance)
     controller = Controller(executor, scheduler, max_in_flight=in_flight, clock=executor.clock)
     wall = time.perf_counter()
     stats = controller.run(requests)
