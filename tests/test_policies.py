@@ -142,6 +142,15 @@ def state(**overrides) -> DecodeState:
     return DecodeState(**values)
 
 
+def test_intensity_switch_last_call_admits_the_rest_of_the_queue():
+    """Three waiting requests, all admissible: the paper's rule sees too little gain to pay a
+    switch, but that switch is due anyway; last_call takes it now rather than in a thin tail."""
+    rest = dict(num_decoding=60, num_waiting=3, admissible=3, admissible_tokens=150, decode_context=60 * 50)
+    assert not IntensitySwitch(last_call=False).should_prefill(state(**rest))
+    assert IntensitySwitch().should_prefill(state(**rest))
+    assert not IntensitySwitch().should_prefill(state(**dict(rest, num_waiting=4)))
+
+
 def test_intensity_switch_weighs_lost_decode_intensity_against_switch_bubble():
     switch = IntensitySwitch()
     # 4 rows per micro-batch run at 4/14 rows/ms vs 32/42 after refilling: spatial 0.37 < temporal 0.85

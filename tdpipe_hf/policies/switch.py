@@ -37,10 +37,16 @@ class IntensitySwitch:
     Switch when spatial < temporal: what decoding on loses exceeds what the switch wastes.
     Throughput comes from the stage-time model fitted to this run's timings, not constants; until
     it has enough samples the fixed threshold rule decides.
+
+    ``last_call`` (default on; off is the paper's rule alone): also switch when every waiting
+    request would be admitted. That prefill phase and its bubble must be paid once anyway, so
+    deferring it saves nothing, while the newcomers would otherwise start late and run their
+    decodes alone in a thin tail (the comparison above sees only the next phase's gain).
     """
 
-    def __init__(self):
+    def __init__(self, last_call: bool = True):
         self.fallback = ThresholdSwitch()
+        self.last_call = last_call
 
     def configure(self, config) -> None:
         self.fallback.configure(config)
@@ -50,7 +56,7 @@ class IntensitySwitch:
             return False
         if not state.can_admit:
             return False
-        if state.num_decoding == 0:
+        if state.num_decoding == 0 or (self.last_call and state.admissible >= state.num_waiting):
             return True
         stages = state.num_stages
         rows_now = state.num_decoding / stages
