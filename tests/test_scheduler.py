@@ -140,3 +140,15 @@ def test_block_manager_accounting():
     assert blocks.num_free == 5 and request.block_table == []
     with pytest.raises(ValueError, match="at least one block"):
         BlockManager(0, 4)
+
+
+@pytest.mark.parametrize("packing, first", [("first-fit", [0, 2]), ("fcfs", [0])])
+def test_prefill_packing_fills_the_room_the_head_leaves(packing, first):
+    """Prompts of 6, 9 and 3 tokens, 10 per micro-batch: first-fit adds the 3-token request
+    after the 6 (an even 9 | 9 split); fcfs stops at the 9 (6 | 9 | 3)."""
+    blocks = BlockManager(64, 4)
+    scheduler = Scheduler(blocks, 2, AdmitWhileFits(), ReadyPoolBatcher(), ThresholdSwitch(),
+                          prefill_chunk_tokens=10, prefill_packing=packing)
+    for i, size in enumerate((6, 9, 3)):
+        scheduler.add(Request(i, [1] * size, 4, frozenset({EOS})))
+    assert [seq.request_id for seq in scheduler.next_batch().seqs] == first

@@ -72,7 +72,7 @@ class DecodeState:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, num_stages: int, admission, batcher, switch,
-                 prefill_chunk_tokens: int = 512, max_num_seqs: int = 256):
+                 prefill_chunk_tokens: int = 512, max_num_seqs: int = 256, prefill_packing: str = "first-fit"):
         self.blocks = blocks
         self.num_stages = num_stages
         self.admission = admission
@@ -80,6 +80,9 @@ class Scheduler:
         self.switch = switch
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_num_seqs = max_num_seqs
+        if prefill_packing not in ("first-fit", "fcfs"):
+            raise ValueError(f"prefill_packing must be 'first-fit' or 'fcfs', got {prefill_packing!r}")
+        self.prefill_packing = prefill_packing
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted, holding KV, oldest admission first
         self.phase = Phase.PREFILL
@@ -166,17 +169,30 @@ class Scheduler:
         return self.admission.admit(self.waiting, self.running, self.blocks, self.max_num_seqs)
 
     def _prefill_batch(self) -> MicroBatch | None:
+        """Up to ``prefill_chunk_tokens`` of admitted requests. ``prefill_packing="first-fit"``
+        fills the room the queue's head leaves with later admitted requests that fit, so
+        micro-batches come out even (in a pipeline the longest one stalls the stages behind it);
+        "fcfs" stops at the first request that does not fit (vLLM's rule). Either way the batch
+        holds only requests this phase admits."""
         count = self._admissible()
-        seqs, tokens = [], 0
-        while count and self.waiting and (not seqs or tokens + self.waiting[0].num_tokens <= self.prefill_chunk_tokens):
-            request = self.waiting.popleft()
-            count -= 1
+        picked, tokens = [], 0
+        for i in range(count):
+            size = self.waiting[i].num_tokens
+            if not picked or tokens + size <= self.prefill_chunk_tokens:
+                picked.append(i)
+                tokens += size
+            elif self.prefill_packing == "fcfs" or tokens >= self.prefill_chunk_tokens:
+                break
+        chosen = [self.waiting[i] for i in picked]
+        for i in reversed(picked):
+            del self.waiting[i]
+        seqs = []
+        for request in chosen:
             self.blocks.reserve(request, request.num_tokens)
             request.status = Status.PREFILLING
             request.admitted_at = next(self._admissions)
             self.running.append(request)
             seqs.append(self._plan(request))
-            tokens += request.num_tokens
         return MicroBatch(next(self._batch_ids), Phase.PREFILL.value, seqs) if seqs else None
 
     def _decode_batch(self) -> MicroBatch | None:

@@ -40,24 +40,27 @@ class PolicySpec:
     predictor: str | None = None  # "oracle" or "constant" for greedy prefill
     chunk_tokens: int = 512
     steal_balance: str | None = None  # ReadyPoolBatcher(balance=...) in place of the default
+    prefill_packing: str = "first-fit"  # Scheduler.prefill_packing; "fcfs" is vLLM's rule
     last_call: bool = True  # IntensitySwitch.last_call; off with "rows" stealing = the paper's rules
 
 
 _SEPARATE = dict(admission="fits", stealing=False, switch_policy="threshold", switch_fraction=1.0)
+_VLLM = dict(chunk_tokens=2048, prefill_packing="fcfs")
 
 POLICIES: dict[str, PolicySpec] = {
     "tdpipe": PolicySpec("pp", dict(policy="tdpipe"), "oracle"),
     "tdpipe-constant": PolicySpec("pp", dict(policy="tdpipe"), "constant"),
     "tdpipe-rowsteal": PolicySpec("pp", dict(policy="tdpipe"), "oracle", steal_balance="rows"),
-    "tdpipe-paper": PolicySpec("pp", dict(policy="tdpipe"), "oracle", steal_balance="rows", last_call=False),
+    "tdpipe-paper": PolicySpec("pp", dict(policy="tdpipe"), "oracle", steal_balance="rows", last_call=False,
+                               prefill_packing="fcfs"),
     "tdpipe-nosteal": PolicySpec("pp", dict(policy="tdpipe", stealing=False), "oracle"),
     "tdpipe-threshold": PolicySpec("pp", dict(policy="tdpipe", switch_policy="threshold"), "oracle"),
     "tdpipe-fits": PolicySpec("pp", dict(policy="tdpipe", admission="fits")),
     "hybrid": PolicySpec("pp", dict(policy="hybrid")),
-    "pp-separate": PolicySpec("pp", dict(policy="tdpipe", **_SEPARATE), chunk_tokens=2048),
-    "naive": PolicySpec("pp", dict(policy="naive"), chunk_tokens=2048),
+    "pp-separate": PolicySpec("pp", dict(policy="tdpipe", **_SEPARATE), **_VLLM),
+    "naive": PolicySpec("pp", dict(policy="naive"), **_VLLM),
     "tp": PolicySpec("tp", dict(policy="hybrid")),
-    "tp-separate": PolicySpec("tp", dict(policy="tdpipe", **_SEPARATE), chunk_tokens=2048),
+    "tp-separate": PolicySpec("tp", dict(policy="tdpipe", **_SEPARATE), **_VLLM),
 }
 
 
@@ -139,6 +142,7 @@ def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tok
     if predictor is None or spec.predictor is None:
         predictor = _predictor(spec.predictor, requests, workload)
     scheduler = build_scheduler(config, num_blocks, in_flight, predictor)
+    scheduler.prefill_packing = spec.prefill_packing
     if spec.steal_balance:  # the paper's row-count stealing, for comparison
         scheduler.batcher = ReadyPoolBatcher(balance=spec.steal_balance)
     if isinstance(getattr(scheduler.switch, "policy", None), IntensitySwitch):
