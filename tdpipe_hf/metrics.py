@@ -88,7 +88,8 @@ def write_chrome_trace(timeline: list[tuple], path: str | Path) -> None:
 
 
 def plot_timeline(timeline: list[tuple], path: str | Path, title: str = "tdpipe_hf pipeline") -> None:
-    """A PNG with one lane per stage: prefill compute in orange, decode compute in blue, gaps are bubbles."""
+    """A PNG with one lane per stage: prefill compute in orange, decode compute in blue, the hybrid
+    baseline's mixed (prefill chunk + decodes) micro-batches in green, gaps are bubbles."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +98,8 @@ def plot_timeline(timeline: list[tuple], path: str | Path, title: str = "tdpipe_
     compute = [e for e in timeline if e[1] == "compute"]
     origin = min(e[4] for e in compute)
     stages = sorted({e[0] for e in compute})
-    colors = {"prefill": "tab:orange", "decode": "tab:blue"}
+    colors = {"prefill": "tab:orange", "decode": "tab:blue", "mixed": "tab:green"}
+    colors = {phase: color for phase, color in colors.items() if any(e[3] == phase for e in compute)}
     fig, ax = plt.subplots(figsize=(12, 1 + 0.6 * len(stages)))
     for phase, color in colors.items():
         for s in stages:
