@@ -30,15 +30,21 @@ def check_predictor(predictor, name: str):
     return predictor
 
 
+def _answers(predictor, method: str, prompts: list[list[int]], label: str, what: str) -> list:
+    """``predictor.<method>(prompts)`` as a list of one answer per prompt; failures name it."""
+    try:
+        answers = list(getattr(predictor, method)(prompts))
+    except Exception as exc:
+        raise RuntimeError(f"predictor {label!r} failed in {method}(): {exc}") from exc
+    if len(answers) != len(prompts):
+        raise ValueError(f"predictor {label!r} returned {len(answers)} {what} for {len(prompts)} prompts")
+    return answers
+
+
 def checked_predictions(predictor, prompts: list[list[int]], name: str = "") -> list[float]:
     """``predictor.predict(prompts)`` as floats, or a ValueError saying what came back instead."""
     label = name or type(predictor).__name__
-    try:
-        values = list(predictor.predict(prompts))
-    except Exception as exc:
-        raise RuntimeError(f"predictor {label!r} failed in predict(): {exc}") from exc
-    if len(values) != len(prompts):
-        raise ValueError(f"predictor {label!r} returned {len(values)} lengths for {len(prompts)} prompts")
+    values = _answers(predictor, "predict", prompts, label, "lengths")
     out = []
     for value in values:
         try:
@@ -55,14 +61,8 @@ def checked_outcomes(predictor, prompts: list[list[int]], name: str = "") -> lis
     """``predictor.predict_outcomes(prompts)``: per prompt, (length, probability) pairs whose
     probabilities sum to 1; a ValueError naming the predictor when they do not."""
     label = name or type(predictor).__name__
-    try:
-        answers = list(predictor.predict_outcomes(prompts))
-    except Exception as exc:
-        raise RuntimeError(f"predictor {label!r} failed in predict_outcomes(): {exc}") from exc
-    if len(answers) != len(prompts):
-        raise ValueError(f"predictor {label!r} returned {len(answers)} outcome lists for {len(prompts)} prompts")
     out = []
-    for outcomes in answers:
+    for outcomes in _answers(predictor, "predict_outcomes", prompts, label, "outcome lists"):
         try:
             pairs = [(float(length), float(prob)) for length, prob in outcomes]
         except (TypeError, ValueError):
