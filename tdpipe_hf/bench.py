@@ -24,6 +24,7 @@ SYSTEMS = ("hf-generate", "hf-generate_batch", "tdpipe", "tdpipe-dist")
 # taken out, and the baseline schedules in the same engine.
 POLICY_VARIANTS = {
     "tdpipe": {},
+    "tdpipe-paper": {"paper_rules": True},
     "tdpipe-nosteal": {"stealing": False},
     "tdpipe-threshold": {"switch_policy": "threshold"},
     "tdpipe-fits": {"admission": "fits"},

@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--switch-policy", default="intensity",
                      help="decode-to-prefill switch policy plugin (default intensity; built-in: threshold)")
     run.add_argument("--no-stealing", action="store_true", help="tdpipe without inter-batch work stealing")
+    run.add_argument("--paper-rules", action="store_true",
+                     help="tdpipe with the paper's exact stealing, switch and prefill-batching rules")
     run.add_argument("--admission", choices=("greedy", "fits"), default="greedy",
                      help="prefill admission: greedy (predicted lengths, simulated KV; default) or fits (KV free now)")
     run.add_argument("--predictor", help="output-length predictor: entry-point name or .npz file "
@@ -203,7 +205,7 @@ def _run(args) -> int:
     output = Path(args.output) if args.output else Path(f"{input_path.stem}.answers.jsonl")
     executor = args.executor or ("distributed" if args.stages > 1 else "local")
     options = {"executor": executor, "policy": args.policy, "switch_policy": args.switch_policy,
-               "stealing": not args.no_stealing,
+               "stealing": not args.no_stealing, "paper_rules": args.paper_rules,
                "admission": args.admission, "predictor": args.predictor, "kv_threshold": args.kv_threshold,
                "online_learning": args.online_learning}
     if args.kv_blocks:

@@ -19,7 +19,9 @@ class TDPipeConfig:
     ``policy``: ``"tdpipe"`` (prefill and decode phases; ``stealing`` balances decode micro-batches,
     ``switch_policy`` decides when decode hands back to prefill), or a baseline in the same engine:
     ``"hybrid"`` (vLLM-style: prefill chunks and decodes mixed in every micro-batch) or ``"naive"``
-    (static batches). Prefill admission (tdpipe): ``"greedy"`` (TD-Pipe: predicted output lengths, simulated future KV usage
+    (static batches). ``paper_rules`` runs TD-Pipe with the paper's exact rules (stealing balanced
+    by rows, the plain intensity switch, prefill batches in arrival order) instead of ours (stealing
+    balanced by estimated time, the switch's last call, first-fit prefill packing). Prefill admission (tdpipe): ``"greedy"`` (TD-Pipe: predicted output lengths, simulated future KV usage
     kept <= ``kv_threshold`` x the budget, predictions scaled by ``length_scale``; with
     ``length_planning="distribution"`` every outcome the predictor gives a probability counts with
     that probability, ``"point"`` plans with one length per request) or ``"fits"``
@@ -39,6 +41,7 @@ class TDPipeConfig:
     prefill_chunk_tokens: int = 512
     policy: str = "tdpipe"
     stealing: bool = True
+    paper_rules: bool = False
     admission: str = "greedy"
     predictor: Any = None
     kv_threshold: float = 0.9
@@ -90,6 +93,8 @@ class TDPipeConfig:
             raise ValueError(f"TDPipeConfig.executor must be one of {EXECUTORS}, got {self.executor!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"TDPipeConfig.policy must be one of {POLICIES}, got {self.policy!r}")
+        if not isinstance(self.paper_rules, bool):
+            raise ValueError(f"TDPipeConfig.paper_rules must be True or False, got {self.paper_rules!r}")
         if not isinstance(self.stealing, bool):
             raise ValueError(f"TDPipeConfig.stealing must be True or False, got {self.stealing!r}")
 

@@ -45,6 +45,10 @@ def build_scheduler(config: TDPipeConfig, num_blocks: int, in_flight: int, predi
         return HybridScheduler(blocks, in_flight, AdmitWhileFits(), None, None, **common)
     if config.policy == "naive":
         return Scheduler(blocks, in_flight, AdmitWholeGroup(), StaticBatcher(), DrainSwitch(), **common)
-    batcher = ReadyPoolBatcher() if config.stealing else StaticBatcher()
+    if config.stealing:
+        batcher = ReadyPoolBatcher(balance="rows" if config.paper_rules else "time")
+    else:
+        batcher = StaticBatcher()
     return Scheduler(blocks, in_flight, build_admission(config, predictor), batcher,
-                     build_switch(config, switch_cls), **common)
+                     build_switch(config, switch_cls), prefill_packing="fcfs" if config.paper_rules else "first-fit",
+                     **common)

@@ -14,6 +14,7 @@ from tdpipe_hf.policies import (AdmitWhileFits, IntensitySwitch, ReadyPoolBatche
                                 ThresholdSwitch)
 from tdpipe_hf.policies.baselines import AdmitWholeGroup, DrainSwitch, HybridScheduler
 from tdpipe_hf.policies.switch import CheckedSwitch
+from tdpipe_hf.predictors import ConstantPredictor
 from test_scheduler import EOS, FakePipeline, reference
 
 
@@ -185,3 +186,17 @@ def test_switch_plugin_errors_name_the_plugin():
         CheckedSwitch(Chatty(), "chatty").should_prefill(state())
     with pytest.raises(TypeError, match=r"switch policy 'mute' .* has no should_prefill"):
         CheckedSwitch(object(), "mute")
+
+
+@pytest.mark.parametrize("paper_rules", [False, True])
+def test_paper_rules_select_the_papers_three_rules(paper_rules):
+    from tdpipe_hf import TDPipeConfig
+    from tdpipe_hf.scheduling import build_scheduler
+
+    scheduler = build_scheduler(TDPipeConfig(paper_rules=paper_rules, predictor="constant"), 64, 2,
+                                predictor=ConstantPredictor(8.0))
+    assert scheduler.batcher.balance == ("rows" if paper_rules else "time")
+    assert scheduler.prefill_packing == ("fcfs" if paper_rules else "first-fit")
+    assert scheduler.switch.policy.last_call is not paper_rules
+    with pytest.raises(ValueError, match="TDPipeConfig.paper_rules"):
+        TDPipeConfig(paper_rules="yes")

@@ -50,6 +50,7 @@ class IntensitySwitch:
 
     def configure(self, config) -> None:
         self.fallback.configure(config)
+        self.last_call = not config.paper_rules
 
     def should_prefill(self, state) -> bool:
         if state.num_decoding and state.decode_steps % state.num_stages:

@@ -22,7 +22,7 @@ import numpy as np
 from ..config import TDPipeConfig
 from ..controller import Controller, Status
 from ..metrics import bubble_ratios, mean_kv_utilisation
-from ..policies import IntensitySwitch, ReadyPoolBatcher
+from ..policies import ReadyPoolBatcher
 from ..predictors import ConstantPredictor, OraclePredictor
 from ..scheduling import build_scheduler
 from .cost import EFFICIENCY, CostModel, Efficiency, SeqShape, even_split
@@ -39,9 +39,8 @@ class PolicySpec:
     options: dict = field(default_factory=dict)  # TDPipeConfig fields
     predictor: str | None = None  # "oracle" or "constant" for greedy prefill
     chunk_tokens: int = 512
-    steal_balance: str | None = None  # ReadyPoolBatcher(balance=...) in place of the default
-    prefill_packing: str = "first-fit"  # Scheduler.prefill_packing; "fcfs" is vLLM's rule
-    last_call: bool = True  # IntensitySwitch.last_call; off with "rows" stealing = the paper's rules
+    steal_balance: str | None = None  # ReadyPoolBatcher(balance=...) in place of the configured one
+    prefill_packing: str | None = None  # Scheduler.prefill_packing in place of the configured one ("fcfs": vLLM's)
 
 
 _SEPARATE = dict(admission="fits", stealing=False, switch_policy="threshold", switch_fraction=1.0)
@@ -51,8 +50,7 @@ POLICIES: dict[str, PolicySpec] = {
     "tdpipe": PolicySpec("pp", dict(policy="tdpipe"), "oracle"),
     "tdpipe-constant": PolicySpec("pp", dict(policy="tdpipe"), "constant"),
     "tdpipe-rowsteal": PolicySpec("pp", dict(policy="tdpipe"), "oracle", steal_balance="rows"),
-    "tdpipe-paper": PolicySpec("pp", dict(policy="tdpipe"), "oracle", steal_balance="rows", last_call=False,
-                               prefill_packing="fcfs"),
+    "tdpipe-paper": PolicySpec("pp", dict(policy="tdpipe", paper_rules=True), "oracle"),
     "tdpipe-nosteal": PolicySpec("pp", dict(policy="tdpipe", stealing=False), "oracle"),
     "tdpipe-threshold": PolicySpec("pp", dict(policy="tdpipe", switch_policy="threshold"), "oracle"),
     "tdpipe-fits": PolicySpec("pp", dict(policy="tdpipe", admission="fits")),
@@ -142,11 +140,10 @@ def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tok
     if predictor is None or spec.predictor is None:
         predictor = _predictor(spec.predictor, requests, workload)
     scheduler = build_scheduler(config, num_blocks, in_flight, predictor)
-    scheduler.prefill_packing = spec.prefill_packing
-    if spec.steal_balance:  # the paper's row-count stealing, for comparison
+    if spec.prefill_packing:
+        scheduler.prefill_packing = spec.prefill_packing
+    if spec.steal_balance:  # the paper's row-count stealing alone, for comparison
         scheduler.batcher = ReadyPoolBatcher(balance=spec.steal_balance)
-    if isinstance(getattr(scheduler.switch, "policy", None), IntensitySwitch):
-        scheduler.switch.policy.last_call = spec.last_call
     controller = Controller(executor, scheduler, max_in_flight=in_flight, clock=executor.clock)
     wall = time.perf_counter()
     stats = controller.run(requests)
