@@ -113,10 +113,9 @@ class GreedyPrefill:
             cap = max(request.max_new_tokens - generated, 1)
             left = [(math.ceil(length * self.length_scale) - generated, prob) for length, prob in outcomes]
             possible = [(n, q) for n, q in left if n > 0 and q > 0]
+            if not possible:  # it outlived every predicted outcome: expect at least one more block
+                possible = [(block_size, 1.0)]
             total = sum(q for _, q in possible)
-            if not possible or total <= 0:
-                # it outlived every predicted outcome: expect it to need at least one more block
-                possible, total = [(block_size, 1.0)], 1.0
             for n, q in possible:
                 tokens.append(request.num_tokens)
                 remaining.append(min(max(n, 1), cap))
