@@ -118,7 +118,7 @@ class GreedyPrefill:
             total = sum(q for _, q in possible)
             for n, q in possible:
                 tokens.append(request.num_tokens)
-                remaining.append(min(max(n, 1), cap))
+                remaining.append(min(n, cap))  # n > 0 by the filter above
                 weights.append(q / total)
                 owner.append(index)
         return (np.array(tokens, dtype=np.int64), np.array(remaining, dtype=np.int64),
