@@ -53,6 +53,7 @@ class TDPipeConfig:
     executor: str = "local"
     threads_per_stage: int | None = None
     micro_batches: int | None = None
+    pack_weights: bool = True
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_none: bool = False) -> None:
@@ -95,6 +96,8 @@ class TDPipeConfig:
             raise ValueError(f"TDPipeConfig.policy must be one of {POLICIES}, got {self.policy!r}")
         if not isinstance(self.paper_rules, bool):
             raise ValueError(f"TDPipeConfig.paper_rules must be True or False, got {self.paper_rules!r}")
+        if not isinstance(self.pack_weights, bool):
+            raise ValueError(f"TDPipeConfig.pack_weights must be True or False, got {self.pack_weights!r}")
         if not isinstance(self.stealing, bool):
             raise ValueError(f"TDPipeConfig.stealing must be True or False, got {self.stealing!r}")
 

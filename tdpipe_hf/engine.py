@@ -16,9 +16,9 @@ from .controller import Controller, Request, Scheduler
 from .controller.controller import RunStats
 from .models import model_name
 from .predictors import ConstantPredictor, check_predictor, load_predictor
-from .runtime.distributed import DistributedExecutor, join_torchrun_pipeline, launched_by_torchrun
+from .runtime.distributed import DistributedExecutor, join_torchrun_pipeline, launched_by_torchrun, start_torchrun
 from .runtime.local import LocalExecutor
-from .runtime.stage import blocks_for_budget, build_stages, kv_geometry
+from .runtime.stage import StageSetup, blocks_for_budget, build_stages, kv_geometry
 from .scheduling import build_scheduler, build_switch
 
 DEFAULT_CPU_KV_BYTES = 2 << 30
@@ -60,7 +60,6 @@ class TDPipeEngine:
         self.model_name = model_name(model)
         self.predictor = self._make_predictor(config) if config.admission == "greedy" else None
         self.executor = self._make_executor(model, config)
-        self.stage_layers = [stage.index_range for stage in self.executor.stages]
         self.last_stats: RunStats | None = None
 
     def _make_predictor(self, config: TDPipeConfig):
@@ -82,17 +81,22 @@ class TDPipeEngine:
         return build_scheduler(self.config, self.num_blocks, in_flight, self.predictor, self.switch_cls)
 
     def _make_executor(self, model, config: TDPipeConfig):
-        if config.executor == "distributed":
-            stages = build_stages(model, config.num_stages, self.num_blocks, config.block_size, allocate_kv=False)
-            if launched_by_torchrun():
-                executor = join_torchrun_pipeline(stages, config.block_size, self.num_blocks, kv_geometry(model),
-                                                  config.threads_per_stage)
-                self.num_blocks = executor.num_blocks  # the smallest budget of all ranks
-                return executor
-            return DistributedExecutor(stages, config.block_size, self.num_blocks, kv_geometry(model),
-                                       config.threads_per_stage)
-        stages = build_stages(model, config.num_stages, self.num_blocks, config.block_size)
-        return LocalExecutor(stages, config.block_size)
+        setup = StageSetup(self.num_blocks, config.block_size, *kv_geometry(model), pack_weights=config.pack_weights)
+        if config.executor == "local":
+            return LocalExecutor(build_stages(model, config.num_stages, setup), config.block_size)
+        if launched_by_torchrun():  # every rank splits the same way without measuring
+            threads = start_torchrun(config.num_stages, config.threads_per_stage)
+            executor = join_torchrun_pipeline(build_stages(model, config.num_stages, None), setup, threads)
+            self.num_blocks = executor.num_blocks  # the smallest budget of all ranks
+            return executor
+        # workers apply the setup and time their stage; a measured split rebuilds the stages
+        return DistributedExecutor(build_stages(model, config.num_stages, None), setup, config.threads_per_stage,
+                                   resplit=lambda costs: build_stages(model, config.num_stages, None, costs))
+
+    @property
+    def stage_layers(self) -> list[range]:
+        """The decoder layers of each stage (a distributed executor may re-split on first start)."""
+        return [stage.index_range for stage in self.executor.stages]
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -1,6 +1,6 @@
 """One process per stage: activations travel stage to stage over ``torch.distributed``.
 
-The controller's process talks to the pipeline through two queues: plans go to stage 0, token ids
+The controller's process talks to the pipeline through two pipes: plans go to stage 0, token ids
 come back from the last stage. Between stages, each micro-batch travels as three point-to-point
 messages (a header, its pickled plan, its hidden states), so every stage knows what it computes
 without asking the controller. Sends are asynchronous: a stage starts its next micro-batch while
@@ -9,12 +9,15 @@ the previous one is still on its way downstream.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import pickle
 import queue
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -27,18 +30,24 @@ from .attention import register as register_attention
 from .local import StageError
 from .malloc import tune_glibc_malloc
 from .sampler import sample_batch
-from .stage import Stage
+from .split import RESPLIT_GAIN, StageCosts, measured_costs, probe_stage, split_layers
+from .stage import Stage, StageSetup
 
 _SHUTDOWN = -1
 _POLL_SECONDS = 0.2
 _START_TIMEOUT = 300.0
 HEARTBEAT_SECONDS = 0.5
 HEARTBEAT_TIMEOUT = 5.0  # a worker silent this long is reported as hung
+logger = logging.getLogger("tdpipe_hf")
 
 
 def default_threads(num_stages: int) -> int:
     """Split the cores evenly between the stage processes (at least one thread each)."""
     return max(1, (os.cpu_count() or 1) // num_stages)
+
+
+def _ranges(ranges: list[range]) -> str:
+    return ", ".join(f"{r.start}-{r.stop - 1}" for r in ranges)
 
 
 def _free_port() -> int:
@@ -47,18 +56,43 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class _Pipe:
+    """A one-way pipe written from the sender's own thread. ``mp.Queue`` hands each message to a
+    feeder thread, and in a worker pinned to one core that thread waits for the core until the
+    stage's next compute blocks or is preempted: measured on 2 cores, 4.4 ms (median) from the
+    last stage's tokens to stage 0's next decode compute, about 7 % of a decode step."""
+
+    def __init__(self, ctx):
+        self.reader, self.writer = ctx.Pipe(duplex=False)
+
+    def put(self, message) -> None:
+        self.writer.send(message)
+
+    def get(self, timeout: float | None = None):
+        if timeout is not None and not self.reader.poll(timeout):
+            raise queue.Empty
+        return self.reader.recv()
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+
+
 class DistributedExecutor:
     """Spawns ``len(stages)`` worker processes; same ``submit``/``collect`` interface as
     :class:`LocalExecutor`. Workers start on first use and are restarted after a failure."""
 
-    def __init__(self, stages: list[Stage], block_size: int, num_blocks: int, kv_geometry: tuple[int, int],
-                 threads_per_stage: int | None = None):
+    def __init__(self, stages: list[Stage], setup: StageSetup, threads_per_stage: int | None = None,
+                 resplit: Callable[[StageCosts], list[Stage]] | None = None):
+        """``resplit(costs)`` builds the stages for a split balanced on ``costs``: given it, the
+        workers time their stages at the first start and the pipeline is re-split once if that
+        makes the slowest stage at least ``RESPLIT_GAIN`` faster."""
         self.stages = stages
         self.num_stages = len(stages)
-        self.block_size = block_size
-        self.num_blocks = num_blocks
-        self.kv_geometry = kv_geometry
+        self.setup = setup
         self.threads = threads_per_stage or default_threads(self.num_stages)
+        self.costs: StageCosts | None = None  # measured by the workers at the first start
+        self._resplit = resplit if self.num_stages > 1 else None
         self._procs: list = []
         self._in_flight = 0
 
@@ -70,25 +104,44 @@ class DistributedExecutor:
     def start(self) -> None:
         if self._procs:
             return
+        probe = self._resplit is not None and self.costs is None
+        probes = self._spawn(probe)
+        if not probe:
+            return
+        self.costs = measured_costs(sum(len(stage.layers) for stage in self.stages), probes)
+        current = [stage.index_range for stage in self.stages]
+        better = split_layers(self.costs, self.num_stages)
+        if better != current and self.costs.slowest(better) < (1 - RESPLIT_GAIN) * self.costs.slowest(current):
+            logger.info("re-splitting the pipeline on measured stage times (layer %.1f ms, LM head %.1f ms): "
+                        "%s -> %s", self.costs.layers[0] * 1e3, self.costs.head * 1e3, _ranges(current),
+                        _ranges(better))
+            self.close()
+            self.stages = self._resplit(self.costs)
+            self._spawn(False)
+
+    def _spawn(self, probe: bool) -> list:
+        """Start the workers and wait until each is ready; returns their probe answers."""
         ctx = mp.get_context("spawn")
-        self._plans = ctx.Queue()
-        self._results = ctx.Queue()
+        self._plans = _Pipe(ctx)
+        self._results = _Pipe(ctx)
+        self._control = ctx.Queue()  # "ready" from every worker
         self._errors = ctx.Queue()
         port = _free_port()
         self._beats = ctx.Array("d", [time.monotonic()] * self.num_stages, lock=False)
         for rank, stage in enumerate(self.stages):
             proc = ctx.Process(target=_worker_main, name=f"tdpipe-stage-{rank}", daemon=True,
-                               args=(rank, self.num_stages, port, stage, self.block_size, self.num_blocks,
-                                     self.kv_geometry, self.threads, self._plans if rank == 0 else None,
-                                     self._results, self._errors, self._beats))
+                               args=(rank, self.num_stages, port, stage, self.setup, self.threads, probe,
+                                     self._plans if rank == 0 else None,
+                                     self._results if rank == self.num_stages - 1 else None, self._control,
+                                     self._errors, self._beats))
             proc.start()
             self._procs.append(proc)
-        ready = 0
+        probes: dict[int, tuple] = {}
         deadline = time.monotonic() + _START_TIMEOUT
-        while ready < self.num_stages:
-            message = self._get(self._results, deadline, "starting")
-            if message == "ready":
-                ready += 1
+        while len(probes) < self.num_stages:
+            _, rank, answer = self._get(self._control, deadline, "starting")
+            probes[rank] = answer
+        return [probes[rank] for rank in range(self.num_stages)]
 
     def close(self, force: bool = False) -> None:
         """Stop the workers: politely if they are healthy, by force after a short grace period
@@ -103,9 +156,11 @@ class DistributedExecutor:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
-        for q in (self._plans, self._results, self._errors):
+        for q in (self._control, self._errors):
             q.close()
             q.cancel_join_thread()
+        self._plans.close()
+        self._results.close()
         self._procs = []
         self._in_flight = 0
 
@@ -196,21 +251,25 @@ def _heartbeat(beats, rank: int) -> None:
         time.sleep(HEARTBEAT_SECONDS)
 
 
-def _worker_main(rank, world, port, stage, block_size, num_blocks, kv_geometry, threads, plans, results, errors,
-                 beats):
+def _prepare_stage(stage: Stage, setup: StageSetup, threads: int) -> None:
+    """Everything a stage process does before serving, in either launch mode."""
+    torch.set_num_threads(threads)
+    register_attention()
+    setup.apply(stage)
+
+
+def _worker_main(rank, world, port, stage, setup, threads, probe, plans, results, control, errors, beats):
     import threading
 
     threading.Thread(target=_heartbeat, args=(beats, rank), name="tdpipe-heartbeat", daemon=True).start()
     try:
-        torch.set_num_threads(threads)
         _pin_to_cores(rank, threads)
         tune_glibc_malloc()
-        register_attention()
-        stage.allocate_kv(num_blocks, block_size, *kv_geometry)
+        _prepare_stage(stage, setup, threads)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(minutes=30))
-        results.put("ready")
-        _StageWorker(rank, world, stage, block_size, plans, results.put).loop()
+        control.put(("ready", rank, probe_stage(stage) if probe else None))
+        _StageWorker(rank, world, stage, setup.block_size, plans, results.put if results else None).loop()
         dist.destroy_process_group()
     except Exception as exc:
         errors.put((rank, f"{type(exc).__name__}: {exc}\n\nworker traceback:\n{traceback.format_exc(limit=8)}"))
@@ -312,32 +371,36 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def join_torchrun_pipeline(stages: list[Stage], block_size: int, num_blocks: int, kv_geometry: tuple[int, int],
-                           threads_per_stage: int | None = None):
-    """Called on every rank of a ``torchrun``/``accelerate launch`` job with the same stage split.
+def start_torchrun(num_stages: int, threads_per_stage: int | None = None) -> int:
+    """Join the ``torchrun``/``accelerate launch`` job's process group (every rank calls this);
+    returns the torch threads this rank's stage gets."""
+    world = int(os.environ["WORLD_SIZE"])
+    if world != num_stages:
+        raise ValueError(f"launched with {world} processes but num_stages={num_stages}; they must be equal")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return threads_per_stage or max(1, (os.cpu_count() or 1) // local_world)
+
+
+def join_torchrun_pipeline(stages: list[Stage], setup: StageSetup, threads: int):
+    """Called on every rank, after :func:`start_torchrun`, with the same stage split.
 
     Rank 0 gets a :class:`TorchrunExecutor` (its own stage runs on a thread beside the
     controller). Every other rank serves its stage until rank 0 closes the pipeline, then exits
     the process: code after ``wrap`` runs on rank 0 only.
     """
-    world = int(os.environ["WORLD_SIZE"])
-    rank = int(os.environ["RANK"])
-    if world != len(stages):
-        raise ValueError(f"launched with {world} processes but num_stages={len(stages)}; they must be equal")
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    torch.set_num_threads(threads_per_stage or max(1, (os.cpu_count() or 1) // local_world))
-    register_attention()
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    world = dist.get_world_size()
+    rank = dist.get_rank()
     # every stage must be able to hold the blocks the controller hands out
-    agreed = torch.tensor([num_blocks], dtype=torch.long)
+    agreed = torch.tensor([setup.num_blocks], dtype=torch.long)
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-    num_blocks = int(agreed)
+    setup = dataclasses.replace(setup, num_blocks=int(agreed))
     stage = stages[rank]
-    stage.allocate_kv(num_blocks, block_size, *kv_geometry)
+    _prepare_stage(stage, setup, threads)
     if rank == 0:
-        return TorchrunExecutor(stages, block_size, num_blocks)
-    worker = _StageWorker(rank, world, stage, block_size, None, None)
+        return TorchrunExecutor(stages, setup.block_size, setup.num_blocks)
+    worker = _StageWorker(rank, world, stage, setup.block_size, None, None)
     if worker.is_last:
         worker.deliver, worker.on_shutdown = worker.send_result, worker.send_result_shutdown
     worker.loop()
@@ -410,5 +473,6 @@ class TorchrunExecutor:
         self._plans.put(None)
         for thread in self._threads:
             thread.join(timeout=30)
+        self.stages[0].release()
         if dist.is_initialized():
             dist.destroy_process_group()

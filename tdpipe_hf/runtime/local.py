@@ -54,4 +54,7 @@ class LocalExecutor:
         return StepResult(batch.batch_id, sample_batch(hidden, batch), seconds, events)
 
     def close(self) -> None:
+        """Drop queued work and give the model's modules back their own weights."""
         self._queue.clear()
+        for stage in self.stages:
+            stage.release()

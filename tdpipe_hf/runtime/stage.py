@@ -2,53 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from accelerate.utils import compute_module_sizes
 
 from .attention import ATTENTION_NAME, AttentionContext
 from .kv_cache import PagedKVCache
-
-
-# The LM head's time per step relative to its weight: it runs once per sequence (not per prompt
-# token), with no attention, norms or activations around it, but its large GEMM runs near peak.
-# Measured from the stage timelines of `tdpipe bench` on SmolLM2 (2 stage processes, 2 CPU cores,
-# glibc malloc tuned): the head took as long as about 7 decoder layers, against the 8 its weight
-# suggests.
-LM_HEAD_COST_SHARE = 0.85
-
-
-def split_layers(model, num_stages: int) -> list[range]:
-    """Contiguous layer ranges that minimise the slowest stage's time.
-
-    Layers are weighted by their size from accelerate's ``compute_module_sizes``; the input
-    embedding is free (a lookup); the LM head adds ``LM_HEAD_COST_SHARE`` of its size to the last
-    stage, even when its weight is tied to the embedding.
-    """
-    num_layers = len(model.model.layers)
-    if not 1 <= num_stages <= num_layers:
-        raise ValueError(f"num_stages must be between 1 and the model's {num_layers} decoder layers, got {num_stages}")
-    sizes = compute_module_sizes(model)
-    costs = [sizes[f"model.layers.{i}"] for i in range(num_layers)]
-    costs[-1] += LM_HEAD_COST_SHARE * model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    prefix = [0]
-    for cost in costs:
-        prefix.append(prefix[-1] + cost)
-    # best[s][j]: smallest possible slowest-stage cost when the first j layers form s stages
-    inf = float("inf")
-    best = [[inf] * (num_layers + 1) for _ in range(num_stages + 1)]
-    cut = [[0] * (num_layers + 1) for _ in range(num_stages + 1)]
-    best[0][0] = 0
-    for s in range(1, num_stages + 1):
-        for j in range(s, num_layers + 1):
-            for i in range(s - 1, j):
-                value = max(best[s - 1][i], prefix[j] - prefix[i])
-                if value < best[s][j]:
-                    best[s][j], cut[s][j] = value, i
-    bounds = [num_layers]
-    for s in range(num_stages, 0, -1):
-        bounds.append(cut[s][bounds[-1]])
-    bounds.reverse()
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+from .packed_linear import PackedLinears
+from .split import StageCosts, size_costs, split_layers
 
 
 class Stage:
@@ -63,6 +24,7 @@ class Stage:
         self.lm_head = model.lm_head if is_last else None
         self.rotary = inner.rotary_emb
         self.kv = kv
+        self.packed: PackedLinears | None = None
 
     def allocate_kv(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> None:
         """Give the stage its own KV tensors (in the process that runs it)."""
@@ -74,10 +36,33 @@ class Stage:
         self.kv = PagedKVCache(self.index_range.start, len(self.layers), num_blocks, block_size, kv_heads,
                                head_dim, weight.dtype, weight.device)
 
+    def pack_weights(self) -> None:
+        """Pack the stage's linear weights for oneDNN (CPU float32 only; see ``packed_linear``),
+        in the process that runs the stage."""
+        if self.packed is None:
+            self.packed = PackedLinears([*self.layers, *([self.lm_head] if self.lm_head is not None else [])])
+
+    def release(self) -> None:
+        """Undo :meth:`pack_weights`: the model's modules compute with their own weights again."""
+        if self.packed is not None:
+            self.packed.restore()
+            self.packed = None
+
+    def __getstate__(self):
+        if self.packed is not None:
+            raise RuntimeError("a stage with packed weights stays in its process; pack in the worker")
+        return self.__dict__
+
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor | None, ctx: AttentionContext) -> torch.Tensor:
         """``hidden`` is ``[1, tokens, hidden]`` (None on the first stage); returns the next stage's
         input, or ``[sampled rows, vocab]`` logits on the last stage."""
+        if self.packed is None:
+            return self._forward(hidden, ctx)
+        with self.packed.active():
+            return self._forward(hidden, ctx)
+
+    def _forward(self, hidden: torch.Tensor | None, ctx: AttentionContext) -> torch.Tensor:
         if self.embed is not None:
             hidden = self.embed(ctx.input_ids[None])
         positions = ctx.positions[None]
@@ -108,15 +93,32 @@ def kv_geometry(model) -> tuple[int, int]:
 
 
 
-def build_stages(model, num_stages: int, num_blocks: int, block_size: int, allocate_kv: bool = True) -> list[Stage]:
-    """The model's stages. Without ``allocate_kv`` they carry no KV yet (a worker process allocates it)."""
-    kv_heads, head_dim = kv_geometry(model)
-    ranges = split_layers(model, num_stages)
+@dataclass(frozen=True)
+class StageSetup:
+    """What the process that runs a stage does to make it ready: allocate its KV cache and, on
+    CPU, pack its weights. Picklable, so a worker process gets it with its stage."""
+
+    num_blocks: int
+    block_size: int
+    kv_heads: int
+    head_dim: int
+    pack_weights: bool = False
+
+    def apply(self, stage: Stage) -> None:
+        stage.allocate_kv(self.num_blocks, self.block_size, self.kv_heads, self.head_dim)
+        if self.pack_weights:
+            stage.pack_weights()
+
+
+def build_stages(model, num_stages: int, setup: StageSetup | None, costs: StageCosts | None = None) -> list[Stage]:
+    """The model's stages, balanced by ``costs`` (default: weight sizes) and made ready here with
+    ``setup``; with None they carry no KV yet (a worker process applies the setup)."""
+    ranges = split_layers(costs or size_costs(model), num_stages)
     stages = []
     for i, layers in enumerate(ranges):
         stage = Stage(model, layers, i == 0, i == len(ranges) - 1, None)
-        if allocate_kv:
-            stage.allocate_kv(num_blocks, block_size, kv_heads, head_dim)
+        if setup is not None:
+            setup.apply(stage)
         stages.append(stage)
     return stages
 

@@ -1,0 +1,143 @@
+"""Stage split (min-max over layer costs, measured in the stage processes) and packed CPU weights."""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tdpipe_hf
+from conftest import hf_generate, left_padded, random_prompts, tiny_model
+from tdpipe_hf.controller.cost import REFIT_EVERY, StageTimeModel
+from tdpipe_hf.runtime import distributed
+from tdpipe_hf.runtime.packed_linear import PackedLinears, available
+from tdpipe_hf.runtime.split import StageCosts, probe_stage, size_costs, split_layers
+from tdpipe_hf.runtime.stage import StageSetup, build_stages, kv_geometry
+
+
+def brute_force_slowest(costs: StageCosts, num_stages: int) -> float:
+    n = len(costs.layers)
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, n), num_stages - 1):
+        bounds = [0, *cuts, n]
+        best = min(best, costs.slowest([range(a, b) for a, b in zip(bounds, bounds[1:])]))
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.1, 10.0), min_size=1, max_size=9), st.floats(0.0, 30.0), st.integers(1, 9))
+def test_split_minimises_the_slowest_stage(layers, head, num_stages):
+    costs = StageCosts(tuple(layers), head, "measured")
+    if num_stages > len(layers):
+        with pytest.raises(ValueError, match="num_stages must be between 1 and"):
+            split_layers(costs, num_stages)
+        return
+    ranges = split_layers(costs, num_stages)
+    assert [i for r in ranges for i in r] == list(range(len(layers)))  # contiguous, every layer once
+    assert all(len(r) > 0 for r in ranges)
+    assert costs.slowest(ranges) == pytest.approx(brute_force_slowest(costs, num_stages))
+
+
+def test_a_heavy_head_moves_layers_to_the_first_stage():
+    light = StageCosts((1.0,) * 10, 0.0, "measured")
+    heavy = StageCosts((1.0,) * 10, 4.0, "measured")
+    assert split_layers(light, 2) == [range(0, 5), range(5, 10)]
+    assert split_layers(heavy, 2) == [range(0, 7), range(7, 10)]
+
+
+def test_size_costs_weigh_layers_and_head_by_bytes():
+    model = tiny_model("llama", seed=3)
+    costs = size_costs(model)
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    assert costs.layers == (float(layer_bytes),) * 4
+    assert costs.head == model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+
+
+def test_probe_times_a_stage_with_its_own_cache():
+    model = tiny_model("llama", seed=4)
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=20)  # registers the paged attention
+    try:
+        setup = StageSetup(20, 4, *kv_geometry(model), pack_weights=True)
+        first, last = build_stages(model, 2, setup)
+        per_layer, head = probe_stage(first)
+        assert per_layer > 0 and head is None
+        per_layer, head = probe_stage(last)
+        assert per_layer > 0 and head > 0
+    finally:
+        tdpipe_hf.unwrap(model)
+
+
+def test_measured_costs_resplit_the_stage_processes(monkeypatch):
+    """When the workers' timings call for another split, the pipeline restarts on it once and
+    the tokens stay HF's."""
+    model = tiny_model("llama", seed=5)
+    ids, mask = left_padded(random_prompts(6, low=2, high=20, seed=6))
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    head_heavy = StageCosts((1.0,) * 4, 2.0, "measured")
+    monkeypatch.setattr(distributed, "measured_costs", lambda num_layers, probes: head_heavy)
+    tdpipe_hf.wrap(model, num_stages=2, executor="distributed")
+    try:
+        engine = model.tdpipe_engine
+        assert engine.stage_layers == [range(0, 2), range(2, 4)]  # by weight bytes
+        actual = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        assert engine.stage_layers == [range(0, 3), range(3, 4)]
+        assert engine.executor.costs is head_heavy
+        assert len(engine.executor._procs) == 2 and all(p.is_alive() for p in engine.executor._procs)
+        assert {e[0] for e in engine.last_stats.timeline if e[1] == "compute"} == {0, 1}
+    finally:
+        tdpipe_hf.unwrap(model)
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.skipif(not available(torch.zeros(1)), reason="needs oneDNN on CPU")
+def test_packed_linears_serve_only_inside_the_stage():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 80)
+    x = torch.randn(5, 7, 48)
+    reference = torch.nn.functional.linear(x, linear.weight, linear.bias)
+    packed = PackedLinears([linear])
+    assert torch.equal(linear(x), reference)  # outside a stage: the module's own weights
+    with packed.active():
+        inside = linear(x)
+    assert inside.shape == reference.shape
+    torch.testing.assert_close(inside, reference, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        linear.weight.zero_()
+    assert torch.count_nonzero(linear(x) - linear.bias) == 0  # plain calls see the new weights
+    packed.restore()
+    assert "forward" not in linear.__dict__
+
+
+@pytest.mark.skipif(not available(torch.zeros(1)), reason="needs oneDNN on CPU")
+def test_wrap_packs_stage_weights_and_unwrap_gives_them_back():
+    model = tiny_model("llama", seed=8)
+    gate = model.model.layers[0].mlp.gate_proj
+    tdpipe_hf.wrap(model, num_stages=2)
+    assert "forward" in gate.__dict__
+    stage = model.tdpipe_engine.executor.stages[0]
+    with pytest.raises(RuntimeError, match="packed weights stays in its process"):
+        pickle.dumps(stage)
+    tdpipe_hf.wrap(model, num_stages=1)  # re-wrapping: the new engine's packing survives the old one's close
+    assert "forward" in gate.__dict__
+    tdpipe_hf.unwrap(model)
+    assert "forward" not in gate.__dict__
+    tdpipe_hf.wrap(model, num_stages=2, pack_weights=False)
+    assert "forward" not in gate.__dict__
+    tdpipe_hf.unwrap(model)
+
+
+def test_stage_time_model_refits_every_few_samples():
+    cost = StageTimeModel()
+    for rows in (2, 4, 8, 16):
+        cost.observe("decode", rows, rows, 10 * rows, 0.010 + 0.001 * rows)
+    fitted = cost.decode_time(10, 100)
+    assert fitted == pytest.approx(0.020)
+    for _ in range(REFIT_EVERY - 1):
+        cost.observe("decode", 32, 32, 320, 1.0)
+    assert cost.decode_time(10, 100) == fitted  # not refitted yet
+    cost.observe("decode", 32, 32, 320, 1.0)
+    assert cost.decode_time(10, 100) != pytest.approx(fitted)
