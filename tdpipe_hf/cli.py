@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--switch-policy", default="intensity",
                      help="decode-to-prefill switch policy plugin (default intensity; built-in: threshold)")
     run.add_argument("--no-stealing", action="store_true", help="tdpipe without inter-batch work stealing")
+    run.add_argument("--pack-weights", action="store_true",
+                     help="CPU float32: pack linear weights for oneDNN (faster; greedy tokens may flip at near-ties)")
     run.add_argument("--paper-rules", action="store_true",
                      help="tdpipe with the paper's exact stealing, switch and prefill-batching rules")
     run.add_argument("--admission", choices=("greedy", "fits"), default="greedy",
@@ -98,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                             "executor), tdpipe-dist (one process per stage)")
     bench.add_argument("--dist-stages", type=_stage_list, default=(2,),
                        help="stage counts for tdpipe-dist, e.g. 2,3")
+    bench.add_argument("--pack-weights", action="store_true",
+                       help="tdpipe rows: CPU float32 linear weights packed for oneDNN (see README)")
     bench.add_argument("--threads-per-stage", type=_positive, default=None,
                        help="torch threads of each tdpipe-dist stage process (default: cores / stages)")
     bench.add_argument("--local-threads", type=_stage_list, default=(),
@@ -183,6 +187,8 @@ def _bench(args) -> int:
     options = {"kv_blocks": args.kv_blocks} if args.kv_blocks else {}
     if args.threads_per_stage:
         options["threads_per_stage"] = args.threads_per_stage
+    if args.pack_weights:
+        options["pack_weights"] = True
     rows = bench.run_benchmark(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stages=args.stages,
                                hf_batch_size=args.hf_batch_size, systems=systems, tdpipe_options=options,
                                dist_stages=args.dist_stages, local_threads=args.local_threads,
@@ -205,7 +211,7 @@ def _run(args) -> int:
     output = Path(args.output) if args.output else Path(f"{input_path.stem}.answers.jsonl")
     executor = args.executor or ("distributed" if args.stages > 1 else "local")
     options = {"executor": executor, "policy": args.policy, "switch_policy": args.switch_policy,
-               "stealing": not args.no_stealing, "paper_rules": args.paper_rules,
+               "stealing": not args.no_stealing, "paper_rules": args.paper_rules, "pack_weights": args.pack_weights,
                "admission": args.admission, "predictor": args.predictor, "kv_threshold": args.kv_threshold,
                "online_learning": args.online_learning}
     if args.kv_blocks:

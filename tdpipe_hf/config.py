@@ -53,7 +53,7 @@ class TDPipeConfig:
     executor: str = "local"
     threads_per_stage: int | None = None
     micro_batches: int | None = None
-    pack_weights: bool = True
+    pack_weights: bool = False
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_none: bool = False) -> None:

@@ -58,14 +58,15 @@ def check_against_hf(outputs, references) -> int:
     return exact
 
 
-@pytest.mark.parametrize("num_stages, executor", [(1, "local"), (2, "local"), (3, "local"), (2, "distributed")])
-def test_matches_hf_generate_with_preemption(workload, num_stages, executor):
+@pytest.mark.parametrize("num_stages, executor, pack", [(1, "local", False), (2, "local", False), (3, "local", False),
+                                                        (2, "distributed", False), (2, "distributed", True)])
+def test_matches_hf_generate_with_preemption(workload, num_stages, executor, pack):
     model, ids, references = workload
     longest = max(len(p) for p in ids) + MAX_NEW
     kv_blocks = -(-longest // 16) * 3  # about three requests' worth: forces preemption
     # a deliberately wrong predictor (every answer 1 token) makes greedy prefill over-admit
     tdpipe_hf.wrap(model, num_stages=num_stages, kv_blocks=kv_blocks, executor=executor,
-                   predictor=ConstantPredictor(1.0))
+                   predictor=ConstantPredictor(1.0), pack_weights=pack)
     try:
         outputs = model.generate_batch(ids, max_new_tokens=MAX_NEW, do_sample=False)
         stats = model.tdpipe_engine.last_stats
@@ -73,7 +74,8 @@ def test_matches_hf_generate_with_preemption(workload, num_stages, executor):
         tdpipe_hf.unwrap(model)
     assert stats.preemptions > 0
     exact = check_against_hf(outputs, references)
-    print(f"{num_stages} stage(s), {executor}: {exact}/{NUM_PROMPTS} identical to HF, {stats.preemptions} preemptions")
+    print(f"{num_stages} stage(s), {executor}, packed weights {pack}: {exact}/{NUM_PROMPTS} identical to HF, "
+          f"{stats.preemptions} preemptions")
 
 
 def test_padded_generate_matches_hf_padded_generate(smollm2):

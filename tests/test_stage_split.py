@@ -117,15 +117,18 @@ def test_wrap_packs_stage_weights_and_unwrap_gives_them_back():
     model = tiny_model("llama", seed=8)
     gate = model.model.layers[0].mlp.gate_proj
     tdpipe_hf.wrap(model, num_stages=2)
+    assert "forward" not in gate.__dict__  # off by default: greedy tokens stay HF's
+    tdpipe_hf.wrap(model, num_stages=2, pack_weights=True)
     assert "forward" in gate.__dict__
     stage = model.tdpipe_engine.executor.stages[0]
     with pytest.raises(RuntimeError, match="packed weights stays in its process"):
         pickle.dumps(stage)
-    tdpipe_hf.wrap(model, num_stages=1)  # re-wrapping: the new engine's packing survives the old one's close
+    tdpipe_hf.wrap(model, num_stages=1, pack_weights=True)  # re-wrapping: the new packing survives the old close
     assert "forward" in gate.__dict__
     tdpipe_hf.unwrap(model)
     assert "forward" not in gate.__dict__
-    tdpipe_hf.wrap(model, num_stages=2, pack_weights=False)
+    tdpipe_hf.wrap(model, num_stages=2, pack_weights=True)
+    tdpipe_hf.wrap(model, num_stages=2)
     assert "forward" not in gate.__dict__
     tdpipe_hf.unwrap(model)
 
@@ -141,3 +144,13 @@ def test_stage_time_model_refits_every_few_samples():
     assert cost.decode_time(10, 100) == fitted  # not refitted yet
     cost.observe("decode", 32, 32, 320, 1.0)
     assert cost.decode_time(10, 100) != pytest.approx(fitted)
+
+
+def test_greedy_pick_is_argmax_with_ties_to_the_first():
+    from tdpipe_hf.runtime.sampler import greedy_tokens
+
+    logits = torch.randn(6, 50)
+    logits[1, 7] = logits[1, 30] = 100.0
+    logits[4] = 0.0
+    assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
+    assert greedy_tokens(logits)[1] == 7 and greedy_tokens(logits)[4] == 0

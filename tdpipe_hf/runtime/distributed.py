@@ -276,6 +276,27 @@ def _worker_main(rank, world, port, stage, setup, threads, probe, plans, results
         raise SystemExit(1) from None
 
 
+def _isend_object(obj, dst: int, shape=(0, 0)) -> list[tuple]:
+    """Send ``obj`` pickled, after a header ``[byte count, *shape]`` (``shape``: the hidden
+    states that follow, if any); returns the (work, tensor) pairs to wait on."""
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    header = torch.tensor([data.numel(), *shape], dtype=torch.long)
+    return [(dist.isend(tensor, dst=dst), tensor) for tensor in (header, data)]
+
+
+def _recv_header(src: int) -> torch.Tensor | None:
+    """The next message's header from ``src``, or None when ``src`` is shutting down."""
+    header = torch.empty(3, dtype=torch.long)
+    dist.recv(header, src=src)
+    return None if header[0] == _SHUTDOWN else header
+
+
+def _recv_object(header: torch.Tensor, src: int):
+    data = torch.empty(int(header[0]), dtype=torch.uint8)
+    dist.recv(data, src=src)
+    return pickle.loads(data.numpy().tobytes())
+
+
 class _StageWorker:
     """Runs one stage: micro-batches in (from ``plans`` on stage 0, from the previous rank
     otherwise), hidden states out to the next rank, or a StepResult to ``deliver`` on the last."""
@@ -323,13 +344,10 @@ class _StageWorker:
         if self.rank == 0:
             batch = self.plans.get()
             return batch, [], None
-        header = torch.empty(3, dtype=torch.long)
-        dist.recv(header, src=self.rank - 1)
-        if header[0] == _SHUTDOWN:
+        header = _recv_header(self.rank - 1)
+        if header is None:
             return None, None, None
-        meta = torch.empty(int(header[0]), dtype=torch.uint8)
-        dist.recv(meta, src=self.rank - 1)
-        batch, events, dtype = pickle.loads(meta.numpy().tobytes())
+        batch, events, dtype = _recv_object(header, self.rank - 1)
         hidden = torch.empty((1, int(header[1]), int(header[2])), dtype=dtype)
         dist.recv(hidden, src=self.rank - 1)
         return batch, events, hidden.to(self.device)
@@ -339,10 +357,8 @@ class _StageWorker:
         self._drain()  # the previous micro-batch must have left before this one goes
         events = events + [(self.rank, "send", batch.batch_id, batch.phase, t0, time.perf_counter())]
         hidden = hidden.contiguous().cpu()  # gloo moves host tensors
-        meta = torch.frombuffer(bytearray(pickle.dumps((batch, events, hidden.dtype))), dtype=torch.uint8)
-        header = torch.tensor([meta.numel(), hidden.shape[1], hidden.shape[2]], dtype=torch.long)
-        for tensor in (header, meta, hidden):
-            self._pending.append((dist.isend(tensor, dst=self.rank + 1), tensor))
+        self._pending += _isend_object((batch, events, hidden.dtype), self.rank + 1, hidden.shape[1:])
+        self._pending.append((dist.isend(hidden, dst=self.rank + 1), hidden))
 
     def _send_shutdown(self) -> None:
         self._drain()
@@ -356,10 +372,7 @@ class _StageWorker:
     def send_result(self, result: StepResult) -> None:
         """Last stage under torchrun: the result goes back to rank 0, where the controller runs."""
         self._drain()
-        data = torch.frombuffer(bytearray(pickle.dumps(result)), dtype=torch.uint8)
-        header = torch.tensor([data.numel(), 0, 0], dtype=torch.long)
-        for tensor in (header, data):
-            self._pending.append((dist.isend(tensor, dst=0), tensor))
+        self._pending += _isend_object(result, 0)
 
     def send_result_shutdown(self) -> None:
         self._drain()
@@ -442,13 +455,10 @@ class TorchrunExecutor:
     def _receive_results(self) -> None:
         last = self.num_stages - 1
         while True:
-            header = torch.empty(3, dtype=torch.long)
-            dist.recv(header, src=last)
-            if header[0] == _SHUTDOWN:
+            header = _recv_header(last)
+            if header is None:
                 return
-            data = torch.empty(int(header[0]), dtype=torch.uint8)
-            dist.recv(data, src=last)
-            self._results.put(pickle.loads(data.numpy().tobytes()))
+            self._results.put(_recv_object(header, last))
 
     def submit(self, batch: MicroBatch) -> None:
         if self._closed:

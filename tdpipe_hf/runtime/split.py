@@ -21,6 +21,7 @@ from accelerate.utils import compute_module_sizes
 
 from ..plan import MicroBatch, SequencePlan
 from .attention import AttentionContext
+from .sampler import greedy_tokens
 
 # A typical decode micro-batch to time: rows and context tokens per row.
 PROBE_ROWS = 32
@@ -80,7 +81,7 @@ def probe_stage(stage) -> tuple[float, float | None]:
         per_layer = _seconds(lambda: _run_layers(stage, hidden, ctx), weight.device) / len(stage.layers)
         head = None
         if stage.lm_head is not None:
-            head = _seconds(lambda: stage.lm_head(stage.norm(hidden[0])).argmax(dim=-1), weight.device)
+            head = _seconds(lambda: greedy_tokens(stage.lm_head(stage.norm(hidden[0]))), weight.device)
     return per_layer, head
 
 
