@@ -67,6 +67,7 @@ def test_probe_times_a_stage_with_its_own_cache():
         assert per_layer > 0 and head is None
         per_layer, head = probe_stage(last)
         assert per_layer > 0 and head > 0
+        assert not last.kv.keys.any() and not last.kv.values.any()  # the scratch use leaves no trace
     finally:
         tdpipe_hf.unwrap(model)
 

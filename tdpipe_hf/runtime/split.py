@@ -82,6 +82,8 @@ def probe_stage(stage) -> tuple[float, float | None]:
         head = None
         if stage.lm_head is not None:
             head = _seconds(lambda: greedy_tokens(stage.lm_head(stage.norm(hidden[0]))), weight.device)
+        kv.keys.zero_()  # the cache's promise: slots never written hold zeros (finite), not probe values
+        kv.values.zero_()
     return per_layer, head
 
 
