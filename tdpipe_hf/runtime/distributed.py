@@ -107,43 +107,53 @@ class DistributedExecutor:
         if self._procs:
             return
         probe = self._resplit is not None and self.costs is None
-        probes = self._spawn(probe)
-        if not probe:
-            return
-        self.costs = measured_costs(sum(len(stage.layers) for stage in self.stages), probes)
-        current = [stage.index_range for stage in self.stages]
-        better = split_layers(self.costs, self.num_stages)
-        if better != current and self.costs.slowest(better) < (1 - RESPLIT_GAIN) * self.costs.slowest(current):
-            logger.info("re-splitting the pipeline on measured stage times (layer %.1f ms, LM head %.1f ms): "
-                        "%s -> %s", self.costs.layers[0] * 1e3, self.costs.head * 1e3, _ranges(current),
-                        _ranges(better))
-            self.close()
-            self.stages = self._resplit(self.costs)
-            self._spawn(False)
+        self._spawn(probe)
+        if probe:
+            probes = self._answers("probe")
+            self.costs = measured_costs(sum(len(stage.layers) for stage in self.stages), probes)
+            current = [stage.index_range for stage in self.stages]
+            better = split_layers(self.costs, self.num_stages)
+            restaged = better != current and \
+                self.costs.slowest(better) < (1 - RESPLIT_GAIN) * self.costs.slowest(current)
+            if restaged:
+                logger.info("re-splitting the pipeline on measured stage times (layer %.1f ms, LM head %.1f ms): "
+                            "%s -> %s", self.costs.layers[0] * 1e3, self.costs.head * 1e3, _ranges(current),
+                            _ranges(better))
+                self.stages = self._resplit(self.costs)
+            for rank, restage in enumerate(self._restage):  # the running workers swap stages in place
+                restage.put(self.stages[rank] if restaged else None)
+        self._answers("ready")
 
-    def _spawn(self, probe: bool) -> list:
-        """Start the workers and wait until each is ready; returns their probe answers."""
+    def _spawn(self, probe: bool) -> None:
+        """Start the workers. With ``probe`` each one first times its stage, answers, and waits
+        on its own pipe for the stage it serves (None: keep the one it has)."""
         ctx = mp.get_context("spawn")
         self._plans = _Pipe(ctx)
         self._results = _Pipe(ctx)
-        self._control = ctx.Queue()  # "ready" from every worker
+        self._restage = [_Pipe(ctx) for _ in self.stages] if probe else [None] * self.num_stages
+        self._control = ctx.Queue()  # start-up answers from every worker
         self._errors = ctx.Queue()
         port = _free_port()
         self._beats = ctx.Array("d", [time.monotonic()] * self.num_stages, lock=False)
         for rank, stage in enumerate(self.stages):
             proc = ctx.Process(target=_worker_main, name=f"tdpipe-stage-{rank}", daemon=True,
-                               args=(rank, self.num_stages, port, stage, self.setup, self.threads, probe,
-                                     self._plans if rank == 0 else None,
+                               args=(rank, self.num_stages, port, stage, self.setup, self.threads,
+                                     self._restage[rank], self._plans if rank == 0 else None,
                                      self._results if rank == self.num_stages - 1 else None, self._control,
                                      self._errors, self._beats))
             proc.start()
             self._procs.append(proc)
-        probes: dict[int, tuple] = {}
+
+    def _answers(self, kind: str) -> list:
+        """Wait for every worker's ``kind`` message; their payloads in rank order."""
+        answers: dict[int, object] = {}
         deadline = time.monotonic() + _START_TIMEOUT
-        while len(probes) < self.num_stages:
-            _, rank, answer = self._get(self._control, deadline, "starting")
-            probes[rank] = answer
-        return [probes[rank] for rank in range(self.num_stages)]
+        while len(answers) < self.num_stages:
+            got, rank, payload = self._get(self._control, deadline, "starting")
+            if got != kind:
+                raise RuntimeError(f"stage {rank} sent {got!r} during start-up, expected {kind!r}")
+            answers[rank] = payload
+        return [answers[rank] for rank in range(self.num_stages)]
 
     def close(self, force: bool = False) -> None:
         """Stop the workers: politely if they are healthy, by force after a short grace period
@@ -161,8 +171,9 @@ class DistributedExecutor:
         for q in (self._control, self._errors):
             q.close()
             q.cancel_join_thread()
-        self._plans.close()
-        self._results.close()
+        for pipe in (self._plans, self._results, *self._restage):
+            if pipe is not None:
+                pipe.close()
         self._procs = []
         self._in_flight = 0
 
@@ -260,7 +271,7 @@ def _prepare_stage(stage: Stage, setup: StageSetup, threads: int) -> None:
     setup.apply(stage)
 
 
-def _worker_main(rank, world, port, stage, setup, threads, probe, plans, results, control, errors, beats):
+def _worker_main(rank, world, port, stage, setup, threads, restage, plans, results, control, errors, beats):
     import threading
 
     threading.Thread(target=_heartbeat, args=(beats, rank), name="tdpipe-heartbeat", daemon=True).start()
@@ -270,7 +281,15 @@ def _worker_main(rank, world, port, stage, setup, threads, probe, plans, results
         _prepare_stage(stage, setup, threads)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(minutes=30))
-        control.put(("ready", rank, probe_stage(stage) if probe else None))
+        if restage is not None:  # time the stage, then serve the one the executor picks
+            control.put(("probe", rank, probe_stage(stage)))
+            replacement = restage.get()
+            if replacement is not None:
+                stage.release()
+                stage.kv = None  # the spawn arguments keep the old stage alive: drop its cache now
+                stage = replacement
+                _prepare_stage(stage, setup, threads)
+        control.put(("ready", rank, None))
         _StageWorker(rank, world, stage, setup.block_size, plans, results.put if results else None).loop()
         dist.destroy_process_group()
     except Exception as exc:

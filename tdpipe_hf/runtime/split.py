@@ -2,10 +2,11 @@
 
 The decode phase is where a pipeline spends its time, and a stage's decode time is its layers'
 time plus, on the last stage, the LM head's. How the head compares with a layer depends on the
-machine and the kernels (2 Xeon cores, SmolLM2, one thread per stage: the head costs about 8
-layers with plain MKL weights, 2.7 with oneDNN-packed ones), so each stage process times its own
-layers and head on a typical decode micro-batch (:func:`probe_stage`) before it serves, and the
-executor re-splits once if the measured costs call for it. The first split, and the one used
+machine and the kernels (SmolLM2, one thread per stage: about 5 layers on 2 Xeon cores, about 7
+on the AMD cores measured earlier, against the 8 its weight bytes suggest), so each stage
+process times its own layers and head on a typical decode micro-batch (:func:`probe_stage`)
+before it serves, and the executor re-splits once if the measured costs call for it (the
+running workers swap stages; nothing restarts). The first split, and the one used
 where nothing is measured, weighs layers and head by their weight bytes (:func:`size_costs`).
 """
 
