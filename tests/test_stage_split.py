@@ -73,8 +73,8 @@ def test_probe_times_a_stage_with_its_own_cache():
 
 
 def test_measured_costs_resplit_the_stage_processes(monkeypatch):
-    """When the workers' timings call for another split, the pipeline restarts on it once and
-    the tokens stay HF's."""
+    """When the workers' timings call for another split, the running workers swap to the new
+    stages (no restart) and the tokens stay HF's."""
     model = tiny_model("llama", seed=5)
     ids, mask = left_padded(random_prompts(6, low=2, high=20, seed=6))
     expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
