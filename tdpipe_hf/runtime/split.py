@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +77,7 @@ def probe_stage(stage) -> tuple[float, float | None]:
     weight = next(stage.layers[0].parameters())
     ctx = AttentionContext.build(MicroBatch(-1, "decode", seqs), block_size, weight.device)
     hidden = torch.randn(1, rows, weight.shape[-1], dtype=weight.dtype, device=weight.device)
-    with torch.inference_mode(), stage.packed.active() if stage.packed is not None else nullcontext():
+    with torch.inference_mode(), stage.weights():
         per_layer = _seconds(lambda: _run_layers(stage, hidden, ctx), weight.device) / len(stage.layers)
         head = None
         if stage.lm_head is not None:

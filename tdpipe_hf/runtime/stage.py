@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +58,12 @@ class Stage:
     def forward(self, hidden: torch.Tensor | None, ctx: AttentionContext) -> torch.Tensor:
         """``hidden`` is ``[1, tokens, hidden]`` (None on the first stage); returns the next stage's
         input, or ``[sampled rows, vocab]`` logits on the last stage."""
-        if self.packed is None:
+        with self.weights():
             return self._forward(hidden, ctx)
-        with self.packed.active():
-            return self._forward(hidden, ctx)
+
+    def weights(self):
+        """Context in which the stage's linear layers compute with its packed weights, if any."""
+        return self.packed.active() if self.packed is not None else nullcontext()
 
     def _forward(self, hidden: torch.Tensor | None, ctx: AttentionContext) -> torch.Tensor:
         if self.embed is not None:
