@@ -1,6 +1,7 @@
 """Run tdpipe_hf with one process per stage under torchrun or accelerate launch.
 
     torchrun --nproc-per-node 2 benchmarks/torchrun_generate.py --num-prompts 16 --max-new-tokens 32
+    torchrun --nproc-per-node 2 benchmarks/torchrun_generate.py --devices cuda --dtype bfloat16  # a GPU per rank
     accelerate launch --multi_gpu --num_processes 2 benchmarks/torchrun_generate.py
     # two machines: torchrun --nnodes 2 --nproc-per-node 1 --node-rank R --master-addr HOST --master-port 29500 ...
 
@@ -25,16 +26,22 @@ def main() -> int:
     parser.add_argument("--kv-blocks", type=int, default=None)
     parser.add_argument("--tiny", type=int, default=None, help="seed of a tiny random Llama (no weights needed)")
     parser.add_argument("--output", help="write the generated ids here as JSON")
+    parser.add_argument("--devices", help="stage devices; 'cuda': each rank its node's GPU LOCAL_RANK (default: CPU)")
+    parser.add_argument("--dtype", help="weights' dtype, e.g. bfloat16 (default: as stored)")
     args = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     options = {"kv_blocks": args.kv_blocks} if args.kv_blocks else {}
+    if args.devices:
+        options["devices"] = args.devices
     if args.tiny is not None:
         import torch
 
         from tdpipe_hf.models import tiny_random_model
 
         model = tiny_random_model("llama", seed=args.tiny)
+        if args.dtype:
+            model.to(getattr(torch, args.dtype))
         gen = torch.Generator().manual_seed(args.tiny)
         prompts = [torch.randint(3, 97, (int(n),), generator=gen).tolist()
                    for n in torch.randint(1, 30, (args.num_prompts,), generator=gen)]
@@ -42,7 +49,7 @@ def main() -> int:
         from tdpipe_hf.bench import chat_token_ids, load_prompts
         from tdpipe_hf.models import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer()
+        model, tokenizer = load_model_and_tokenizer(dtype=args.dtype)
         prompts = chat_token_ids(tokenizer, load_prompts(limit=args.num_prompts))
     model = tdpipe_hf.wrap(model, num_stages=world, executor="distributed", **options)
     # from here on, only rank 0 runs

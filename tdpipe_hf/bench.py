@@ -99,6 +99,7 @@ def run_hf_generate(model, prompts: list[list[int]], max_new_tokens: int, batch_
     for begin in range(0, len(order), batch_size):
         group = order[begin:begin + batch_size]
         ids, mask = left_pad([prompts[i] for i in group], pad_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
         width = ids.shape[1]
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,

@@ -26,6 +26,27 @@ def _positive(text: str) -> int:
     return value
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _add_placement(parser: argparse.ArgumentParser) -> None:
+    """Where the model runs: ``--devices`` (stage devices) and ``--dtype``."""
+    parser.add_argument("--devices", help="stage devices, one per stage or one for all, e.g. cuda:0,cuda:1 "
+                                          "(default: the CPU)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="weights' dtype (default: as stored; bfloat16 is the usual choice on GPUs)")
+
+
+def _placement(args) -> dict:
+    """The ``from_pretrained`` keywords ``--devices`` and ``--dtype`` ask for."""
+    options = {}
+    if args.devices:
+        options["devices"] = args.devices
+    if args.dtype:
+        options["dtype"] = args.dtype
+    return options
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tdpipe", description="TD-Pipe pipelined inference for HF causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None, help="torch seed for --sample")
+    _add_placement(gen)
 
     run = commands.add_parser("run", help="answer a JSONL file of prompts into a JSONL file (resumable)")
     run.add_argument("input", nargs="?", help="JSONL with 'prompt', 'messages' or OpenAI batch lines "
@@ -73,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--online-learning", action="store_true",
                      help="finished answers' lengths keep training the predictor during the run")
     run.add_argument("--no-chat-template", action="store_true", help="tokenize 'prompt' lines as plain text")
+    _add_placement(run)
 
     train = commands.add_parser("train-predictor", help="label prompts with the model's own output lengths, fit an "
                                                         "output-length predictor, report accuracy, save it")
@@ -115,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--hf-batch-size", type=_positive, default=16, help="static batch size for HF generate")
     bench.add_argument("--kv-blocks", type=_positive, default=None, help="tdpipe KV budget in blocks")
     bench.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
+    _add_placement(bench)
 
     sim = commands.add_parser("simulate", help="paper-scale discrete-event simulation: the real scheduler and "
                                                "policies on simulated GPUs (throughput, bubbles, plots)")
@@ -152,7 +176,8 @@ def _generate(args) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     print("loading model ...", file=sys.stderr)
-    model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, executor=args.executor)
+    model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, executor=args.executor,
+                                                 **_placement(args))
     messages = [{"role": "user", "content": args.prompt}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True)
@@ -175,6 +200,7 @@ def _generate(args) -> int:
 
 def _bench(args) -> int:
     from . import bench
+    from .config import TDPipeConfig
     from .models import load_model_and_tokenizer
 
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
@@ -183,8 +209,12 @@ def _bench(args) -> int:
         raise SystemExit(f"tdpipe bench: unknown system(s) {unknown}; choose from {', '.join(bench.SYSTEMS)}")
     prompts = bench.load_prompts(args.prompts, limit=args.num_prompts)
     print(f"loading model ...; {len(prompts)} prompts, max_new_tokens={args.max_new_tokens}", file=sys.stderr)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    placement = _placement(args)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=placement.pop("dtype", None))
     options = {"kv_blocks": args.kv_blocks} if args.kv_blocks else {}
+    if args.devices:  # HF's rows run on the first stage device
+        model.to(TDPipeConfig(devices=args.devices).devices[0])
+        options["devices"] = args.devices
     if args.threads_per_stage:
         options["threads_per_stage"] = args.threads_per_stage
     if args.pack_weights:
@@ -217,7 +247,7 @@ def _run(args) -> int:
     if args.kv_blocks:
         options["kv_blocks"] = args.kv_blocks
     print(f"loading model ...; {input_path} -> {output}", file=sys.stderr)
-    model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, **options)
+    model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, **options, **_placement(args))
     try:
         summary = run_batch(model, tokenizer, input_path, output, args.errors, max_new_tokens=args.max_new_tokens,
                             chat_template=not args.no_chat_template)

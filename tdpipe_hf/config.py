@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .runtime.placement import parse_devices
+
 EXECUTORS = ("local", "distributed")
 ADMISSIONS = ("greedy", "fits")
 LENGTH_PLANNING = ("distribution", "point")
@@ -30,7 +32,10 @@ class TDPipeConfig:
     requests' lengths back to the predictor.
 
     The KV budget is given either in blocks (``kv_blocks``) or in bytes (``kv_cache_bytes``);
-    with neither, it is sized from free memory when the engine starts.
+    with neither, it is sized from free memory when the engine starts, on every stage's device.
+
+    ``devices``: where the stages run, one per stage or one for all (``"cuda:0,cuda:1"`` or a
+    list). Default: the model's device, and a model on a GPU spread over the visible GPUs.
     """
 
     num_stages: int = 1
@@ -54,6 +59,7 @@ class TDPipeConfig:
     threads_per_stage: int | None = None
     micro_batches: int | None = None
     pack_weights: bool = False
+    devices: tuple[str, ...] | str | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_none: bool = False) -> None:
@@ -98,6 +104,10 @@ class TDPipeConfig:
             raise ValueError(f"TDPipeConfig.paper_rules must be True or False, got {self.paper_rules!r}")
         if not isinstance(self.pack_weights, bool):
             raise ValueError(f"TDPipeConfig.pack_weights must be True or False, got {self.pack_weights!r}")
+        self.devices = parse_devices(self.devices)
+        if self.devices is not None and len(self.devices) not in (1, self.num_stages):
+            raise ValueError(f"TDPipeConfig.devices lists {len(self.devices)} devices for {self.num_stages} "
+                             "stages: give one per stage, or one for all")
         if not isinstance(self.stealing, bool):
             raise ValueError(f"TDPipeConfig.stealing must be True or False, got {self.stealing!r}")
 

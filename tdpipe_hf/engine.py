@@ -18,6 +18,8 @@ from .models import model_name
 from .predictors import ConstantPredictor, check_predictor, load_predictor
 from .runtime.distributed import DistributedExecutor, join_torchrun_pipeline, launched_by_torchrun, start_torchrun
 from .runtime.local import LocalExecutor
+from .runtime.placement import stage_devices, torchrun_device
+from .runtime.split import size_costs, split_layers
 from .runtime.stage import StageSetup, blocks_for_budget, build_stages, kv_geometry
 from .scheduling import build_scheduler, build_switch
 
@@ -44,17 +46,41 @@ def default_kv_bytes(device: torch.device) -> int:
     return free // 2 if device.type == "cuda" else min(free // 5, DEFAULT_CPU_KV_BYTES)
 
 
+def kv_blocks_on_devices(model, num_stages: int, block_size: int, devices: dict[int, torch.device],
+                         budget_bytes: int | None = None) -> int:
+    """The KV blocks the budget holds: ``budget_bytes`` for the whole model, or else each stage
+    device's default share of its free memory (``devices``: stage index -> device) for the layers
+    that device will hold under the byte split (a measured re-split moves a layer or two)."""
+    if budget_bytes is not None:
+        budgets = {None: (budget_bytes, None)}
+    else:
+        layers_on: dict[torch.device, int] = {}
+        ranges = split_layers(size_costs(model), num_stages)
+        for stage, device in devices.items():
+            layers_on[device] = layers_on.get(device, 0) + len(ranges[stage])
+        budgets = {device: (default_kv_bytes(device), layers) for device, layers in layers_on.items()}
+    blocks = {device: blocks_for_budget(model, budget, block_size, layers)
+              for device, (budget, layers) in budgets.items()}
+    device, fewest = min(blocks.items(), key=lambda item: item[1])
+    if fewest < 1:
+        where = "" if device is None else f" on {device}"
+        raise ValueError(f"KV budget of {budgets[device][0]} bytes{where} is smaller than one block of "
+                         f"{block_size} tokens")
+    return fewest
+
+
 class TDPipeEngine:
     def __init__(self, model, config: TDPipeConfig):
         self.config = config
-        device = next(model.parameters()).device
-        if config.kv_blocks is not None:
-            self.num_blocks = config.kv_blocks
+        self.torchrun = config.executor == "distributed" and launched_by_torchrun()
+        model_device = next(model.parameters()).device
+        if self.torchrun:  # this rank's stage only; the ranks agree on the KV budget when they join
+            rank = int(os.environ["RANK"])
+            self.devices = {rank: torchrun_device(model_device, rank, config.devices)}
         else:
-            budget = config.kv_cache_bytes or default_kv_bytes(device)
-            self.num_blocks = blocks_for_budget(model, budget, config.block_size)
-            if self.num_blocks < 1:
-                raise ValueError(f"KV budget of {budget} bytes is smaller than one block of {config.block_size} tokens")
+            self.devices = dict(enumerate(stage_devices(model_device, config.num_stages, config.devices)))
+        self.num_blocks = config.kv_blocks or kv_blocks_on_devices(model, config.num_stages, config.block_size,
+                                                                   self.devices, config.kv_cache_bytes)
         self.switch_cls = plugins.load(plugins.SWITCH_POLICIES, config.switch_policy)
         build_switch(config, self.switch_cls)  # a broken plugin fails here, naming itself, not mid-run
         self.model_name = model_name(model)
@@ -82,16 +108,19 @@ class TDPipeEngine:
 
     def _make_executor(self, model, config: TDPipeConfig):
         setup = StageSetup(self.num_blocks, config.block_size, *kv_geometry(model), pack_weights=config.pack_weights)
+        devices = list(self.devices.values())
         if config.executor == "local":
-            return LocalExecutor(build_stages(model, config.num_stages, setup), config.block_size)
-        if launched_by_torchrun():  # every rank splits the same way without measuring
+            return LocalExecutor(build_stages(model, config.num_stages, setup, devices=devices), config.block_size)
+        if self.torchrun:  # every rank splits the same way without measuring
             threads = start_torchrun(config.num_stages, config.threads_per_stage)
-            executor = join_torchrun_pipeline(build_stages(model, config.num_stages, None), setup, threads)
+            executor = join_torchrun_pipeline(build_stages(model, config.num_stages, None), setup, threads,
+                                              devices[0])
             self.num_blocks = executor.num_blocks  # the smallest budget of all ranks
             return executor
-        # workers apply the setup and time their stage; a measured split rebuilds the stages
+        # workers place their stage, apply the setup and time it; a measured split rebuilds the stages
         return DistributedExecutor(build_stages(model, config.num_stages, None), setup, config.threads_per_stage,
-                                   resplit=lambda costs: build_stages(model, config.num_stages, None, costs))
+                                   resplit=lambda costs: build_stages(model, config.num_stages, None, costs),
+                                   devices=devices)
 
     @property
     def stage_layers(self) -> list[range]:

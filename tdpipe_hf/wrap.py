@@ -75,9 +75,10 @@ def unwrap(model):
     return model
 
 
-def from_pretrained(path=None, num_stages: int = 1, **options):
-    """Load ``path`` (default: the shipped SmolLM2) and wrap it. Returns (model, tokenizer)."""
+def from_pretrained(path=None, num_stages: int = 1, dtype=None, **options):
+    """Load ``path`` (default: the shipped SmolLM2) in ``dtype`` (default: as stored) and wrap it.
+    Returns (model, tokenizer). The weights load on the CPU; ``devices=...`` moves the stages."""
     from .models import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(path)
+    model, tokenizer = load_model_and_tokenizer(path, dtype=dtype)
     return wrap(model, num_stages=num_stages, **options), tokenizer

@@ -29,6 +29,7 @@ from .attention import AttentionContext
 from .attention import register as register_attention
 from .local import StageError
 from .malloc import tune_glibc_malloc
+from .placement import GLOO, GLOO_AND_NCCL, activation_backend, wire_device
 from .sampler import sample_batch
 from .split import RESPLIT_GAIN, StageCosts, measured_costs, probe_stage, split_layers
 from .stage import Stage, StageSetup
@@ -85,13 +86,17 @@ class DistributedExecutor:
     :class:`LocalExecutor`. Workers start on first use and are restarted after a failure."""
 
     def __init__(self, stages: list[Stage], setup: StageSetup, threads_per_stage: int | None = None,
-                 resplit: Callable[[StageCosts], list[Stage]] | None = None):
+                 resplit: Callable[[StageCosts], list[Stage]] | None = None,
+                 devices: list[torch.device] | None = None):
         """``resplit(costs)`` builds the stages for a split balanced on ``costs``: given it, the
         workers time their stages at the first start and the pipeline is re-split once if that
-        makes the slowest stage at least ``RESPLIT_GAIN`` faster."""
+        makes the slowest stage at least ``RESPLIT_GAIN`` faster. ``devices``: where each worker
+        runs its stage (default: where the stage's weights are)."""
         self.stages = stages
         self.num_stages = len(stages)
         self.setup = setup
+        self.devices = devices or [stage.device for stage in stages]
+        self.backend = activation_backend(self.devices)
         self.threads = threads_per_stage or default_threads(self.num_stages)
         self.costs: StageCosts | None = None  # measured by the workers at the first start
         self._resplit = resplit if self.num_stages > 1 else None
@@ -138,7 +143,7 @@ class DistributedExecutor:
         for rank, stage in enumerate(self.stages):
             proc = ctx.Process(target=_worker_main, name=f"tdpipe-stage-{rank}", daemon=True,
                                args=(rank, self.num_stages, port, stage, self.setup, self.threads,
-                                     self._restage[rank], self._plans if rank == 0 else None,
+                                     self.devices[rank], self.backend, self._restage[rank], self._plans if rank == 0 else None,
                                      self._results if rank == self.num_stages - 1 else None, self._control,
                                      self._errors, self._beats))
             proc.start()
@@ -264,22 +269,26 @@ def _heartbeat(beats, rank: int) -> None:
         time.sleep(HEARTBEAT_SECONDS)
 
 
-def _prepare_stage(stage: Stage, setup: StageSetup, threads: int) -> None:
+def _prepare_stage(stage: Stage, setup: StageSetup, threads: int, device: torch.device) -> None:
     """Everything a stage process does before serving, in either launch mode."""
     torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     register_attention()
+    stage.place(device)
     setup.apply(stage)
 
 
-def _worker_main(rank, world, port, stage, setup, threads, restage, plans, results, control, errors, beats):
+def _worker_main(rank, world, port, stage, setup, threads, device, backend, restage, plans, results, control,
+                 errors, beats):
     import threading
 
     threading.Thread(target=_heartbeat, args=(beats, rank), name="tdpipe-heartbeat", daemon=True).start()
     try:
         _pin_to_cores(rank, threads)
         tune_glibc_malloc()
-        _prepare_stage(stage, setup, threads)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        _prepare_stage(stage, setup, threads, device)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(minutes=30))
         if restage is not None:  # time the stage, then serve the one the executor picks
             control.put(("probe", rank, probe_stage(stage)))
@@ -288,9 +297,9 @@ def _worker_main(rank, world, port, stage, setup, threads, restage, plans, resul
                 stage.release()
                 stage.kv = None  # the spawn arguments keep the old stage alive: drop its cache now
                 stage = replacement
-                _prepare_stage(stage, setup, threads)
+                _prepare_stage(stage, setup, threads, device)
         control.put(("ready", rank, None))
-        _StageWorker(rank, world, stage, setup.block_size, plans, results.put if results else None).loop()
+        _StageWorker(rank, world, stage, setup.block_size, backend, plans, results.put if results else None).loop()
         dist.destroy_process_group()
     except Exception as exc:
         errors.put((rank, f"{type(exc).__name__}: {exc}\n\nworker traceback:\n{traceback.format_exc(limit=8)}"))
@@ -322,7 +331,7 @@ class _StageWorker:
     """Runs one stage: micro-batches in (from ``plans`` on stage 0, from the previous rank
     otherwise), hidden states out to the next rank, or a StepResult to ``deliver`` on the last."""
 
-    def __init__(self, rank, world, stage, block_size, plans, deliver, on_shutdown=None):
+    def __init__(self, rank, world, stage, block_size, backend, plans, deliver, on_shutdown=None):
         self.rank = rank
         self.world = world
         self.stage = stage
@@ -331,7 +340,8 @@ class _StageWorker:
         self.deliver = deliver
         self.on_shutdown = on_shutdown
         self.is_last = rank == world - 1
-        self.device = next(stage.layers[0].parameters()).device
+        self.device = stage.device
+        self.wire = wire_device(backend, self.device)  # where hidden states travel from
         self._pending: list = []  # isend handles (and the tensors they read) still in flight
 
     def loop(self) -> None:
@@ -369,7 +379,7 @@ class _StageWorker:
         if header is None:
             return None, None, None
         batch, events, dtype = _recv_object(header, self.rank - 1)
-        hidden = torch.empty((1, int(header[1]), int(header[2])), dtype=dtype)
+        hidden = torch.empty((1, int(header[1]), int(header[2])), dtype=dtype, device=self.wire)
         dist.recv(hidden, src=self.rank - 1)
         return batch, events, hidden.to(self.device)
 
@@ -377,7 +387,7 @@ class _StageWorker:
         t0 = time.perf_counter()
         self._drain()  # the previous micro-batch must have left before this one goes
         events = events + [(self.rank, "send", batch.batch_id, batch.phase, t0, time.perf_counter())]
-        hidden = hidden.contiguous().cpu()  # gloo moves host tensors
+        hidden = hidden.contiguous().to(self.wire)  # NCCL sends GPU tensors; gloo, host copies
         self._pending += _isend_object((batch, events, hidden.dtype), self.rank + 1, hidden.shape[1:])
         self._pending.append((dist.isend(hidden, dst=self.rank + 1), hidden))
 
@@ -411,14 +421,15 @@ def start_torchrun(num_stages: int, threads_per_stage: int | None = None) -> int
     world = int(os.environ["WORLD_SIZE"])
     if world != num_stages:
         raise ValueError(f"launched with {world} processes but num_stages={num_stages}; they must be equal")
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    if not dist.is_initialized():  # NCCL starts only if GPU activations are sent (see join_torchrun_pipeline)
+        dist.init_process_group(GLOO_AND_NCCL if torch.cuda.is_available() else GLOO, timeout=timedelta(minutes=30))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return threads_per_stage or max(1, (os.cpu_count() or 1) // local_world)
 
 
-def join_torchrun_pipeline(stages: list[Stage], setup: StageSetup, threads: int):
-    """Called on every rank, after :func:`start_torchrun`, with the same stage split.
+def join_torchrun_pipeline(stages: list[Stage], setup: StageSetup, threads: int, device: torch.device):
+    """Called on every rank, after :func:`start_torchrun`, with the same stage split; ``device``
+    is where this rank runs its stage.
 
     Rank 0 gets a :class:`TorchrunExecutor` (its own stage runs on a thread beside the
     controller). Every other rank serves its stage until rank 0 closes the pipeline, then exits
@@ -430,11 +441,14 @@ def join_torchrun_pipeline(stages: list[Stage], setup: StageSetup, threads: int)
     agreed = torch.tensor([setup.num_blocks], dtype=torch.long)
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
     setup = dataclasses.replace(setup, num_blocks=int(agreed))
+    places: list = [None] * world  # (host, device) of every rank: NCCL only if each has a GPU of its own
+    dist.all_gather_object(places, (socket.gethostname(), str(device)))
+    backend = activation_backend([torch.device(d) for _, d in places], hosts=[host for host, _ in places])
     stage = stages[rank]
-    _prepare_stage(stage, setup, threads)
+    _prepare_stage(stage, setup, threads, device)
     if rank == 0:
-        return TorchrunExecutor(stages, setup.block_size, setup.num_blocks)
-    worker = _StageWorker(rank, world, stage, setup.block_size, None, None)
+        return TorchrunExecutor(stages, setup.block_size, setup.num_blocks, backend)
+    worker = _StageWorker(rank, world, stage, setup.block_size, backend, None, None)
     if worker.is_last:
         worker.deliver, worker.on_shutdown = worker.send_result, worker.send_result_shutdown
     worker.loop()
@@ -445,7 +459,7 @@ def join_torchrun_pipeline(stages: list[Stage], setup: StageSetup, threads: int)
 class TorchrunExecutor:
     """Rank 0's side of a torchrun pipeline: stage 0 on a thread, results received on another."""
 
-    def __init__(self, stages: list[Stage], block_size: int, num_blocks: int):
+    def __init__(self, stages: list[Stage], block_size: int, num_blocks: int, backend: str):
         import threading
 
         self.stages = stages
@@ -453,7 +467,7 @@ class TorchrunExecutor:
         self.num_blocks = num_blocks
         self._plans: queue.Queue = queue.Queue()
         self._results: queue.Queue = queue.Queue()
-        worker = _StageWorker(0, self.num_stages, stages[0], block_size, self._plans, None)
+        worker = _StageWorker(0, self.num_stages, stages[0], block_size, backend, self._plans, None)
         self._threads = [threading.Thread(target=self._guard, args=(worker.loop,), name="tdpipe-stage-0", daemon=True),
                          threading.Thread(target=self._guard, args=(self._receive_results,), name="tdpipe-results",
                                           daemon=True)]

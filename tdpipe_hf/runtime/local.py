@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections import deque
 
+import torch
+
 from ..plan import MicroBatch, StepResult
 from .attention import AttentionContext
 from .sampler import sample_batch
@@ -16,7 +18,8 @@ class StageError(RuntimeError):
 
 
 class LocalExecutor:
-    """Runs submitted micro-batches in order, each through all stages.
+    """Runs submitted micro-batches in order, each through all stages (which may sit on
+    different devices: hidden states move between them).
 
     ``submit`` only queues: the controller may keep ``num_stages`` micro-batches in flight exactly
     as with a real pipeline, and ``collect`` executes the oldest one. This keeps the controller
@@ -36,14 +39,18 @@ class LocalExecutor:
         if not self._queue:
             raise RuntimeError("collect() called with no micro-batch in flight")
         batch = self._queue.popleft()
-        device = self.stages[0].kv.keys.device
-        ctx = AttentionContext.build(batch, self.block_size, device)
+        contexts: dict[torch.device, AttentionContext] = {}  # one per device the stages run on
         hidden = None
         seconds, events = [], []
         for index, stage in enumerate(self.stages):
             start = time.perf_counter()
+            device = stage.kv.keys.device
+            if device not in contexts:
+                contexts[device] = AttentionContext.build(batch, self.block_size, device)
             try:
-                hidden = stage.forward(hidden, ctx)
+                if hidden is not None:
+                    hidden = hidden.to(device)
+                hidden = stage.forward(hidden, contexts[device])
             except Exception as exc:
                 self._queue.clear()
                 raise StageError(f"stage {index} (layers {stage.index_range.start}-{stage.index_range.stop - 1}) "

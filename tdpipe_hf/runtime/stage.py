@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -26,6 +27,27 @@ class Stage:
         self.rotary = inner.rotary_emb
         self.kv = kv
         self.packed: PackedLinears | None = None
+        self.home = self.device  # where the model keeps these modules; see place()
+        self._shared = (self.embed, self.lm_head, self.rotary)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.layers[0].parameters()).device
+
+    def place(self, device: torch.device | str) -> None:
+        """Run the stage on ``device``. Its decoder layers and final norm belong to it alone and
+        move; the embedding, LM head (often tied to the embedding) and rotary tables may be shared
+        with other stages of the same model, so the stage takes copies of them instead."""
+        device = torch.device(device)
+        if device == self.device:
+            return
+        if self.kv is not None or self.packed is not None:
+            raise RuntimeError("place() a stage before its KV cache is allocated and its weights packed")
+        for module in (*self.layers, self.norm):
+            if module is not None:
+                module.to(device)
+        self.embed, self.lm_head, self.rotary = (None if module is None else copy.deepcopy(module).to(device)
+                                                 for module in self._shared)
 
     def allocate_kv(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> None:
         """Give the stage its own KV tensors (in the process that runs it)."""
@@ -44,10 +66,17 @@ class Stage:
             self.packed = PackedLinears([*self.layers, *([self.lm_head] if self.lm_head is not None else [])])
 
     def release(self) -> None:
-        """Undo :meth:`pack_weights`: the model's modules compute with their own weights again."""
+        """Undo :meth:`pack_weights` and :meth:`place`: the model's modules compute with their own
+        weights again, on the device they came from."""
         if self.packed is not None:
             self.packed.restore()
             self.packed = None
+        if self.device != self.home:
+            self.kv = None
+            for module in (*self.layers, self.norm):
+                if module is not None:
+                    module.to(self.home)
+            self.embed, self.lm_head, self.rotary = self._shared
 
     def __getstate__(self):
         if self.packed is not None:
@@ -113,21 +142,28 @@ class StageSetup:
             stage.pack_weights()
 
 
-def build_stages(model, num_stages: int, setup: StageSetup | None, costs: StageCosts | None = None) -> list[Stage]:
-    """The model's stages, balanced by ``costs`` (default: weight sizes) and made ready here with
-    ``setup``; with None they carry no KV yet (a worker process applies the setup)."""
+def build_stages(model, num_stages: int, setup: StageSetup | None, costs: StageCosts | None = None,
+                 devices: list[torch.device] | None = None) -> list[Stage]:
+    """The model's stages, balanced by ``costs`` (default: weight sizes), placed on ``devices``
+    and made ready here with ``setup``; with None they are neither placed nor given KV yet (a
+    worker process does both)."""
     ranges = split_layers(costs or size_costs(model), num_stages)
     stages = []
     for i, layers in enumerate(ranges):
         stage = Stage(model, layers, i == 0, i == len(ranges) - 1, None)
         if setup is not None:
+            if devices is not None:
+                stage.place(devices[i])
             setup.apply(stage)
         stages.append(stage)
     return stages
 
 
-def blocks_for_budget(model, budget_bytes: int, block_size: int) -> int:
+def blocks_for_budget(model, budget_bytes: int, block_size: int, num_layers: int | None = None) -> int:
+    """KV blocks that fit in ``budget_bytes`` when it holds ``num_layers`` layers' share of each
+    block (default: all of them)."""
     kv_heads, head_dim = kv_geometry(model)
-    per_block = PagedKVCache.bytes_per_block(len(model.model.layers), block_size, kv_heads, head_dim, model.dtype)
+    layers = len(model.model.layers) if num_layers is None else num_layers
+    per_block = PagedKVCache.bytes_per_block(layers, block_size, kv_heads, head_dim, model.dtype)
     return max(0, budget_bytes // per_block)
 

@@ -1,0 +1,115 @@
+"""Stage devices: validation, the default spread over GPUs, moving a stage without disturbing the
+model's other stages, per-device KV budgets, and the choice between gloo and NCCL.
+
+This machine has no GPU: the "meta" device stands in for a second device where a test only
+needs to see where tensors went, and CUDA device objects (which need no GPU to exist) test the
+transport rule. ``test_gpu.py`` runs the same paths on real GPUs when there are some."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tdpipe_hf
+from conftest import hf_generate, left_padded, random_prompts, tiny_model
+from tdpipe_hf.config import TDPipeConfig
+from tdpipe_hf.engine import kv_blocks_on_devices
+from tdpipe_hf.runtime.attention import register as register_attention
+from tdpipe_hf.runtime.placement import (GLOO, GLOO_AND_NCCL, activation_backend, parse_devices, stage_devices,
+                                         torchrun_device, wire_device)
+from tdpipe_hf.runtime.stage import StageSetup, build_stages, kv_geometry
+
+CPU, META = torch.device("cpu"), torch.device("meta")
+
+
+def cuda(index: int) -> torch.device:
+    return torch.device("cuda", index)
+
+
+@pytest.mark.parametrize("devices, message", [
+    ("cuda:0", "this machine has 0 CUDA devices"),
+    ("cpu,tpu", "'tpu' is not a device name"),
+    ("cpu,xpu", "only cpu and cuda devices are supported"),
+    ("cpu,cpu,cpu", "lists 3 devices for 2 stages"),
+    ("", "is not a device name"),
+])
+def test_bad_devices_are_refused_naming_the_entry(devices, message):
+    if torch.cuda.is_available() and devices == "cuda:0":
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match=message):
+        TDPipeConfig(num_stages=2, devices=devices)
+
+
+def test_devices_accept_a_string_a_list_or_one_for_all():
+    assert TDPipeConfig(num_stages=2, devices="cpu, cpu").devices == ("cpu", "cpu")
+    assert TDPipeConfig(num_stages=2, devices=["cpu", "cpu"]).devices == ("cpu", "cpu")
+    assert parse_devices(None) is None
+    assert stage_devices(CPU, 3, ("cpu",)) == [CPU] * 3
+
+
+def test_default_devices_keep_the_model_device_or_spread_over_gpus(monkeypatch):
+    assert stage_devices(CPU, 2, None) == [CPU, CPU]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert stage_devices(cuda(0), 3, None) == [cuda(0), cuda(1), cuda(0)]
+    assert stage_devices(CPU, 3, ("cuda",)) == [cuda(0), cuda(1), cuda(0)]  # plain "cuda": one GPU each in turn
+    assert stage_devices(CPU, 2, ("cuda:1",)) == [cuda(1), cuda(1)]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # rank 3 on its node's second GPU
+    assert torchrun_device(CPU, 3, ("cuda",)) == cuda(1)
+    assert torchrun_device(cuda(0), 3, None) == cuda(1)
+    assert torchrun_device(CPU, 3, None) == CPU
+    assert torchrun_device(CPU, 3, ("cpu", "cpu", "cpu", "cuda:0")) == cuda(0)
+
+
+def test_nccl_carries_activations_only_between_distinct_gpus():
+    assert activation_backend([cuda(0), cuda(1)]) == GLOO_AND_NCCL
+    assert activation_backend([cuda(0), cuda(0)]) == GLOO  # NCCL refuses two ranks on one GPU
+    assert activation_backend([cuda(0), CPU]) == GLOO
+    assert activation_backend([CPU, CPU]) == GLOO
+    assert activation_backend([cuda(0), cuda(0)], hosts=["node-a", "node-b"]) == GLOO_AND_NCCL
+    assert wire_device(GLOO_AND_NCCL, cuda(1)) == cuda(1)
+    assert wire_device(GLOO, cuda(1)) == CPU
+
+
+def test_a_moved_stage_takes_copies_of_modules_it_may_share():
+    """SmolLM2-style tied embeddings: stage 1 moving its LM head must not move stage 0's embedding."""
+    model = tiny_model("llama", seed=3, tie_word_embeddings=True)
+    inner = model.model
+    assert model.lm_head.weight is inner.embed_tokens.weight
+    first, last = build_stages(model, 2, None)
+    last.place(META)
+    assert last.device == META and all(p.device == META for layer in last.layers for p in layer.parameters())
+    assert last.lm_head.weight.device == META and last.norm.weight.device == META
+    assert last.rotary.inv_freq.device == META
+    assert inner.embed_tokens.weight.device == CPU and model.lm_head.weight.device == CPU
+    assert first.device == CPU and first.rotary.inv_freq.device == CPU
+    assert first.embed is inner.embed_tokens
+    model.set_attn_implementation(register_attention())
+    StageSetup(4, 4, *kv_geometry(model)).apply(last)
+    assert last.kv.keys.device == META
+    with pytest.raises(RuntimeError, match="before its KV cache is allocated"):
+        last.place(CPU)
+
+
+def test_kv_budget_is_sized_per_device_for_the_layers_it_holds():
+    model = tiny_model("llama", seed=5)  # 4 layers: 2 + 2
+    one = kv_blocks_on_devices(model, 2, 16, {0: CPU, 1: CPU})
+    two = kv_blocks_on_devices(model, 2, 16, {0: CPU, 1: META})
+    assert 2 * one <= two <= 2 * one + 1  # each device holds half the layers' share of a block
+    assert kv_blocks_on_devices(model, 2, 16, {0: CPU, 1: META}, budget_bytes=10**6) == \
+        kv_blocks_on_devices(model, 2, 16, {0: CPU, 1: CPU}, budget_bytes=10**6)  # a given budget is for all
+
+
+def test_explicit_devices_run_the_pipeline_with_hf_tokens():
+    model = tiny_model("llama", seed=7)
+    ids, mask = left_padded(random_prompts(6, seed=8))
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    for executor in ("local", "distributed"):
+        tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=64, executor=executor, devices="cpu,cpu")
+        try:
+            actual = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+            if executor == "distributed":
+                assert model.tdpipe_engine.executor.backend == GLOO
+        finally:
+            tdpipe_hf.unwrap(model)
+        assert torch.equal(actual, expected), executor
