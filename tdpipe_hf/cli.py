@@ -110,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--stages", type=_positive, default=1, help="pipeline stages for labelling")
     train.add_argument("--test-fraction", type=float, default=0.2, help="held-out share (default 0.2)")
     train.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    _add_placement(train)
 
     bench = commands.add_parser("bench", help="HF generate vs HF generate_batch vs tdpipe_hf on chat prompts")
     bench.add_argument("--model", help="HF model directory or .gguf file (default: the shipped SmolLM2)")
@@ -284,7 +285,7 @@ def _train_predictor(args) -> int:
     executor = "distributed" if args.stages > 1 else "local"
     print("loading model ...", file=sys.stderr)
     model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, executor=executor,
-                                                 admission="fits")
+                                                 admission="fits", **_placement(args))
     name = model_name(model)
     labels = Path(args.labels) if args.labels else Path(f"{input_path.stem}.{name}.answers.jsonl")
     try:

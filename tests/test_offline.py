@@ -150,3 +150,17 @@ def test_cli_names_a_missing_input(tmp_path, capsys):
     assert "none.jsonl does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["bench", "--stages", "0"])
+
+
+def test_cli_places_stages_and_names_a_missing_gpu(tmp_path, capsys):
+    from tdpipe_hf import cli
+
+    model_dir = tiny_model_dir(tmp_path / "tiny", seed=53)
+    source = write_lines(tmp_path / "in.jsonl", [{"prompt": "hello"}, {"prompt": "pipelines"}])
+    common = ["run", str(source), "--model", str(model_dir), "--stages", "2", "--executor", "local",
+              "--max-new-tokens", "4", "--no-chat-template"]
+    assert cli.main([*common, "-o", str(tmp_path / "gpu.jsonl"), "--devices", "cuda:99"]) == 2
+    assert "'cuda:99' asked for, but this machine has" in capsys.readouterr().err
+    output = tmp_path / "out.jsonl"
+    assert cli.main([*common, "-o", str(output), "--devices", "cpu,cpu", "--dtype", "bfloat16"]) == 0
+    assert sorted(json.loads(line)["id"] for line in output.read_text().splitlines()) == ["line-1", "line-2"]
