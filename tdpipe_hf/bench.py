@@ -138,6 +138,7 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
     (``trace`` with ``-POLICY`` before its suffix)."""
     import tdpipe_hf
     from tdpipe_hf import metrics
+    from tdpipe_hf.runtime.placement import parse_devices
 
     ids = chat_token_ids(tokenizer, prompts)
     eos = set(eos_token_ids(model.generation_config))
@@ -167,7 +168,11 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
 
     def run_tdpipe(system: str, n_stages: int, threads: int | None = None, policy: str = "tdpipe",
                    **options) -> None:
-        tdpipe_hf.wrap(model, num_stages=n_stages, **{**(tdpipe_options or {}), **POLICY_VARIANTS[policy], **options})
+        options = {**(tdpipe_options or {}), **POLICY_VARIANTS[policy], **options}
+        devices = parse_devices(options.get("devices"))
+        if devices is not None and len(devices) > n_stages:  # each row runs on the first devices listed
+            options["devices"] = devices[:n_stages]
+        tdpipe_hf.wrap(model, num_stages=n_stages, **options)
         default_threads = torch.get_num_threads()
         if threads and options.get("executor") != "distributed":
             torch.set_num_threads(threads)

@@ -201,8 +201,8 @@ def _generate(args) -> int:
 
 def _bench(args) -> int:
     from . import bench
-    from .config import TDPipeConfig
     from .models import load_model_and_tokenizer
+    from .runtime.placement import parse_devices
 
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
     unknown = sorted(set(systems) - set(bench.SYSTEMS))
@@ -214,8 +214,8 @@ def _bench(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=placement.pop("dtype", None))
     options = {"kv_blocks": args.kv_blocks} if args.kv_blocks else {}
     if args.devices:  # HF's rows run on the first stage device
-        model.to(TDPipeConfig(devices=args.devices).devices[0])
-        options["devices"] = args.devices
+        options["devices"] = parse_devices(args.devices)
+        model.to(options["devices"][0])
     if args.threads_per_stage:
         options["threads_per_stage"] = args.threads_per_stage
     if args.pack_weights:

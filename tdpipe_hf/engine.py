@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import plugins
@@ -16,11 +17,11 @@ from .controller import Controller, Request, Scheduler
 from .controller.controller import RunStats
 from .models import model_name
 from .predictors import ConstantPredictor, check_predictor, load_predictor
-from .runtime.distributed import DistributedExecutor, join_torchrun_pipeline, launched_by_torchrun, start_torchrun
+from .runtime.distributed import (DistributedExecutor, join_torchrun_pipeline, launched_by_torchrun, start_torchrun,
+                                  torchrun_places)
 from .runtime.local import LocalExecutor
 from .runtime.placement import stage_devices, torchrun_device
-from .runtime.split import size_costs, split_layers
-from .runtime.stage import StageSetup, blocks_for_budget, build_stages, kv_geometry
+from .runtime.stage import Stage, StageSetup, blocks_for_budget, build_stages, kv_geometry
 from .scheduling import build_scheduler, build_switch
 
 DEFAULT_CPU_KV_BYTES = 2 << 30
@@ -40,25 +41,28 @@ def _available_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def default_kv_bytes(device: torch.device) -> int:
-    """Half the free GPU memory, or a fifth of free host memory capped at 2 GiB on CPU."""
-    free = _available_memory(device)
+def default_kv_bytes(device: torch.device, arriving: int = 0) -> int:
+    """Half the free GPU memory, or a fifth of free host memory capped at 2 GiB on CPU, counting
+    as taken the ``arriving`` bytes of weights about to be placed there."""
+    free = max(0, _available_memory(device) - arriving)
     return free // 2 if device.type == "cuda" else min(free // 5, DEFAULT_CPU_KV_BYTES)
 
 
-def kv_blocks_on_devices(model, num_stages: int, block_size: int, devices: dict[int, torch.device],
+def kv_blocks_on_devices(model, stages: list[Stage], block_size: int, devices: dict[int, torch.device],
                          budget_bytes: int | None = None) -> int:
-    """The KV blocks the budget holds: ``budget_bytes`` for the whole model, or else each stage
-    device's default share of its free memory (``devices``: stage index -> device) for the layers
-    that device will hold under the byte split (a measured re-split moves a layer or two)."""
+    """The KV blocks the budget holds: ``budget_bytes`` for the whole model, or else each device's
+    default share of its free memory (``devices``: stage index -> device, every stage that will
+    run on this machine) for the layers of the stages it will hold."""
     if budget_bytes is not None:
         budgets = {None: (budget_bytes, None)}
     else:
         layers_on: dict[torch.device, int] = {}
-        ranges = split_layers(size_costs(model), num_stages)
-        for stage, device in devices.items():
-            layers_on[device] = layers_on.get(device, 0) + len(ranges[stage])
-        budgets = {device: (default_kv_bytes(device), layers) for device, layers in layers_on.items()}
+        arriving: dict[torch.device, int] = {}
+        for index, device in devices.items():
+            layers_on[device] = layers_on.get(device, 0) + len(stages[index].layers)
+            arriving[device] = arriving.get(device, 0) + stages[index].bytes_to_place(device)
+        budgets = {device: (default_kv_bytes(device, arriving[device]), layers)
+                   for device, layers in layers_on.items()}
     blocks = {device: blocks_for_budget(model, budget, block_size, layers)
               for device, (budget, layers) in budgets.items()}
     device, fewest = min(blocks.items(), key=lambda item: item[1])
@@ -74,18 +78,21 @@ class TDPipeEngine:
         self.config = config
         self.torchrun = config.executor == "distributed" and launched_by_torchrun()
         model_device = next(model.parameters()).device
-        if self.torchrun:  # this rank's stage only; the ranks agree on the KV budget when they join
-            rank = int(os.environ["RANK"])
-            self.devices = {rank: torchrun_device(model_device, rank, config.devices)}
+        stages = build_stages(model, config.num_stages)
+        if self.torchrun:  # this node's stages size the budget; the ranks agree on the smallest when they join
+            self.threads = start_torchrun(config.num_stages, config.threads_per_stage)
+            self.places = torchrun_places(torchrun_device(model_device, dist.get_rank(), config.devices))
+            host = self.places[dist.get_rank()][0]
+            self.devices = {rank: device for rank, (where, device) in enumerate(self.places) if where == host}
         else:
             self.devices = dict(enumerate(stage_devices(model_device, config.num_stages, config.devices)))
-        self.num_blocks = config.kv_blocks or kv_blocks_on_devices(model, config.num_stages, config.block_size,
-                                                                   self.devices, config.kv_cache_bytes)
+        self.num_blocks = config.kv_blocks or kv_blocks_on_devices(model, stages, config.block_size, self.devices,
+                                                                   config.kv_cache_bytes)
         self.switch_cls = plugins.load(plugins.SWITCH_POLICIES, config.switch_policy)
         build_switch(config, self.switch_cls)  # a broken plugin fails here, naming itself, not mid-run
         self.model_name = model_name(model)
         self.predictor = self._make_predictor(config) if config.admission == "greedy" else None
-        self.executor = self._make_executor(model, config)
+        self.executor = self._make_executor(model, stages, config)
         self.last_stats: RunStats | None = None
 
     def _make_predictor(self, config: TDPipeConfig):
@@ -106,21 +113,18 @@ class TDPipeEngine:
         """A fresh scheduler for one run: the configured policy's parts."""
         return build_scheduler(self.config, self.num_blocks, in_flight, self.predictor, self.switch_cls)
 
-    def _make_executor(self, model, config: TDPipeConfig):
+    def _make_executor(self, model, stages: list[Stage], config: TDPipeConfig):
         setup = StageSetup(self.num_blocks, config.block_size, *kv_geometry(model), pack_weights=config.pack_weights)
-        devices = list(self.devices.values())
         if config.executor == "local":
-            return LocalExecutor(build_stages(model, config.num_stages, setup, devices=devices), config.block_size)
+            return LocalExecutor(stages, setup, list(self.devices.values()))
         if self.torchrun:  # every rank splits the same way without measuring
-            threads = start_torchrun(config.num_stages, config.threads_per_stage)
-            executor = join_torchrun_pipeline(build_stages(model, config.num_stages, None), setup, threads,
-                                              devices[0])
+            executor = join_torchrun_pipeline(stages, setup, self.threads, self.places)
             self.num_blocks = executor.num_blocks  # the smallest budget of all ranks
             return executor
         # workers place their stage, apply the setup and time it; a measured split rebuilds the stages
-        return DistributedExecutor(build_stages(model, config.num_stages, None), setup, config.threads_per_stage,
-                                   resplit=lambda costs: build_stages(model, config.num_stages, None, costs),
-                                   devices=devices)
+        return DistributedExecutor(stages, setup, config.threads_per_stage,
+                                   resplit=lambda costs: build_stages(model, config.num_stages, costs),
+                                   devices=list(self.devices.values()))
 
     @property
     def stage_layers(self) -> list[range]:
@@ -179,3 +183,5 @@ class TDPipeEngine:
 
     def close(self) -> None:
         self.executor.close()
+        if any(device.type == "cuda" for device in self.devices.values()):
+            torch.cuda.empty_cache()  # what the stages held counts as free for the next engine's budget

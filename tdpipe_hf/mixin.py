@@ -55,6 +55,10 @@ class TDPipeGenerationMixin:
             raise ValueError(f"tdpipe_hf generate() does not support the argument(s) {sorted(model_kwargs)}")
         self._check_generation_config(config)
         input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
+        caller_device = input_ids.device
+        # the engine takes token lists, and logits processors run on the CPU (see sampler.py)
+        input_ids = input_ids.cpu()
+        attention_mask = None if attention_mask is None else attention_mask.cpu()
         expand = config.num_return_sequences or 1
         if expand > 1:
             input_ids = input_ids.repeat_interleave(expand, dim=0)
@@ -95,7 +99,7 @@ class TDPipeGenerationMixin:
             if streamer is not None:
                 streamer.end()
 
-        sequences = _assemble(input_ids, requests, config._pad_token_tensor)
+        sequences = _assemble(input_ids, requests, config._pad_token_tensor).to(caller_device)
         if config.return_dict_in_generate:
             return GenerateDecoderOnlyOutput(sequences=sequences)
         return sequences
@@ -111,8 +115,8 @@ class TDPipeGenerationMixin:
         self._check_generation_config(config)
         if (config.num_return_sequences or 1) > 1:
             raise ValueError("generate_batch does not support num_return_sequences > 1; repeat the prompt instead")
-        self._prepare_special_tokens(config, True, device=self.device, batch_size=len(inputs))
-        processors = self._get_logits_processor(generation_config=config, device=self.device, model_kwargs={})
+        self._prepare_special_tokens(config, True, device="cpu", batch_size=len(inputs))
+        processors = self._get_logits_processor(generation_config=config, device="cpu", model_kwargs={})
         spec = SamplingSpec(do_sample=bool(config.do_sample), processors=processors if len(processors) else None)
         eos = _token_set(config._eos_token_tensor)
         requests = []
@@ -205,4 +209,4 @@ def _assemble(input_ids: torch.Tensor, requests: list[Request], pad: torch.Tenso
     new = torch.full((len(requests), width), pad_id, dtype=torch.long)
     for row, request in enumerate(requests):
         new[row, :len(request.output_ids)] = torch.tensor(request.output_ids, dtype=torch.long)
-    return torch.cat([input_ids.cpu(), new], dim=1).to(input_ids.device)
+    return torch.cat([input_ids, new], dim=1)

@@ -8,6 +8,7 @@ from .config import TDPipeConfig
 from .engine import TDPipeEngine
 from .mixin import TDPipeGenerationMixin
 from .runtime.attention import register as register_attention
+from .runtime.placement import offloaded_weights, remove_dispatch_hooks
 
 # Architectures whose decoder layers follow Llama's calling convention and take their attention
 # from transformers' AttentionInterface (checked by the equality tests).
@@ -28,6 +29,11 @@ def _check_model(model) -> None:
                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     if getattr(config, "use_sliding_window", False):
         raise TypeError("sliding-window attention is not supported")
+    offloaded = offloaded_weights(model)
+    if offloaded:
+        raise TypeError(f"{len(offloaded)} weights (the first: {offloaded[0]}) are offloaded by accelerate "
+                        "(device_map entries 'cpu' or 'disk' beside GPUs); every stage needs its weights on its "
+                        "device: load with a device_map that fits, or without one and pass devices=...")
 
 
 def wrap(model, num_stages: int = 1, **options):
@@ -43,18 +49,21 @@ def wrap(model, num_stages: int = 1, **options):
     elif options or num_stages != config.num_stages:
         raise ValueError("pass either config=TDPipeConfig(...) or keyword options, not both")
     _check_model(model)
+    remove_dispatch_hooks(model)
     # Stages run with tdpipe attention from the moment they exist (under torchrun, ranks other
     # than 0 start serving inside the engine's constructor). Plain forward() is unaffected.
     previous_attention = model.config._attn_implementation
+    rewrap = isinstance(model, TDPipeGenerationMixin)
+    if rewrap:  # the old engine lets go of its stages (and their devices and memory) first
+        model._tdpipe_engine.close()
     model.set_attn_implementation(register_attention())
     try:
         engine = TDPipeEngine(model, config)
-    except BaseException:
+    except BaseException:  # the model keeps its old engine, if any (it prepares its stages again on use)
         model.set_attn_implementation(previous_attention)
         raise
     base = type(model)
-    if isinstance(model, TDPipeGenerationMixin):
-        model._tdpipe_engine.close()
+    if rewrap:
         base = base.__mro__[2]
     model.eval()
     cls = _WRAPPED_CLASSES.get(base)

@@ -51,6 +51,7 @@ def test_default_devices_keep_the_model_device_or_spread_over_gpus(monkeypatch):
     assert stage_devices(CPU, 2, None) == [CPU, CPU]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert stage_devices(cuda(0), 3, None) == [cuda(0), cuda(1), cuda(0)]
+    assert stage_devices(cuda(1), 2, None) == [cuda(1), cuda(0)]  # from the model's own GPU
     assert stage_devices(CPU, 3, ("cuda",)) == [cuda(0), cuda(1), cuda(0)]  # plain "cuda": one GPU each in turn
     assert stage_devices(CPU, 2, ("cuda:1",)) == [cuda(1), cuda(1)]
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -76,7 +77,7 @@ def test_a_moved_stage_takes_copies_of_modules_it_may_share():
     model = tiny_model("llama", seed=3, tie_word_embeddings=True)
     inner = model.model
     assert model.lm_head.weight is inner.embed_tokens.weight
-    first, last = build_stages(model, 2, None)
+    first, last = build_stages(model, 2)
     last.place(META)
     assert last.device == META and all(p.device == META for layer in last.layers for p in layer.parameters())
     assert last.lm_head.weight.device == META and last.norm.weight.device == META
@@ -93,11 +94,27 @@ def test_a_moved_stage_takes_copies_of_modules_it_may_share():
 
 def test_kv_budget_is_sized_per_device_for_the_layers_it_holds():
     model = tiny_model("llama", seed=5)  # 4 layers: 2 + 2
-    one = kv_blocks_on_devices(model, 2, 16, {0: CPU, 1: CPU})
-    two = kv_blocks_on_devices(model, 2, 16, {0: CPU, 1: META})
+    stages = build_stages(model, 2)
+    one = kv_blocks_on_devices(model, stages, 16, {0: CPU, 1: CPU})
+    two = kv_blocks_on_devices(model, stages, 16, {0: CPU, 1: META})
     assert 2 * one <= two <= 2 * one + 1  # each device holds half the layers' share of a block
-    assert kv_blocks_on_devices(model, 2, 16, {0: CPU, 1: META}, budget_bytes=10**6) == \
-        kv_blocks_on_devices(model, 2, 16, {0: CPU, 1: CPU}, budget_bytes=10**6)  # a given budget is for all
+    assert kv_blocks_on_devices(model, stages, 16, {0: CPU, 1: META}, budget_bytes=10**6) == \
+        kv_blocks_on_devices(model, stages, 16, {0: CPU, 1: CPU}, budget_bytes=10**6)  # a given budget is for all
+
+
+def test_weights_about_to_arrive_count_against_the_budget():
+    model = tiny_model("llama", seed=6, tie_word_embeddings=True)
+    first, last = build_stages(model, 2)
+
+    def size(*modules):
+        return sum(p.numel() * p.element_size() for m in modules for p in [*m.parameters(), *m.buffers()])
+
+    assert first.bytes_to_place(CPU) == 0
+    inner = model.model
+    assert first.bytes_to_place(META) == size(*inner.layers[:2], inner.embed_tokens, inner.rotary_emb)
+    assert last.bytes_to_place(META) == size(*inner.layers[2:], inner.norm, model.lm_head, inner.rotary_emb)
+    one_stage, = build_stages(model, 1)  # a tied embedding and LM head are placed once
+    assert one_stage.bytes_to_place(META) == size(model)
 
 
 def test_explicit_devices_run_the_pipeline_with_hf_tokens():
@@ -113,3 +130,52 @@ def test_explicit_devices_run_the_pipeline_with_hf_tokens():
         finally:
             tdpipe_hf.unwrap(model)
         assert torch.equal(actual, expected), executor
+
+
+def test_rewrap_releases_the_old_stages_before_building_new_ones(monkeypatch):
+    """The new engine sizes its KV and places its stages with the old engine's memory and
+    modules already given back; a failed re-wrap keeps the old engine usable."""
+    import importlib
+
+    wrap_module = importlib.import_module("tdpipe_hf.wrap")  # the package exports the function under that name
+
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=9), num_stages=2, block_size=4, kv_blocks=32)
+    prompts = random_prompts(4, seed=10)
+    expected = model.generate_batch(prompts, max_new_tokens=6)
+    old = model.tdpipe_engine
+    seen = []
+
+    class Recording(wrap_module.TDPipeEngine):
+        def __init__(self, *args, **kwargs):
+            seen.append([stage.kv is None for stage in old.executor.stages])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(wrap_module, "TDPipeEngine", Recording)
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=32)
+    assert seen == [[True, True]]
+    assert model.generate_batch(prompts, max_new_tokens=6) == expected
+    with pytest.raises(ValueError, match="smaller than one block"):
+        tdpipe_hf.wrap(model, num_stages=2, kv_cache_bytes=1)
+    assert model.generate_batch(prompts, max_new_tokens=6) == expected
+    tdpipe_hf.unwrap(model)
+
+
+def test_models_dispatched_by_accelerate():
+    """Dispatch hooks (which move inputs to accelerate's devices) are removed so stages can place
+    their modules; weights offloaded to the CPU or disk are refused before anything changes."""
+    from accelerate import cpu_offload
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny_model("llama", seed=12)
+    ids, mask = left_padded(random_prompts(4, seed=13))
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    add_hook_to_module(model.model.layers[1], AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=32)
+    assert not any(hasattr(module, "_hf_hook") for module in model.modules())
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False), expected)
+    tdpipe_hf.unwrap(model)
+
+    offloaded = cpu_offload(tiny_model("llama", seed=12), execution_device="cpu")
+    with pytest.raises(TypeError, match=r"weights \(the first: model\.embed_tokens\.weight\) are offloaded"):
+        tdpipe_hf.wrap(offloaded, num_stages=2)
+    assert any(hasattr(module, "_hf_hook") for module in offloaded.modules())  # left as it was

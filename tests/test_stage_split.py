@@ -60,15 +60,19 @@ def test_size_costs_weigh_layers_and_head_by_bytes():
 def test_probe_times_a_stage_with_its_own_cache():
     model = tiny_model("llama", seed=4)
     tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=20)  # registers the paged attention
+    setup = StageSetup(20, 4, *kv_geometry(model), pack_weights=True)
+    first, last = build_stages(model, 2)
     try:
-        setup = StageSetup(20, 4, *kv_geometry(model), pack_weights=True)
-        first, last = build_stages(model, 2, setup)
+        for stage in (first, last):
+            setup.apply(stage)
         per_layer, head = probe_stage(first)
         assert per_layer > 0 and head is None
         per_layer, head = probe_stage(last)
         assert per_layer > 0 and head > 0
         assert not last.kv.keys.any() and not last.kv.values.any()  # the scratch use leaves no trace
     finally:
+        for stage in (first, last):
+            stage.release()
         tdpipe_hf.unwrap(model)
 
 

@@ -275,8 +275,7 @@ def _prepare_stage(stage: Stage, setup: StageSetup, threads: int, device: torch.
     if device.type == "cuda":
         torch.cuda.set_device(device)
     register_attention()
-    stage.place(device)
-    setup.apply(stage)
+    setup.apply(stage, device)
 
 
 def _worker_main(rank, world, port, stage, setup, threads, device, backend, restage, plans, results, control,
@@ -294,8 +293,7 @@ def _worker_main(rank, world, port, stage, setup, threads, device, backend, rest
             control.put(("probe", rank, probe_stage(stage)))
             replacement = restage.get()
             if replacement is not None:
-                stage.release()
-                stage.kv = None  # the spawn arguments keep the old stage alive: drop its cache now
+                stage.drop()  # the spawn arguments keep the old stage object alive: free what it holds
                 stage = replacement
                 _prepare_stage(stage, setup, threads, device)
         control.put(("ready", rank, None))
@@ -345,6 +343,8 @@ class _StageWorker:
         self._pending: list = []  # isend handles (and the tensors they read) still in flight
 
     def loop(self) -> None:
+        if self.device.type == "cuda":  # per thread: rank 0's stage runs on a thread of its own
+            torch.cuda.set_device(self.device)
         while True:
             t0 = time.perf_counter()
             batch, events, hidden = self._receive()
@@ -427,9 +427,17 @@ def start_torchrun(num_stages: int, threads_per_stage: int | None = None) -> int
     return threads_per_stage or max(1, (os.cpu_count() or 1) // local_world)
 
 
-def join_torchrun_pipeline(stages: list[Stage], setup: StageSetup, threads: int, device: torch.device):
-    """Called on every rank, after :func:`start_torchrun`, with the same stage split; ``device``
-    is where this rank runs its stage.
+def torchrun_places(device: torch.device) -> list[tuple[str, torch.device]]:
+    """(host, stage device) of every rank, given this rank's (every rank calls this)."""
+    places: list = [None] * dist.get_world_size()
+    dist.all_gather_object(places, (socket.gethostname(), str(device)))
+    return [(host, torch.device(name)) for host, name in places]
+
+
+def join_torchrun_pipeline(stages: list[Stage], setup: StageSetup, threads: int,
+                           places: list[tuple[str, torch.device]]):
+    """Called on every rank, after :func:`start_torchrun`, with the same stage split and every
+    rank's :func:`torchrun_places`.
 
     Rank 0 gets a :class:`TorchrunExecutor` (its own stage runs on a thread beside the
     controller). Every other rank serves its stage until rank 0 closes the pipeline, then exits
@@ -441,11 +449,10 @@ def join_torchrun_pipeline(stages: list[Stage], setup: StageSetup, threads: int,
     agreed = torch.tensor([setup.num_blocks], dtype=torch.long)
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
     setup = dataclasses.replace(setup, num_blocks=int(agreed))
-    places: list = [None] * world  # (host, device) of every rank: NCCL only if each has a GPU of its own
-    dist.all_gather_object(places, (socket.gethostname(), str(device)))
-    backend = activation_backend([torch.device(d) for _, d in places], hosts=[host for host, _ in places])
+    # NCCL only if every rank has a GPU of its own
+    backend = activation_backend([device for _, device in places], hosts=[host for host, _ in places])
     stage = stages[rank]
-    _prepare_stage(stage, setup, threads, device)
+    _prepare_stage(stage, setup, threads, places[rank][1])
     if rank == 0:
         return TorchrunExecutor(stages, setup.block_size, setup.num_blocks, backend)
     worker = _StageWorker(rank, world, stage, setup.block_size, backend, None, None)

@@ -10,7 +10,7 @@ import torch
 from ..plan import MicroBatch, StepResult
 from .attention import AttentionContext
 from .sampler import sample_batch
-from .stage import Stage
+from .stage import Stage, StageSetup
 
 
 class StageError(RuntimeError):
@@ -26,13 +26,23 @@ class LocalExecutor:
     unaware of which executor it drives.
     """
 
-    def __init__(self, stages: list[Stage], block_size: int):
+    def __init__(self, stages: list[Stage], setup: StageSetup, devices: list[torch.device] | None = None):
         self.stages = stages
-        self.block_size = block_size
+        self.setup = setup
+        self.block_size = setup.block_size
+        self.devices = devices or [stage.device for stage in stages]
         self.num_stages = len(stages)
         self._queue: deque[MicroBatch] = deque()
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Place the stages and give them their KV: at the start, and again after ``close``."""
+        for stage, device in zip(self.stages, self.devices):
+            if stage.kv is None:
+                self.setup.apply(stage, device)
 
     def submit(self, batch: MicroBatch) -> None:
+        self._prepare()
         self._queue.append(batch)
 
     def collect(self) -> StepResult:
@@ -61,7 +71,8 @@ class LocalExecutor:
         return StepResult(batch.batch_id, sample_batch(hidden, batch), seconds, events)
 
     def close(self) -> None:
-        """Drop queued work and give the model's modules back their own weights."""
+        """Drop queued work and the KV cache, and give the model's modules back their own weights
+        on their own devices; the next micro-batch prepares the stages again."""
         self._queue.clear()
         for stage in self.stages:
             stage.release()

@@ -41,9 +41,10 @@ def parse_devices(devices: str | Sequence[str] | None) -> tuple[str, ...] | None
 def stage_devices(model_device: torch.device, num_stages: int, devices: Sequence[str] | None) -> list[torch.device]:
     """One device per stage. Given ``devices``: one per stage, or one for all; plain ``"cuda"``
     means a GPU of its own in turn (stage i on GPU i mod the GPU count). Otherwise every stage
-    stays on the model's device, except that a model on a GPU is spread the same way (pipeline
-    parallelism across GPUs is the point of the stages)."""
-    return [_spread(_configured(model_device, devices, i), i) for i in range(num_stages)]
+    stays on the model's device, except that a model on a GPU is spread the same way, starting
+    from its own GPU (pipeline parallelism across GPUs is the point of the stages)."""
+    first = (model_device.index or 0) if devices is None and model_device.type == "cuda" else 0
+    return [_spread(_configured(model_device, devices, i), first + i) for i in range(num_stages)]
 
 
 def torchrun_device(model_device: torch.device, rank: int, devices: Sequence[str] | None) -> torch.device:
@@ -63,6 +64,23 @@ def _spread(device: torch.device, turn: int) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", turn % torch.cuda.device_count())
     return device
+
+
+def offloaded_weights(model) -> list[str]:
+    """Names of the weights accelerate keeps off any device (``device_map`` entries ``"cpu"`` or
+    ``"disk"`` beside GPUs: the tensors sit on the meta device and arrive per forward call)."""
+    return [name for name, param in model.named_parameters() if param.device.type == "meta"]
+
+
+def remove_dispatch_hooks(model) -> None:
+    """A model dispatched by accelerate carries hooks that move each module's inputs to where
+    accelerate put the module. Stages place their modules themselves, so the hooks would send
+    activations to the wrong device: they go (``accelerate.dispatch_model(model,
+    model.hf_device_map)`` puts them back)."""
+    from accelerate.hooks import remove_hook_from_submodules
+
+    if any(hasattr(module, "_hf_hook") for module in model.modules()):
+        remove_hook_from_submodules(model)
 
 
 def activation_backend(devices: Sequence[torch.device], hosts: Sequence[str] | None = None) -> str:

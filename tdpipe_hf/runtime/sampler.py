@@ -17,18 +17,22 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 def sample_tokens(logits: torch.Tensor, seqs: list[SequencePlan]) -> list[int]:
     """One token per row of ``logits`` (``[rows, vocab]``), row i belonging to ``seqs[i]``.
 
-    Plain greedy rows share one argmax; rows with processors or sampling are handled one by one,
-    each processor seeing that request's own ids exactly as HF ``generate`` would show them.
+    Plain greedy rows share one argmax; rows with processors or sampling are handled one by one
+    on the CPU (where the processors' own tensors are built, whatever device the last stage runs
+    on), each processor seeing that request's own ids exactly as HF ``generate`` would show them.
     """
     logits = logits.float()
     tokens = greedy_tokens(logits).tolist()
+    host = None
     for i, seq in enumerate(seqs):
         spec = seq.sampling
         if not spec.needs_history and not spec.do_sample:
             continue
-        scores = logits[i:i + 1]
+        if host is None:
+            host = logits.cpu()
+        scores = host[i:i + 1]
         if spec.needs_history:
-            history = torch.tensor([seq.history], dtype=torch.long, device=logits.device)
+            history = torch.tensor([seq.history], dtype=torch.long)
             scores = spec.processors(history, scores)
         if spec.do_sample:
             probs = torch.softmax(scores, dim=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -27,27 +28,38 @@ class Stage:
         self.rotary = inner.rotary_emb
         self.kv = kv
         self.packed: PackedLinears | None = None
-        self.home = self.device  # where the model keeps these modules; see place()
-        self._shared = (self.embed, self.lm_head, self.rotary)
+        self._shared = (self.embed, self.lm_head, self.rotary)  # the model's own; place() may copy them
+        self._homes = [_device_of(module) for module in self._owned()]  # where the model keeps its layers
 
     @property
     def device(self) -> torch.device:
-        return next(self.layers[0].parameters()).device
+        return _device_of(self.layers[0])
+
+    def _owned(self) -> list:
+        """The modules that belong to this stage alone (they move with it)."""
+        return [*self.layers, *([self.norm] if self.norm is not None else [])]
+
+    def bytes_to_place(self, device: torch.device) -> int:
+        """The weight bytes :meth:`place` would put on ``device`` (modules not there yet)."""
+        modules = [m for m in (*self._owned(), *self._shared) if m is not None and _device_of(m) != device]
+        tensors = {id(t): t for m in modules for t in itertools.chain(m.parameters(), m.buffers())}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def place(self, device: torch.device | str) -> None:
         """Run the stage on ``device``. Its decoder layers and final norm belong to it alone and
         move; the embedding, LM head (often tied to the embedding) and rotary tables may be shared
-        with other stages of the same model, so the stage takes copies of them instead."""
+        with other stages of the same model, so the stage takes copies of those not on ``device``."""
         device = torch.device(device)
-        if device == self.device:
+        owned = self._owned()
+        strays = [m for m in owned if _device_of(m) != device]
+        strays += [m for m in self._shared if m is not None and _device_of(m) != device]
+        if not strays:
             return
         if self.kv is not None or self.packed is not None:
             raise RuntimeError("place() a stage before its KV cache is allocated and its weights packed")
-        for module in (*self.layers, self.norm):
-            if module is not None:
-                module.to(device)
-        self.embed, self.lm_head, self.rotary = (None if module is None else copy.deepcopy(module).to(device)
-                                                 for module in self._shared)
+        for module in owned:
+            module.to(device)
+        self.embed, self.lm_head, self.rotary = _copies_on(self._shared, device)
 
     def allocate_kv(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> None:
         """Give the stage its own KV tensors (in the process that runs it)."""
@@ -66,17 +78,22 @@ class Stage:
             self.packed = PackedLinears([*self.layers, *([self.lm_head] if self.lm_head is not None else [])])
 
     def release(self) -> None:
-        """Undo :meth:`pack_weights` and :meth:`place`: the model's modules compute with their own
-        weights again, on the device they came from."""
+        """Undo :meth:`pack_weights`, the KV cache and :meth:`place`: the model's modules compute
+        with their own weights again, on the devices they came from."""
         if self.packed is not None:
             self.packed.restore()
             self.packed = None
-        if self.device != self.home:
-            self.kv = None
-            for module in (*self.layers, self.norm):
-                if module is not None:
-                    module.to(self.home)
-            self.embed, self.lm_head, self.rotary = self._shared
+        self.kv = None
+        for module, home in zip(self._owned(), self._homes):
+            module.to(home)
+        self.embed, self.lm_head, self.rotary = self._shared
+
+    def drop(self) -> None:
+        """Forget every module and the cache, leaving the model as it is, so that a worker
+        process that swaps stages frees the old one's memory even while something still holds
+        this object."""
+        self.packed = self.kv = self.embed = self.norm = self.lm_head = self.rotary = None
+        self.layers, self._shared, self._homes = [], (None, None, None), []
 
     def __getstate__(self):
         if self.packed is not None:
@@ -108,6 +125,26 @@ class Stage:
         return self.lm_head(self.norm(hidden[0, ctx.logits_rows]))
 
 
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(itertools.chain(module.parameters(), module.buffers())).device
+
+
+def _copies_on(modules, device: torch.device) -> list:
+    """``modules`` (None entries kept) with copies of those not on ``device`` made there directly,
+    not cloned on their own device first; a tensor two of them share (a tied embedding and LM
+    head) stays shared between the copies."""
+    memo: dict[int, torch.Tensor] = {}
+    for module in modules:
+        if module is None or _device_of(module) == device:
+            continue
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if id(tensor) not in memo:
+                moved = tensor.detach().to(device)
+                memo[id(tensor)] = torch.nn.Parameter(moved, tensor.requires_grad) \
+                    if isinstance(tensor, torch.nn.Parameter) else moved
+    return [m if m is None or _device_of(m) == device else copy.deepcopy(m, memo).to(device) for m in modules]
+
+
 def kv_geometry(model) -> tuple[int, int]:
     """(kv heads, head dim) of the model, read through optimum's normalised config."""
     from optimum.utils import NormalizedConfigManager
@@ -127,8 +164,9 @@ def kv_geometry(model) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class StageSetup:
-    """What the process that runs a stage does to make it ready: allocate its KV cache and, on
-    CPU, pack its weights. Picklable, so a worker process gets it with its stage."""
+    """What the process that runs a stage does to make it ready: place it on its device, allocate
+    its KV cache and, on CPU, pack its weights. Picklable, so a worker process gets it with its
+    stage."""
 
     num_blocks: int
     block_size: int
@@ -136,27 +174,19 @@ class StageSetup:
     head_dim: int
     pack_weights: bool = False
 
-    def apply(self, stage: Stage) -> None:
+    def apply(self, stage: Stage, device: torch.device | None = None) -> None:
+        if device is not None:
+            stage.place(device)
         stage.allocate_kv(self.num_blocks, self.block_size, self.kv_heads, self.head_dim)
         if self.pack_weights:
             stage.pack_weights()
 
 
-def build_stages(model, num_stages: int, setup: StageSetup | None, costs: StageCosts | None = None,
-                 devices: list[torch.device] | None = None) -> list[Stage]:
-    """The model's stages, balanced by ``costs`` (default: weight sizes), placed on ``devices``
-    and made ready here with ``setup``; with None they are neither placed nor given KV yet (a
-    worker process does both)."""
+def build_stages(model, num_stages: int, costs: StageCosts | None = None) -> list[Stage]:
+    """The model's stages, balanced by ``costs`` (default: weight sizes); the executor that runs
+    them places them and gives them their KV (:class:`StageSetup`)."""
     ranges = split_layers(costs or size_costs(model), num_stages)
-    stages = []
-    for i, layers in enumerate(ranges):
-        stage = Stage(model, layers, i == 0, i == len(ranges) - 1, None)
-        if setup is not None:
-            if devices is not None:
-                stage.place(devices[i])
-            setup.apply(stage)
-        stages.append(stage)
-    return stages
+    return [Stage(model, layers, i == 0, i == len(ranges) - 1, None) for i, layers in enumerate(ranges)]
 
 
 def blocks_for_budget(model, budget_bytes: int, block_size: int, num_layers: int | None = None) -> int:
