@@ -105,7 +105,8 @@ class AttentionContext:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         groups = []
-        for members in group_by_length(decode_lens):
+        memberships = group_by_length(decode_lens)
+        for members in memberships:
             tables = [decode_tables[i] for i in members]
             width = max(len(t) for t in tables)
             span = torch.arange(width * block_size, device=device)
@@ -113,7 +114,8 @@ class AttentionContext:
             groups.append(DecodeGroup(tensor([decode_rows[i] for i in members]),
                                       tensor([t + [0] * (width - len(t)) for t in tables]),
                                       (span[None, :] < lens[:, None])[:, None, None, :]))
-        in_order = len(groups) == 1 and groups[0].rows.tolist() == list(range(len(ids)))
+        # checked on the host lists: reading the tensor back would wait for the device
+        in_order = len(groups) == 1 and [decode_rows[i] for i in memberships[0]] == list(range(len(ids)))
         return cls(tensor(ids), tensor(positions), tensor(slots), tensor(logits_rows), groups,
                    not segments and in_order, segments)
 
