@@ -28,7 +28,7 @@ DEFAULT_CPU_KV_BYTES = 2 << 30
 logger = logging.getLogger("tdpipe_hf")
 
 
-def _available_memory(device: torch.device) -> int:
+def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -41,18 +41,20 @@ def _available_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def default_kv_bytes(device: torch.device, arriving: int = 0) -> int:
+def default_kv_bytes(device: torch.device, arriving: int = 0, available: int | None = None) -> int:
     """Half the free GPU memory, or a fifth of free host memory capped at 2 GiB on CPU, counting
-    as taken the ``arriving`` bytes of weights about to be placed there."""
-    free = max(0, _available_memory(device) - arriving)
+    as taken the ``arriving`` bytes of weights about to be placed there (``available``: the free
+    memory if already measured)."""
+    free = max(0, (available_memory(device) if available is None else available) - arriving)
     return free // 2 if device.type == "cuda" else min(free // 5, DEFAULT_CPU_KV_BYTES)
 
 
 def kv_blocks_on_devices(model, stages: list[Stage], block_size: int, devices: dict[int, torch.device],
-                         budget_bytes: int | None = None) -> int:
+                         budget_bytes: int | None = None, available: dict[torch.device, int] | None = None) -> int:
     """The KV blocks the budget holds: ``budget_bytes`` for the whole model, or else each device's
     default share of its free memory (``devices``: stage index -> device, every stage that will
-    run on this machine) for the layers of the stages it will hold."""
+    run on this machine; ``available``: free bytes per device, where already measured) for the
+    layers of the stages it will hold."""
     if budget_bytes is not None:
         budgets = {None: (budget_bytes, None)}
     else:
@@ -61,7 +63,7 @@ def kv_blocks_on_devices(model, stages: list[Stage], block_size: int, devices: d
         for index, device in devices.items():
             layers_on[device] = layers_on.get(device, 0) + len(stages[index].layers)
             arriving[device] = arriving.get(device, 0) + stages[index].bytes_to_place(device)
-        budgets = {device: (default_kv_bytes(device, arriving[device]), layers)
+        budgets = {device: (default_kv_bytes(device, arriving[device], (available or {}).get(device)), layers)
                    for device, layers in layers_on.items()}
     blocks = {device: blocks_for_budget(model, budget, block_size, layers)
               for device, (budget, layers) in budgets.items()}
@@ -79,15 +81,18 @@ class TDPipeEngine:
         self.torchrun = config.executor == "distributed" and launched_by_torchrun()
         model_device = next(model.parameters()).device
         stages = build_stages(model, config.num_stages)
+        available = None
         if self.torchrun:  # this node's stages size the budget; the ranks agree on the smallest when they join
             self.threads = start_torchrun(config.num_stages, config.threads_per_stage)
-            self.places = torchrun_places(torchrun_device(model_device, dist.get_rank(), config.devices))
+            device = torchrun_device(model_device, dist.get_rank(), config.devices)
+            self.places = torchrun_places(device, available_memory(device))
             host = self.places[dist.get_rank()][0]
-            self.devices = {rank: device for rank, (where, device) in enumerate(self.places) if where == host}
+            self.devices = {rank: device for rank, (where, device, _) in enumerate(self.places) if where == host}
+            available = {device: free for where, device, free in self.places if where == host}
         else:
             self.devices = dict(enumerate(stage_devices(model_device, config.num_stages, config.devices)))
         self.num_blocks = config.kv_blocks or kv_blocks_on_devices(model, stages, config.block_size, self.devices,
-                                                                   config.kv_cache_bytes)
+                                                                   config.kv_cache_bytes, available)
         self.switch_cls = plugins.load(plugins.SWITCH_POLICIES, config.switch_policy)
         build_switch(config, self.switch_cls)  # a broken plugin fails here, naming itself, not mid-run
         self.model_name = model_name(model)

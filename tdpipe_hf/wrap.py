@@ -8,7 +8,7 @@ from .config import TDPipeConfig
 from .engine import TDPipeEngine
 from .mixin import TDPipeGenerationMixin
 from .runtime.attention import register as register_attention
-from .runtime.placement import offloaded_weights, remove_dispatch_hooks
+from .runtime.placement import offloaded_weights, remove_dispatch_hooks, restore_dispatch
 
 # Architectures whose decoder layers follow Llama's calling convention and take their attention
 # from transformers' AttentionInterface (checked by the equality tests).
@@ -49,7 +49,7 @@ def wrap(model, num_stages: int = 1, **options):
     elif options or num_stages != config.num_stages:
         raise ValueError("pass either config=TDPipeConfig(...) or keyword options, not both")
     _check_model(model)
-    remove_dispatch_hooks(model)
+    undispatched = remove_dispatch_hooks(model)
     # Stages run with tdpipe attention from the moment they exist (under torchrun, ranks other
     # than 0 start serving inside the engine's constructor). Plain forward() is unaffected.
     previous_attention = model.config._attn_implementation
@@ -61,6 +61,8 @@ def wrap(model, num_stages: int = 1, **options):
         engine = TDPipeEngine(model, config)
     except BaseException:  # the model keeps its old engine, if any (it prepares its stages again on use)
         model.set_attn_implementation(previous_attention)
+        if undispatched:
+            restore_dispatch(model)
         raise
     base = type(model)
     if rewrap:
@@ -71,16 +73,20 @@ def wrap(model, num_stages: int = 1, **options):
         cls = _WRAPPED_CLASSES[base] = type(f"TDPipe{base.__name__}", (TDPipeGenerationMixin, base), {})
     model.__class__ = cls
     model._tdpipe_engine = engine
+    model._tdpipe_undispatched = undispatched or getattr(model, "_tdpipe_undispatched", False)
     return model
 
 
 def unwrap(model):
-    """Undo :func:`wrap`: the plain HF class and SDPA attention, engine closed."""
+    """Undo :func:`wrap`: the plain HF class and SDPA attention, engine closed, stages' layers back
+    on their devices, and accelerate's dispatch (``hf_device_map``) restored if wrap removed it."""
     if isinstance(model, TDPipeGenerationMixin):
         model._tdpipe_engine.close()
         del model._tdpipe_engine
         model.__class__ = type(model).__mro__[2]
         model.set_attn_implementation("sdpa")
+        if model.__dict__.pop("_tdpipe_undispatched", False):
+            restore_dispatch(model)
     return model
 
 

@@ -13,11 +13,12 @@ import torch
 import tdpipe_hf
 from conftest import hf_generate, left_padded, random_prompts, tiny_model
 from tdpipe_hf.config import TDPipeConfig
-from tdpipe_hf.engine import kv_blocks_on_devices
+from tdpipe_hf.engine import default_kv_bytes, kv_blocks_on_devices
 from tdpipe_hf.runtime.attention import register as register_attention
 from tdpipe_hf.runtime.placement import (GLOO, GLOO_AND_NCCL, activation_backend, parse_devices, stage_devices,
                                          torchrun_device, wire_device)
-from tdpipe_hf.runtime.stage import StageSetup, build_stages, kv_geometry
+from tdpipe_hf.runtime.local import LocalExecutor
+from tdpipe_hf.runtime.stage import Stage, StageSetup, build_stages, kv_geometry
 
 CPU, META = torch.device("cpu"), torch.device("meta")
 
@@ -162,20 +163,63 @@ def test_rewrap_releases_the_old_stages_before_building_new_ones(monkeypatch):
 
 def test_models_dispatched_by_accelerate():
     """Dispatch hooks (which move inputs to accelerate's devices) are removed so stages can place
-    their modules; weights offloaded to the CPU or disk are refused before anything changes."""
-    from accelerate import cpu_offload
-    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    their modules, and put back by unwrap; weights offloaded to the CPU or disk are refused
+    before anything changes."""
+    from accelerate import cpu_offload, dispatch_model
+
+    def hooked(module):
+        return any(hasattr(m, "_hf_hook") for m in module.modules())
 
     model = tiny_model("llama", seed=12)
     ids, mask = left_padded(random_prompts(4, seed=13))
     expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    add_hook_to_module(model.model.layers[1], AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    dispatch_model(model, {"": "cpu"}, force_hooks=True)
+    assert hooked(model)
     tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=32)
-    assert not any(hasattr(module, "_hf_hook") for module in model.modules())
+    assert not hooked(model)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False), expected)
     tdpipe_hf.unwrap(model)
+    assert hooked(model) and model.hf_device_map == {"": "cpu"}
+    with pytest.raises(ValueError, match="smaller than one block"):
+        tdpipe_hf.wrap(model, num_stages=2, kv_cache_bytes=1)
+    assert hooked(model)  # a failed wrap leaves the dispatch as it was
 
     offloaded = cpu_offload(tiny_model("llama", seed=12), execution_device="cpu")
     with pytest.raises(TypeError, match=r"weights \(the first: model\.embed_tokens\.weight\) are offloaded"):
         tdpipe_hf.wrap(offloaded, num_stages=2)
-    assert any(hasattr(module, "_hf_hook") for module in offloaded.modules())  # left as it was
+    assert hooked(offloaded)  # left as it was
+
+
+def test_free_memory_counts_the_weights_about_to_arrive():
+    gib = 1 << 30
+    assert default_kv_bytes(cuda(0), arriving=6 * gib, available=10 * gib) == 2 * gib
+    assert default_kv_bytes(cuda(0), arriving=12 * gib, available=10 * gib) == 0
+    assert default_kv_bytes(CPU, arriving=1 * gib, available=6 * gib) == 1 * gib
+
+
+def test_one_placed_stage_keeps_a_tied_embedding_and_head_as_one_tensor():
+    model = tiny_model("llama", seed=14, tie_word_embeddings=True)
+    stage, = build_stages(model, 1)
+    stage.place(META)
+    assert stage.embed.weight is stage.lm_head.weight and stage.embed.weight.device == META
+    assert model.model.embed_tokens.weight.device == CPU
+
+
+def test_a_stage_that_fails_to_get_ready_leaves_none_half_placed(monkeypatch):
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=15), num_stages=2, block_size=4, kv_blocks=16)
+    stages = model.tdpipe_engine.executor.stages
+    tdpipe_hf.unwrap(model)
+    model.set_attn_implementation(register_attention())
+    calls = []
+
+    def allocate_or_fail(stage, *args):
+        calls.append(stage)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("no room for stage 1's cache")
+        original(stage, *args)
+
+    original = Stage.allocate_kv
+    monkeypatch.setattr(Stage, "allocate_kv", allocate_or_fail)
+    with pytest.raises(torch.OutOfMemoryError, match="stage 1's cache"):
+        LocalExecutor(stages, StageSetup(16, 4, *kv_geometry(model)), [CPU, CPU])
+    assert calls == stages and all(stage.kv is None for stage in stages)  # stage 0's cache released too

@@ -427,15 +427,16 @@ def start_torchrun(num_stages: int, threads_per_stage: int | None = None) -> int
     return threads_per_stage or max(1, (os.cpu_count() or 1) // local_world)
 
 
-def torchrun_places(device: torch.device) -> list[tuple[str, torch.device]]:
-    """(host, stage device) of every rank, given this rank's (every rank calls this)."""
+def torchrun_places(device: torch.device, free_bytes: int) -> list[tuple[str, torch.device, int]]:
+    """(host, stage device, its free memory) of every rank, given this rank's (every rank calls
+    this; each measures only its own device: asking another rank's GPU would open a context there)."""
     places: list = [None] * dist.get_world_size()
-    dist.all_gather_object(places, (socket.gethostname(), str(device)))
-    return [(host, torch.device(name)) for host, name in places]
+    dist.all_gather_object(places, (socket.gethostname(), str(device), free_bytes))
+    return [(host, torch.device(name), free) for host, name, free in places]
 
 
 def join_torchrun_pipeline(stages: list[Stage], setup: StageSetup, threads: int,
-                           places: list[tuple[str, torch.device]]):
+                           places: list[tuple[str, torch.device, int]]):
     """Called on every rank, after :func:`start_torchrun`, with the same stage split and every
     rank's :func:`torchrun_places`.
 
@@ -450,7 +451,7 @@ def join_torchrun_pipeline(stages: list[Stage], setup: StageSetup, threads: int,
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
     setup = dataclasses.replace(setup, num_blocks=int(agreed))
     # NCCL only if every rank has a GPU of its own
-    backend = activation_backend([device for _, device in places], hosts=[host for host, _ in places])
+    backend = activation_backend([device for _, device, _ in places], hosts=[host for host, _, _ in places])
     stage = stages[rank]
     _prepare_stage(stage, setup, threads, places[rank][1])
     if rank == 0:

@@ -33,7 +33,11 @@ class LocalExecutor:
         self.devices = devices or [stage.device for stage in stages]
         self.num_stages = len(stages)
         self._queue: deque[MicroBatch] = deque()
-        self._prepare()
+        try:
+            self._prepare()
+        except BaseException:  # e.g. out of memory on one device: leave no stage half placed
+            self.close()
+            raise
 
     def _prepare(self) -> None:
         """Place the stages and give them their KV: at the start, and again after ``close``."""

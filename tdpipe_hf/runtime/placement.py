@@ -72,15 +72,26 @@ def offloaded_weights(model) -> list[str]:
     return [name for name, param in model.named_parameters() if param.device.type == "meta"]
 
 
-def remove_dispatch_hooks(model) -> None:
+def remove_dispatch_hooks(model) -> bool:
     """A model dispatched by accelerate carries hooks that move each module's inputs to where
     accelerate put the module. Stages place their modules themselves, so the hooks would send
-    activations to the wrong device: they go (``accelerate.dispatch_model(model,
-    model.hf_device_map)`` puts them back)."""
+    activations to the wrong device: they go (:func:`restore_dispatch` puts them back). Returns
+    whether there were any."""
     from accelerate.hooks import remove_hook_from_submodules
 
-    if any(hasattr(module, "_hf_hook") for module in model.modules()):
+    hooked = any(hasattr(module, "_hf_hook") for module in model.modules())
+    if hooked:
         remove_hook_from_submodules(model)
+    return hooked
+
+
+def restore_dispatch(model) -> None:
+    """Dispatch the model again as accelerate had it (``hf_device_map``), hooks and all."""
+    from accelerate import dispatch_model
+
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        dispatch_model(model, device_map, force_hooks=True)
 
 
 def activation_backend(devices: Sequence[torch.device], hosts: Sequence[str] | None = None) -> str:

@@ -23,14 +23,14 @@ def sample_tokens(logits: torch.Tensor, seqs: list[SequencePlan]) -> list[int]:
     """
     logits = logits.float()
     tokens = greedy_tokens(logits).tolist()
-    host = None
-    for i, seq in enumerate(seqs):
+    special = [i for i, seq in enumerate(seqs) if seq.sampling.needs_history or seq.sampling.do_sample]
+    if not special:
+        return tokens
+    host = logits[special].cpu() if len(special) < len(seqs) else logits.cpu()  # one copy, of the rows needed
+    for row, i in enumerate(special):
+        seq = seqs[i]
         spec = seq.sampling
-        if not spec.needs_history and not spec.do_sample:
-            continue
-        if host is None:
-            host = logits.cpu()
-        scores = host[i:i + 1]
+        scores = host[row:row + 1]
         if spec.needs_history:
             history = torch.tensor([seq.history], dtype=torch.long)
             scores = spec.processors(history, scores)
