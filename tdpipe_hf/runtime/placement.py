@@ -33,7 +33,7 @@ def parse_devices(devices: str | Sequence[str] | None) -> tuple[str, ...] | None
             if (device.index or 0) >= count:
                 raise ValueError(f"TDPipeConfig.devices: {name!r} asked for, but this machine has {count} "
                                  f"CUDA device{'s' if count != 1 else ''}")
-        elif device.type not in ("cpu", "meta"):
+        elif device.type != "cpu":
             raise ValueError(f"TDPipeConfig.devices: {name!r}: only cpu and cuda devices are supported")
     return tuple(names)
 
