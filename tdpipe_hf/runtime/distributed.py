@@ -143,7 +143,8 @@ class DistributedExecutor:
         for rank, stage in enumerate(self.stages):
             proc = ctx.Process(target=_worker_main, name=f"tdpipe-stage-{rank}", daemon=True,
                                args=(rank, self.num_stages, port, stage, self.setup, self.threads,
-                                     self.devices[rank], self.backend, self._restage[rank], self._plans if rank == 0 else None,
+                                     self.devices[rank], self.backend, self._restage[rank],
+                                     self._plans if rank == 0 else None,
                                      self._results if rank == self.num_stages - 1 else None, self._control,
                                      self._errors, self._beats))
             proc.start()
