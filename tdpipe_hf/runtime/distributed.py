@@ -392,9 +392,10 @@ class _StageWorker:
         self._pending += _isend_object((batch, events, hidden.dtype), self.rank + 1, hidden.shape[1:])
         self._pending.append((dist.isend(hidden, dst=self.rank + 1), hidden))
 
-    def _send_shutdown(self) -> None:
+    def _send_shutdown(self, dst: int | None = None) -> None:
+        """Tell ``dst`` (default: the next rank) that no more micro-batches follow."""
         self._drain()
-        dist.send(torch.tensor([_SHUTDOWN, 0, 0], dtype=torch.long), dst=self.rank + 1)
+        dist.send(torch.tensor([_SHUTDOWN, 0, 0], dtype=torch.long), dst=self.rank + 1 if dst is None else dst)
 
     def _drain(self) -> None:
         for work, _ in self._pending:
@@ -407,8 +408,7 @@ class _StageWorker:
         self._pending += _isend_object(result, 0)
 
     def send_result_shutdown(self) -> None:
-        self._drain()
-        dist.send(torch.tensor([_SHUTDOWN, 0, 0], dtype=torch.long), dst=0)
+        self._send_shutdown(dst=0)
 
 
 # ---- torchrun / accelerate launch: ranks are stages, rank 0 also hosts the controller -----------

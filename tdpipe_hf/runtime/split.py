@@ -78,7 +78,7 @@ def probe_stage(stage) -> tuple[float, float | None]:
     ctx = AttentionContext.build(MicroBatch(-1, "decode", seqs), block_size, weight.device)
     hidden = torch.randn(1, rows, weight.shape[-1], dtype=weight.dtype, device=weight.device)
     with torch.inference_mode(), stage.weights():
-        per_layer = _seconds(lambda: _run_layers(stage, hidden, ctx), weight.device) / len(stage.layers)
+        per_layer = _seconds(lambda: stage.run_layers(hidden, ctx), weight.device) / len(stage.layers)
         head = None
         if stage.lm_head is not None:
             head = _seconds(lambda: greedy_tokens(stage.lm_head(stage.norm(hidden[0]))), weight.device)
@@ -112,15 +112,6 @@ def split_layers(costs: StageCosts, num_stages: int) -> list[range]:
         bounds.append(cut[s][bounds[-1]])
     bounds.reverse()
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
-
-
-def _run_layers(stage, hidden, ctx) -> None:
-    """The stage's decoder layers alone (``Stage.forward`` would add the embedding and head)."""
-    positions = ctx.positions[None]
-    rope = stage.rotary(hidden, positions)
-    for layer in stage.layers:
-        layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rope, tdpipe_ctx=ctx,
-              tdpipe_kv=stage.kv)
 
 
 def _seconds(fn, device: torch.device) -> float:

@@ -114,15 +114,20 @@ class Stage:
     def _forward(self, hidden: torch.Tensor | None, ctx: AttentionContext) -> torch.Tensor:
         if self.embed is not None:
             hidden = self.embed(ctx.input_ids[None])
+        hidden = self.run_layers(hidden, ctx)
+        if self.lm_head is None:
+            return hidden
+        return self.lm_head(self.norm(hidden[0, ctx.logits_rows]))
+
+    def run_layers(self, hidden: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """The stage's decoder layers alone, on ``[1, tokens, hidden]`` (no embedding, no head)."""
         positions = ctx.positions[None]
         rope = self.rotary(hidden, positions)
         for layer in self.layers:
             out = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rope,
                         tdpipe_ctx=ctx, tdpipe_kv=self.kv)
             hidden = out[0] if isinstance(out, tuple) else out
-        if self.lm_head is None:
-            return hidden
-        return self.lm_head(self.norm(hidden[0, ctx.logits_rows]))
+        return hidden
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
