@@ -20,9 +20,9 @@ from pathlib import Path
 
 import tdpipe_hf
 from tdpipe_hf.models import load_model_and_tokenizer
-from tdpipe_hf.offline import answer_lengths, run_batch
+from tdpipe_hf.apps.offline import answer_lengths, run_batch
 from tdpipe_hf.predictors import OraclePredictor
-from tdpipe_hf.training import read_labels
+from tdpipe_hf.apps.training import read_labels
 
 HERE = Path(__file__).resolve().parent
 WORKLOAD = HERE.parent.parent / "shared" / "data" / "prompts.jsonl"

@@ -106,7 +106,7 @@ def measure_cpu(threads: int, hidden: int = 576, intermediate: int = 1536) -> tu
 
 
 def cpu_workload(num_prompts: int, cap: int) -> list[SimRequest]:
-    from tdpipe_hf.bench import chat_token_ids, load_prompts
+    from tdpipe_hf.apps.bench import chat_token_ids, load_prompts
     from tdpipe_hf.models import load_model_and_tokenizer
 
     prompts_path = ROOT.parent / "shared" / "data" / "prompts.jsonl"

@@ -36,6 +36,6 @@ if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('
   MODEL=(--model /tmp/smollm2-shape)
 fi
 # bfloat16 on the first GPU: HF generate vs tdpipe in one process vs one process per stage
-python3 -m tdpipe_hf.cli bench "${MODEL[@]}" --devices cuda:0 --dtype bfloat16 --stages 1,2 --num-prompts 64 \
+python3 -m tdpipe_hf.apps.cli bench "${MODEL[@]}" --devices cuda:0 --dtype bfloat16 --stages 1,2 --num-prompts 64 \
   --max-new-tokens 128 --systems hf-generate,tdpipe,tdpipe-dist --json "$OUT/bench-gpu.json" \
   --trace "$OUT/trace-gpu.json" 2>&1 | tee "$OUT/bench.log"

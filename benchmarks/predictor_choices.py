@@ -16,7 +16,7 @@ from sklearn.model_selection import KFold
 
 from tdpipe_hf.models import load_model_and_tokenizer
 from tdpipe_hf.predictors import ConstantPredictor, LearnedLengthPredictor
-from tdpipe_hf.training import evaluate, read_labels
+from tdpipe_hf.apps.training import evaluate, read_labels
 
 
 class RidgeOn:

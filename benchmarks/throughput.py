@@ -6,7 +6,7 @@
 
 import sys
 
-from tdpipe_hf.cli import main
+from tdpipe_hf.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

@@ -46,7 +46,7 @@ def main() -> int:
         prompts = [torch.randint(3, 97, (int(n),), generator=gen).tolist()
                    for n in torch.randint(1, 30, (args.num_prompts,), generator=gen)]
     else:
-        from tdpipe_hf.bench import chat_token_ids, load_prompts
+        from tdpipe_hf.apps.bench import chat_token_ids, load_prompts
         from tdpipe_hf.models import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(dtype=args.dtype)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tdpipe_hf
-from tdpipe_hf.bench import left_pad
+from tdpipe_hf.apps.bench import left_pad
 from tdpipe_hf.models import byte_tokenizer, tiny_random_model
 
 

@@ -1,7 +1,7 @@
 """The Gradio demo in a real browser (headless Chromium through selenium): chat gets a streamed
 answer, a small batch draws its timelines, bad input shows a message and the app keeps serving.
 
-The app runs as ``python -m tdpipe_hf.cli demo`` on a tiny random model (fast), bound to
+The app runs as ``python -m tdpipe_hf.apps.cli demo`` on a tiny random model (fast), bound to
 127.0.0.1 on a free port, and is stopped at the end. Screenshots go to ``tests/output/demo/``
 (git-ignored) so they can be looked at after a run. Chromium and chromedriver come from Debian
 (``.ci/run`` installs them); without them the test skips locally and fails under CI.
@@ -70,7 +70,7 @@ def test_backend_refuses_bad_input_and_serves_users_together(tmp_path):
     chatting at once both get the answer each would get alone (greedy)."""
     import threading
 
-    from tdpipe_hf.demo_app import DemoBackend, DemoError
+    from tdpipe_hf.apps.demo import DemoBackend, DemoError
 
     backend = DemoBackend(str(tiny_model_dir(tmp_path / "model")), stages=2, max_new_tokens=12)
     try:
@@ -120,7 +120,7 @@ def demo_url(tmp_path):
                NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
     log = tmp_path / "demo.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tdpipe_hf.cli", "demo", "--model", str(model),
+        proc = subprocess.Popen([sys.executable, "-m", "tdpipe_hf.apps.cli", "demo", "--model", str(model),
                                  "--port", str(port), "--stages", "2", "--max-new-tokens", "24"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tdpipe_hf
-from tdpipe_hf.bench import POLICY_VARIANTS
+from tdpipe_hf.apps.bench import POLICY_VARIANTS
 from conftest import hf_generate, left_padded, random_prompts, tiny_model
 
 MAX_NEW = 24

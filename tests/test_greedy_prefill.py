@@ -179,8 +179,8 @@ def test_train_predictor_cli_labels_fits_reports_and_saves(tmp_path, capsys):
     """End to end on a tiny random model: labels are the engine's own answers (resumable), the
     saved predictor loads by path, and the engine uses it; a rerun reuses the labels."""
     from conftest import tiny_model_dir
-    from tdpipe_hf import cli
-    from tdpipe_hf.offline import answer_lengths
+    from tdpipe_hf.apps import cli
+    from tdpipe_hf.apps.offline import answer_lengths
 
     model_dir = tiny_model_dir(tmp_path / "tiny")
     prompts = tmp_path / "prompts.jsonl"

@@ -15,7 +15,7 @@ from transformers import pipeline
 
 import tdpipe_hf
 from conftest import byte_tokenizer, tiny_model, tiny_model_dir
-from tdpipe_hf.offline import parse_line, run_batch
+from tdpipe_hf.apps.offline import parse_line, run_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_parse_line_rejects_nonsense():
 
 def _run_cli(model_dir: Path, source: Path, output: Path) -> subprocess.Popen:
     """The job in its own process; its console output goes to OUTPUT.log (a pipe could fill up)."""
-    command = [sys.executable, "-m", "tdpipe_hf.cli", "run", str(source), "-o", str(output), "--model",
+    command = [sys.executable, "-m", "tdpipe_hf.apps.cli", "run", str(source), "-o", str(output), "--model",
                str(model_dir), "--max-new-tokens", "8", "--kv-blocks", "400"]
     log = open(f"{output}.log", "w")
     return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -144,7 +144,7 @@ def test_transformers_pipeline_runs_through_the_engine(tiny):
 
 
 def test_cli_names_a_missing_input(tmp_path, capsys):
-    from tdpipe_hf import cli
+    from tdpipe_hf.apps import cli
 
     assert cli.main(["run", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "out.jsonl")]) == 2
     assert "none.jsonl does not exist" in capsys.readouterr().err
@@ -153,7 +153,7 @@ def test_cli_names_a_missing_input(tmp_path, capsys):
 
 
 def test_cli_places_stages_and_names_a_missing_gpu(tmp_path, capsys):
-    from tdpipe_hf import cli
+    from tdpipe_hf.apps import cli
 
     model_dir = tiny_model_dir(tmp_path / "tiny", seed=53)
     source = write_lines(tmp_path / "in.jsonl", [{"prompt": "hello"}, {"prompt": "pipelines"}])

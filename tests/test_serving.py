@@ -9,7 +9,7 @@ import torch
 
 import tdpipe_hf
 from conftest import hf_generate, random_prompts, tiny_model
-from tdpipe_hf.serving import Server
+from tdpipe_hf.apps.serving import Server
 
 
 def test_concurrent_callers_get_their_own_exact_tokens():

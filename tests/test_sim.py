@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tdpipe_hf.cli import main
+from tdpipe_hf.apps.cli import main
 from tdpipe_hf.plan import MicroBatch, SequencePlan
 from tdpipe_hf.sim import POLICIES, SimExecutor, SimSetup, sharegpt_like, simulate
 from tdpipe_hf.sim.cost import CostModel, Efficiency, SeqShape

@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .controller import Request
-from .controller.controller import RunStats
-from .mixin import eos_token_ids
-from .models import chat_prompt_ids
-from .models import model_name as model_name_of
+from ..controller import Request
+from ..controller.controller import RunStats
+from ..mixin import eos_token_ids
+from ..models import chat_prompt_ids
+from ..models import model_name as model_name_of
 
 FSYNC_SECONDS = 1.0
 
@@ -58,7 +58,7 @@ class JobSummary:
                 f"{self.generated_tokens} tokens generated in {self.seconds:.1f}s: {self.tokens_per_s:.1f} tokens/s, "
                 f"{self.preemptions} preemptions, mean KV use {100 * self.kv_utilisation:.0f} %")
         if self.bubble:
-            from .metrics import format_bubbles
+            from ..metrics import format_bubbles
 
             text += f"; {format_bubbles(self.bubble)}"
         return text
@@ -173,7 +173,7 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
     (``"prompt"`` lines too) go through the tokenizer's chat template unless ``chat_template`` is
     False or the tokenizer has none. Returns the summary of this run.
     """
-    from .metrics import bubble_ratios, mean_kv_utilisation
+    from ..metrics import bubble_ratios, mean_kv_utilisation
 
     engine = model.tdpipe_engine
     input_path, output_path = Path(input_path), Path(output_path)

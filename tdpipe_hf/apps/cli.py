@@ -201,8 +201,8 @@ def _generate(args) -> int:
 
 def _bench(args) -> int:
     from . import bench
-    from .models import load_model_and_tokenizer
-    from .runtime.placement import parse_devices
+    from ..models import load_model_and_tokenizer
+    from ..runtime.placement import parse_devices
 
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
     unknown = sorted(set(systems) - set(bench.SYSTEMS))
@@ -277,7 +277,7 @@ def _train_predictor(args) -> int:
     from pathlib import Path
 
     import tdpipe_hf
-    from .models import model_name
+    from ..models import model_name
     from .offline import run_batch
     from .training import fit_and_report, read_labels
 
@@ -303,8 +303,8 @@ def _train_predictor(args) -> int:
 
 
 def _simulate(args) -> int:
-    from .sim import POLICIES, SimSetup, sharegpt_like, simulate
-    from .sim.report import format_table, write_json, write_plots
+    from ..sim import POLICIES, SimSetup, sharegpt_like, simulate
+    from ..sim.report import format_table, write_json, write_plots
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
@@ -336,7 +336,7 @@ def _demo(args) -> int:
     if importlib.util.find_spec("gradio") is None:
         print("tdpipe demo: error: the demo needs gradio: pip install 'tdpipe_hf[demo]'", file=sys.stderr)
         return 2
-    from .demo_app import serve
+    from .demo import serve
 
     serve(args.model, host=args.host, port=args.port, stages=args.stages, kv_blocks=args.kv_blocks,
           max_new_tokens=args.max_new_tokens, share=args.share)
@@ -345,7 +345,7 @@ def _demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .runtime.malloc import tune_glibc_malloc
+    from ..runtime.malloc import tune_glibc_malloc
 
     tune_glibc_malloc()  # our own process: same settings for every system the benchmark runs
     try:

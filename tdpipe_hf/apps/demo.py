@@ -24,9 +24,9 @@ import threading
 import time
 from pathlib import Path
 
-from . import metrics
+from .. import metrics
 from .bench import POLICY_VARIANTS, load_prompts
-from .models import chat_prompt_ids, load_model_and_tokenizer, model_name
+from ..models import chat_prompt_ids, load_model_and_tokenizer, model_name
 
 POLICY_HELP = {
     "tdpipe": "TD-Pipe: a prefill phase admits requests greedily (predicted output lengths keep the "
@@ -99,8 +99,8 @@ class DemoBackend:
     def __init__(self, model_path: str | None = None, stages: int = 1, kv_blocks: int | None = None,
                  max_new_tokens: int = 128):
         import tdpipe_hf
-        from .config import TDPipeConfig
-        from .runtime.stage import blocks_for_budget
+        from ..config import TDPipeConfig
+        from ..runtime.stage import blocks_for_budget
         from .serving import Server
 
         model, self.tokenizer = load_model_and_tokenizer(model_path)

@@ -13,8 +13,8 @@ import queue
 import threading
 from collections.abc import Iterator
 
-from .controller import Request
-from .controller.controller import RunStats
+from ..controller import Request
+from ..controller.controller import RunStats
 
 _DONE = object()
 KEEP_EVENTS = 20_000  # timeline events kept for a long-lived server (the most recent)
@@ -51,7 +51,7 @@ class Server:
     (the engine stays open; ``tdpipe_hf.unwrap`` closes it)."""
 
     def __init__(self, model):
-        from .mixin import eos_token_ids
+        from ..mixin import eos_token_ids
 
         self.engine = model.tdpipe_engine
         self.eos = frozenset(eos_token_ids(model.generation_config))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import plugins
+from .. import plugins
 from .offline import Job, answer_lengths, read_jobs, tokenize_job
 
 BUCKET_EDGES = (32, 64, 128, 256, 512)  # buckets: <32, 32-63, 64-127, 128-255, 256-511, >=512

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .mixin import eos_token_ids
-from .models import chat_prompt_ids
+from ..mixin import eos_token_ids
+from ..models import chat_prompt_ids
 
 SAMPLE_PROMPTS = "sample_prompts.jsonl"
 SYSTEMS = ("hf-generate", "hf-generate_batch", "tdpipe", "tdpipe-dist")

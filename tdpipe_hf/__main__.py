@@ -1,0 +1,5 @@
+"""``python -m tdpipe_hf ...`` is the ``tdpipe`` command."""
+
+from .apps.cli import main
+
+raise SystemExit(main())
