@@ -151,4 +151,4 @@ def test_prefill_packing_fills_the_room_the_head_leaves(packing, first):
                           prefill_chunk_tokens=10, prefill_packing=packing)
     for i, size in enumerate((6, 9, 3)):
         scheduler.add(Request(i, [1] * size, 4, frozenset({EOS})))
-    assert [seq.request_id for seq in scheduler.next_batch().seqs] == first
+    assert [seq.request_id for seq in scheduler.schedule().seqs] == first

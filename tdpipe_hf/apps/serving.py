@@ -94,14 +94,14 @@ class Server:
         self._streams.pop(request.request_id)._queue.put(_DONE)
 
     def _loop(self) -> None:
-        scheduler = self.controller.scheduler
         while not self._closed.is_set():
             try:  # wait for work when idle; otherwise only take what has arrived
-                request = self._incoming.get(timeout=0.1) if not scheduler.has_work else self._incoming.get_nowait()
-                scheduler.add(request)
+                idle = not self.controller.has_work
+                request = self._incoming.get(timeout=0.1) if idle else self._incoming.get_nowait()
+                self.controller.add(request)
                 continue
             except queue.Empty:
-                if not scheduler.has_work:
+                if not self.controller.has_work:
                     continue
             try:
                 self.controller.step()
@@ -111,5 +111,4 @@ class Server:
                     stream._queue.put(_DONE)
                 self._streams.clear()
                 self.controller = self.engine.controller(on_token=self._on_token, on_finish=self._on_finish)
-                scheduler = self.controller.scheduler
             del self.controller.stats.timeline[:-KEEP_EVENTS]

@@ -11,11 +11,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-import torch
-
 from ..metrics import BUSY
 from ..plan import MicroBatch, StepResult
-from .request import Request, Status
+from .request import Request
 from .scheduler import Scheduler
 
 
@@ -61,6 +59,21 @@ class Controller:
                 exhausted = self._refill(source, lookahead)
         return self.finish_stats()
 
+    def add(self, request: Request) -> None:
+        """Queue ``request``; it is planned from the next step on."""
+        self.scheduler.add(request)
+
+    def abort(self, request_id: int) -> None:
+        """Stop a request. ``on_finish`` reports it (finish_reason "abort") now, or when its
+        micro-batch in the pipeline comes back; an unknown or finished id is ignored."""
+        request = self.scheduler.abort(request_id)
+        if request is not None and self.on_finish is not None:
+            self.on_finish(request)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
     def step(self) -> None:
         """Fill the pipeline, then absorb the next micro-batch that comes back. A server calls
         this in its own loop, adding requests to the scheduler between steps."""
@@ -87,7 +100,7 @@ class Controller:
 
     def _dispatch(self) -> None:
         while len(self._in_flight) < self.max_in_flight:
-            batch = self.scheduler.next_batch()
+            batch = self.scheduler.schedule()
             if batch is None:
                 return
             self._in_flight[batch.batch_id] = batch
@@ -98,6 +111,8 @@ class Controller:
             self.executor.submit(batch)
 
     def _absorb(self, result: StepResult) -> None:
+        """Hand a returned result to the scheduler (which alone changes request state) and
+        report what it produced."""
         batch = self._in_flight.pop(result.batch_id)
         self.stats.timeline.extend(result.events)
         busy: dict[int, float] = {}
@@ -106,33 +121,11 @@ class Controller:
                 busy[stage] = busy.get(stage, 0.0) + end - start
         if busy:
             self.scheduler.observe_step(batch, max(busy.values()))
-        requests = {r.request_id: r for r in self.scheduler.running}
-        for seq in batch.seqs:
-            request = requests[seq.request_id]
-            request.in_flight = False
-            request.num_cached = seq.context_len
-            if not seq.sample:
-                continue
-            token = result.tokens[seq.request_id]
-            request.output_ids.append(token)
-            request.status = Status.DECODING
-            self.stats.generated_tokens += 1
-            if self.on_token is not None:
+        output = self.scheduler.update_from_output(batch, result)
+        self.stats.generated_tokens += len(output.tokens)
+        if self.on_token is not None:
+            for request, token in output.tokens:
                 self.on_token(request, token)
-            reason = self._stop_reason(request, token)
-            if reason is not None:
-                self.scheduler.finish(request, reason)
-                if self.on_finish is not None:
-                    self.on_finish(request)
-
-    @staticmethod
-    def _stop_reason(request: Request, token: int) -> str | None:
-        if token in request.eos_token_ids:
-            return "stop"
-        if len(request.output_ids) >= request.max_new_tokens:
-            return "length"
-        if request.stopping_criteria:
-            ids = torch.tensor([request.history], dtype=torch.long)
-            if bool(request.stopping_criteria(ids, None).any()):
-                return "stop"
-        return None
+        if self.on_finish is not None:
+            for request in output.finished:
+                self.on_finish(request)

@@ -41,6 +41,7 @@ class Request:
     num_cached: int = 0
     admitted_at: int = -1
     in_flight: bool = False
+    cancelled: bool = False  # aborted while in flight: retired when its micro-batch returns
     num_preemptions: int = 0
     finish_reason: str | None = None
 

@@ -11,16 +11,44 @@ import enum
 import itertools
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from ..plan import MicroBatch, SequencePlan
+import torch
+
+from ..plan import MicroBatch, SequencePlan, StepResult
 from .cost import StageTimeModel
 from .kv import BlockManager
 from .request import Request, Status
 
 
+ABORTED = "abort"  # finish_reason of a request stopped by ``Scheduler.abort``
+
+
 class Phase(enum.Enum):
     PREFILL = "prefill"
     DECODE = "decode"
+
+
+@dataclass
+class StepOutput:
+    """What applying one result produced, for the controller to report: tokens in plan order,
+    then the requests that finished (an aborted request appears only here)."""
+
+    tokens: list[tuple[Request, int]] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)
+
+
+def stop_reason(request: Request, token: int) -> str | None:
+    """Why ``request`` stops after sampling ``token`` ("stop" or "length"), or None."""
+    if token in request.eos_token_ids:
+        return "stop"
+    if len(request.output_ids) >= request.max_new_tokens:
+        return "length"
+    if request.stopping_criteria:
+        ids = torch.tensor([request.history], dtype=torch.long)
+        if bool(request.stopping_criteria(ids, None).any()):
+            return "stop"
+    return None
 
 
 class DecodeState:
@@ -100,14 +128,61 @@ class Scheduler:
         self.waiting.append(request)
 
     def finish(self, request: Request, reason: str) -> None:
+        """Retire a running request: its KV is freed and, unless it was aborted, its length
+        teaches the admission policy."""
         request.status = Status.FINISHED
         request.finish_reason = reason
         self.blocks.release(request)
         self.running.remove(request)
         observe = getattr(self.admission, "observe", None)
-        if observe is not None:
+        if observe is not None and reason != ABORTED:
             observe(request)
         self._left_decode(request)
+
+    def abort(self, request_id: int) -> Request | None:
+        """Stop ``request_id`` wherever it is. A waiting or idle request is retired now and
+        returned; one whose micro-batch is in the pipeline is marked and retired when that result
+        comes back (its KV blocks are being written until then), so None is returned for it, as
+        for an unknown or finished id."""
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                request.status = Status.FINISHED
+                request.finish_reason = ABORTED
+                return request
+        for request in self.running:
+            if request.request_id == request_id:
+                if request.in_flight:
+                    request.cancelled = True
+                    return None
+                self.finish(request, ABORTED)
+                return request
+        return None
+
+    def update_from_output(self, batch: MicroBatch, result: StepResult) -> StepOutput:
+        """Apply one micro-batch's result: the only place a step's outcome changes request state.
+        Sampled tokens are appended, stop conditions decided and finished requests retired."""
+        output = StepOutput()
+        requests = {r.request_id: r for r in self.running}
+        for seq in batch.seqs:
+            request = requests[seq.request_id]
+            request.in_flight = False
+            if request.cancelled:
+                self.finish(request, ABORTED)
+                output.finished.append(request)
+                continue
+            request.num_cached = seq.context_len
+            if not seq.sample:
+                continue
+            token = result.tokens[seq.request_id]
+            request.output_ids.append(token)
+            request.status = Status.DECODING
+            output.tokens.append((request, token))
+            reason = stop_reason(request, token)
+            if reason is not None:
+                self.finish(request, reason)
+                output.finished.append(request)
+        return output
 
     def _left_decode(self, request: Request) -> None:
         forget = getattr(self.batcher, "forget", None)
@@ -124,7 +199,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---- micro-batch formation ------------------------------------------------------------
-    def next_batch(self) -> MicroBatch | None:
+    def schedule(self) -> MicroBatch | None:
         """The next micro-batch to dispatch, or None if nothing can run before a result returns."""
         if self.phase is Phase.PREFILL:
             batch = self._prefill_batch()

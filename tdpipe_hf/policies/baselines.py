@@ -27,7 +27,7 @@ class HybridScheduler(Scheduler):
         self._lane: dict[int, int] = {}
         self._lanes = itertools.cycle(range(self.num_stages))
 
-    def next_batch(self) -> MicroBatch | None:
+    def schedule(self) -> MicroBatch | None:
         for _ in range(self.num_stages):
             lane = next(self._lanes)
             members = [r for r in self.running if self._lane.get(r.request_id) == lane]
