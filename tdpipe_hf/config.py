@@ -6,12 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from . import plugins
 from .runtime.placement import parse_devices
 
-EXECUTORS = ("local", "distributed")
-ADMISSIONS = ("greedy", "fits")
 LENGTH_PLANNING = ("distribution", "point")
-POLICIES = ("tdpipe", "hybrid", "naive")
+PREFILL_PACKINGS = ("first-fit", "fcfs")
 
 
 @dataclass
@@ -27,7 +26,12 @@ class TDPipeConfig:
     kept <= ``kv_threshold`` x the budget, predictions scaled by ``length_scale``; with
     ``length_planning="distribution"`` every outcome the predictor gives a probability counts with
     that probability, ``"point"`` plans with one length per request) or ``"fits"``
-    (admit while the prompts fit now). ``predictor``: None for the one shipped for the model, an
+    (admit while the prompts fit now). ``decode_batcher`` names the decode batcher outright
+    (``steal-time``, ``steal-rows``, ``static`` or a plugin) and ``prefill_packing`` the prefill
+    packing (``first-fit`` or ``fcfs``); left None they follow ``stealing`` and ``paper_rules``.
+    ``policy``, ``admission``, ``decode_batcher``, ``switch_policy``, ``predictor`` and
+    ``executor`` are names in the plugin registry (``tdpipe_hf.plugins``): ``tdpipe policies``
+    lists them. ``predictor``: None for the one shipped for the model, an
     entry-point name, a ``.npz`` path, or a predictor object. ``online_learning`` feeds finished
     requests' lengths back to the predictor.
 
@@ -47,6 +51,8 @@ class TDPipeConfig:
     policy: str = "tdpipe"
     stealing: bool = True
     paper_rules: bool = False
+    decode_batcher: str | None = None
+    prefill_packing: str | None = None
     admission: str = "greedy"
     predictor: Any = None
     kv_threshold: float = 0.9
@@ -82,8 +88,17 @@ class TDPipeConfig:
         if self.length_planning not in LENGTH_PLANNING:
             raise ValueError(f"TDPipeConfig.length_planning must be one of {LENGTH_PLANNING}, "
                              f"got {self.length_planning!r}")
-        if self.admission not in ADMISSIONS:
-            raise ValueError(f"TDPipeConfig.admission must be one of {ADMISSIONS}, got {self.admission!r}")
+        for name, group in (("policy", plugins.SCHEDULERS), ("admission", plugins.ADMISSION),
+                            ("executor", plugins.EXECUTORS), ("decode_batcher", plugins.DECODE_BATCHERS)):
+            value = getattr(self, name)
+            if value is None and name == "decode_batcher":
+                continue
+            known = plugins.available(group)
+            if value not in known:
+                raise ValueError(f"TDPipeConfig.{name} must be one of {tuple(known)}, got {value!r}")
+        if self.prefill_packing is not None and self.prefill_packing not in PREFILL_PACKINGS:
+            raise ValueError(f"TDPipeConfig.prefill_packing must be one of {PREFILL_PACKINGS} or None, "
+                             f"got {self.prefill_packing!r}")
         for name, low in (("kv_threshold", 0.0), ("length_scale", 0.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
@@ -96,10 +111,6 @@ class TDPipeConfig:
                 and not callable(getattr(self.predictor, "predict", None)):
             raise ValueError(f"TDPipeConfig.predictor must be a name, a .npz path or an object with "
                              f"predict(prompts), got {self.predictor!r}")
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"TDPipeConfig.executor must be one of {EXECUTORS}, got {self.executor!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"TDPipeConfig.policy must be one of {POLICIES}, got {self.policy!r}")
         if not isinstance(self.paper_rules, bool):
             raise ValueError(f"TDPipeConfig.paper_rules must be True or False, got {self.paper_rules!r}")
         if not isinstance(self.pack_weights, bool):
@@ -110,6 +121,19 @@ class TDPipeConfig:
                              "stages: give one per stage, or one for all")
         if not isinstance(self.stealing, bool):
             raise ValueError(f"TDPipeConfig.stealing must be True or False, got {self.stealing!r}")
+
+    @property
+    def decode_batcher_name(self) -> str:
+        """The decode batcher to build: ``decode_batcher``, or the one ``stealing``/``paper_rules`` imply."""
+        if self.decode_batcher is not None:
+            return self.decode_batcher
+        if not self.stealing:
+            return "static"
+        return "steal-rows" if self.paper_rules else "steal-time"
+
+    @property
+    def prefill_packing_name(self) -> str:
+        return self.prefill_packing or ("fcfs" if self.paper_rules else "first-fit")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "TDPipeConfig":

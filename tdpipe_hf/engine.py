@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 
@@ -13,66 +12,18 @@ from tqdm.auto import tqdm
 
 from . import plugins
 from .config import TDPipeConfig
-from .controller import Controller, Request, Scheduler
+from .controller import Controller, Request
 from .controller.controller import RunStats
 from .models import model_name
 from .predictors import ConstantPredictor, check_predictor, load_predictor
-from .runtime.distributed import (DistributedExecutor, join_torchrun_pipeline, launched_by_torchrun, start_torchrun,
-                                  torchrun_places)
-from .runtime.local import LocalExecutor
+from .protocols import SchedulerPolicy
+from .runtime.kv_budget import available_memory, kv_blocks_on_devices
 from .runtime.placement import stage_devices, torchrun_device
-from .runtime.stage import Stage, StageSetup, blocks_for_budget, build_stages, kv_geometry
-from .scheduling import build_scheduler, build_switch
+from .runtime.stage import build_stages
+from .runtime.torchrun import launched_by_torchrun, start_torchrun, torchrun_places
+from .scheduling import build_scheduler
 
-DEFAULT_CPU_KV_BYTES = 2 << 30
 logger = logging.getLogger("tdpipe_hf")
-
-
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def default_kv_bytes(device: torch.device, arriving: int = 0, available: int | None = None) -> int:
-    """Half the free GPU memory, or a fifth of free host memory capped at 2 GiB on CPU, counting
-    as taken the ``arriving`` bytes of weights about to be placed there (``available``: the free
-    memory if already measured)."""
-    free = max(0, (available_memory(device) if available is None else available) - arriving)
-    return free // 2 if device.type == "cuda" else min(free // 5, DEFAULT_CPU_KV_BYTES)
-
-
-def kv_blocks_on_devices(model, stages: list[Stage], block_size: int, devices: dict[int, torch.device],
-                         budget_bytes: int | None = None, available: dict[torch.device, int] | None = None) -> int:
-    """The KV blocks the budget holds: ``budget_bytes`` for the whole model, or else each device's
-    default share of its free memory (``devices``: stage index -> device, every stage that will
-    run on this machine; ``available``: free bytes per device, where already measured) for the
-    layers of the stages it will hold."""
-    if budget_bytes is not None:
-        budgets = {None: (budget_bytes, None)}
-    else:
-        layers_on: dict[torch.device, int] = {}
-        arriving: dict[torch.device, int] = {}
-        for index, device in devices.items():
-            layers_on[device] = layers_on.get(device, 0) + len(stages[index].layers)
-            arriving[device] = arriving.get(device, 0) + stages[index].bytes_to_place(device)
-        budgets = {device: (default_kv_bytes(device, arriving[device], (available or {}).get(device)), layers)
-                   for device, layers in layers_on.items()}
-    blocks = {device: blocks_for_budget(model, budget, block_size, layers)
-              for device, (budget, layers) in budgets.items()}
-    device, fewest = min(blocks.items(), key=lambda item: item[1])
-    if fewest < 1:
-        where = "" if device is None else f" on {device}"
-        raise ValueError(f"KV budget of {budgets[device][0]} bytes{where} is smaller than one block of "
-                         f"{block_size} tokens")
-    return fewest
 
 
 class TDPipeEngine:
@@ -93,11 +44,12 @@ class TDPipeEngine:
             self.devices = dict(enumerate(stage_devices(model_device, config.num_stages, config.devices)))
         self.num_blocks = config.kv_blocks or kv_blocks_on_devices(model, stages, config.block_size, self.devices,
                                                                    config.kv_cache_bytes, available)
-        self.switch_cls = plugins.load(plugins.SWITCH_POLICIES, config.switch_policy)
-        build_switch(config, self.switch_cls)  # a broken plugin fails here, naming itself, not mid-run
         self.model_name = model_name(model)
         self.predictor = self._make_predictor(config) if config.admission == "greedy" else None
-        self.executor = self._make_executor(model, stages, config)
+        self._scheduler(config.num_stages)  # a broken plugin fails here, naming itself, not mid-run
+        self.executor = plugins.build(plugins.EXECUTORS, config.executor, self, model, stages)
+        if self.torchrun:
+            self.num_blocks = self.executor.num_blocks  # the smallest budget of all ranks
         self.last_stats: RunStats | None = None
 
     def _make_predictor(self, config: TDPipeConfig):
@@ -114,22 +66,9 @@ class TDPipeEngine:
                            "guess (train one with `tdpipe train-predictor`)", self.model_name)
             return ConstantPredictor()
 
-    def _scheduler(self, in_flight: int) -> Scheduler:
+    def _scheduler(self, in_flight: int) -> SchedulerPolicy:
         """A fresh scheduler for one run: the configured policy's parts."""
-        return build_scheduler(self.config, self.num_blocks, in_flight, self.predictor, self.switch_cls)
-
-    def _make_executor(self, model, stages: list[Stage], config: TDPipeConfig):
-        setup = StageSetup(self.num_blocks, config.block_size, *kv_geometry(model), pack_weights=config.pack_weights)
-        if config.executor == "local":
-            return LocalExecutor(stages, setup, list(self.devices.values()))
-        if self.torchrun:  # every rank splits the same way without measuring
-            executor = join_torchrun_pipeline(stages, setup, self.threads, self.places)
-            self.num_blocks = executor.num_blocks  # the smallest budget of all ranks
-            return executor
-        # workers place their stage, apply the setup and time it; a measured split rebuilds the stages
-        return DistributedExecutor(stages, setup, config.threads_per_stage,
-                                   resplit=lambda costs: build_stages(model, config.num_stages, costs),
-                                   devices=list(self.devices.values()))
+        return build_scheduler(self.config, self.num_blocks, in_flight, self.predictor)
 
     @property
     def stage_layers(self) -> list[range]:

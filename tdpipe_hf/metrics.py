@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
 BUSY = ("compute", "sample")
 
 

@@ -8,7 +8,13 @@ token ids. Everything here is picklable so a plan can travel to another process 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
+
+# Every phase a micro-batch can carry. "prefill": new requests' prompts (whole, or chunks that
+# sample nothing until the last); "decode": one new token per request; "mixed": decodes and
+# prefill chunks together (hybrid schedules only). Stage-time fits and timelines key on these.
+PREFILL, DECODE, MIXED = "prefill", "decode", "mixed"
+PHASES = (PREFILL, DECODE, MIXED)
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,8 +57,12 @@ class SequencePlan:
 @dataclass
 class MicroBatch:
     batch_id: int
-    phase: str  # "prefill" or "decode"
+    phase: str  # one of PHASES
     seqs: list[SequencePlan]
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"micro-batch phase must be one of {PHASES}, got {self.phase!r}")
 
     @property
     def num_tokens(self) -> int:
@@ -65,7 +75,21 @@ class StepResult:
 
     batch_id: int
     tokens: dict[int, int]
-    stage_seconds: list[float] = field(default_factory=list)
     # timeline: (stage, "recv" | "compute" | "sample" | "send", batch_id, phase, start, end), perf_counter
     # seconds; see tdpipe_hf.metrics
     events: list[tuple] = field(default_factory=list)
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs micro-batches over the stages: what the controller needs of local, spawned, torchrun
+    and simulated executors alike. ``submit`` must not wait for the result; ``collect`` blocks until
+    some submitted micro-batch comes back (in any order) and raises if a stage failed."""
+
+    num_stages: int
+
+    def submit(self, batch: MicroBatch) -> None: ...
+
+    def collect(self) -> StepResult: ...
+
+    def close(self) -> None: ...

@@ -1,35 +1,74 @@
-"""Plugin discovery: built-ins, code registrations and installed entry points, one lookup.
+"""One registry for every swappable part: built-ins, code registrations and entry points.
 
-Third parties publish classes under the entry-point groups ``tdpipe_hf.switch_policies`` and
-``tdpipe_hf.predictors``; ``register_*`` does the same from code.
+Each kind of part is an entry-point group. pyproject declares the built-ins in these groups exactly
+as a third-party package declares its own; ``register(group, name, factory)`` does the same from
+code. ``load`` finds a name's factory, ``build`` calls it and checks the result against the kind's
+protocol (``tdpipe_hf.protocols``), so a broken plugin fails when it is built, naming itself and
+the methods it lacks, not in the middle of a run.
+
+What each group's factory is called with (all return one part):
+
+- ``tdpipe_hf.schedulers``: ``factory(config, blocks, num_stages, predictor)`` -> a scheduler
+- ``tdpipe_hf.admission``: ``factory(config, predictor)`` -> an admission policy
+- ``tdpipe_hf.decode_batchers``: ``factory(config)`` -> a decode batcher
+- ``tdpipe_hf.switch_policies``: ``cls()`` -> a switch policy; ``configure(config)`` if it has one
+- ``tdpipe_hf.predictors``: ``cls()`` -> an output-length predictor
+- ``tdpipe_hf.executors``: ``factory(engine, model, stages)`` -> an executor
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from importlib.metadata import entry_points
 
+SCHEDULERS = "tdpipe_hf.schedulers"
+ADMISSION = "tdpipe_hf.admission"
+DECODE_BATCHERS = "tdpipe_hf.decode_batchers"
 SWITCH_POLICIES = "tdpipe_hf.switch_policies"
 PREDICTORS = "tdpipe_hf.predictors"
+EXECUTORS = "tdpipe_hf.executors"
 
-# Same targets as pyproject's entry points, so a source checkout that is not pip-installed works.
-_BUILTINS = {
+KIND = {SCHEDULERS: "scheduler", ADMISSION: "admission policy", DECODE_BATCHERS: "decode batcher",
+        SWITCH_POLICIES: "switch policy", PREDICTORS: "predictor", EXECUTORS: "executor"}
+
+# The same targets as pyproject's entry points (a test holds them equal), so that a source checkout
+# that was never pip-installed still finds its built-ins.
+BUILTINS = {
+    SCHEDULERS: {"tdpipe": "tdpipe_hf.scheduling:tdpipe_scheduler",
+                 "hybrid": "tdpipe_hf.scheduling:hybrid_scheduler",
+                 "naive": "tdpipe_hf.scheduling:naive_scheduler"},
+    ADMISSION: {"greedy": "tdpipe_hf.policies.prefill:GreedyPrefill.from_config",
+                "fits": "tdpipe_hf.policies.prefill:AdmitWhileFits.from_config",
+                "whole-group": "tdpipe_hf.policies.baselines:AdmitWholeGroup.from_config"},
+    DECODE_BATCHERS: {"steal-time": "tdpipe_hf.policies.stealing:steal_by_time",
+                      "steal-rows": "tdpipe_hf.policies.stealing:steal_by_rows",
+                      "static": "tdpipe_hf.policies.stealing:StaticBatcher.from_config"},
     SWITCH_POLICIES: {"intensity": "tdpipe_hf.policies.switch:IntensitySwitch",
-                      "threshold": "tdpipe_hf.policies.switch:ThresholdSwitch"},
+                      "threshold": "tdpipe_hf.policies.switch:ThresholdSwitch",
+                      "drain": "tdpipe_hf.policies.baselines:DrainSwitch"},
     PREDICTORS: {"constant": "tdpipe_hf.predictors.constant:ConstantPredictor",
                  "oracle": "tdpipe_hf.predictors.oracle:OraclePredictor",
                  "sklearn": "tdpipe_hf.predictors.learned:LearnedLengthPredictor"},
+    EXECUTORS: {"local": "tdpipe_hf.runtime.executors:local_executor",
+                "distributed": "tdpipe_hf.runtime.executors:distributed_executor"},
 }
-_REGISTERED: dict[str, dict[str, type]] = {SWITCH_POLICIES: {}, PREDICTORS: {}}
-_KIND = {SWITCH_POLICIES: "switch policy", PREDICTORS: "predictor"}
+_REGISTERED: dict[str, dict[str, Callable]] = {group: {} for group in BUILTINS}
 
 
-def register(group: str, name: str, cls: type) -> None:
+def _check_group(group: str) -> None:
+    if group not in BUILTINS:
+        raise ValueError(f"unknown plugin group {group!r}; groups: {', '.join(BUILTINS)}")
+
+
+def register(group: str, name: str, factory: Callable) -> None:
+    """Make ``factory`` available as ``name`` in ``group`` for this process (ahead of entry points)."""
+    _check_group(group)
     if not isinstance(name, str) or not name:
         raise ValueError(f"plugin name must be a non-empty string, got {name!r}")
-    if not callable(cls):
-        raise TypeError(f"plugin {name!r} for {group} must be a class or factory, got {cls!r}")
-    _REGISTERED[group][name] = cls
+    if not callable(factory):
+        raise TypeError(f"plugin {name!r} for {group} must be a class or factory, got {factory!r}")
+    _REGISTERED[group][name] = factory
 
 
 def register_switch_policy(name: str, cls: type) -> None:
@@ -40,14 +79,34 @@ def register_predictor(name: str, cls: type) -> None:
     register(PREDICTORS, name, cls)
 
 
+def register_admission(name: str, factory: Callable) -> None:
+    register(ADMISSION, name, factory)
+
+
+def register_scheduler(name: str, factory: Callable) -> None:
+    register(SCHEDULERS, name, factory)
+
+
 def available(group: str) -> list[str]:
-    names = set(_BUILTINS[group]) | set(_REGISTERED[group])
+    _check_group(group)
+    names = set(BUILTINS[group]) | set(_REGISTERED[group])
     names |= {ep.name for ep in entry_points(group=group)}
     return sorted(names)
 
 
-def load(group: str, name: str) -> type:
-    """The class registered as ``name`` in ``group``; a ValueError lists the names that exist."""
+def _import(target: str) -> Callable:
+    module, _, attrs = target.partition(":")
+    obj = importlib.import_module(module)
+    for attr in attrs.split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
+def load(group: str, name: str) -> Callable:
+    """The factory registered as ``name`` in ``group``; a ValueError lists the names that exist."""
+    _check_group(group)
+    if not isinstance(name, str):
+        raise ValueError(f"{KIND[group]} must be given by name (a string), got {name!r}")
     if name in _REGISTERED[group]:
         return _REGISTERED[group][name]
     for ep in entry_points(group=group):
@@ -56,8 +115,20 @@ def load(group: str, name: str) -> type:
                 return ep.load()
             except Exception as exc:
                 raise ValueError(f"plugin {name!r} ({ep.value}) in {group} failed to load: {exc}") from exc
-    if name in _BUILTINS[group]:
-        module, attr = _BUILTINS[group][name].split(":")
-        return getattr(importlib.import_module(module), attr)
-    raise ValueError(f"unknown {_KIND[group]} {name!r}; "
-                     f"available: {', '.join(available(group))}")
+    if name in BUILTINS[group]:
+        return _import(BUILTINS[group][name])
+    raise ValueError(f"unknown {KIND[group]} {name!r}; available: {', '.join(available(group))}")
+
+
+def build(group: str, name: str, *args, factory: Callable | None = None):
+    """``load(group, name)(*args)`` checked against the kind's protocol. Errors name the plugin."""
+    from .protocols import PROTOCOLS, check
+
+    factory = factory or load(group, name)
+    try:
+        part = factory(*args)
+    except ValueError:
+        raise  # a bad setting or name: its message already says which
+    except Exception as exc:
+        raise TypeError(f"{KIND[group]} {name!r} could not be built: {exc}") from exc
+    return check(part, PROTOCOLS[group], f"{KIND[group]} {name!r}")

@@ -8,7 +8,11 @@ from .config import TDPipeConfig
 from .engine import TDPipeEngine
 from .mixin import TDPipeGenerationMixin
 from .runtime.attention import register as register_attention
-from .runtime.placement import offloaded_weights, remove_dispatch_hooks, restore_dispatch
+from .runtime.placement import (
+    offloaded_weights,
+    remove_dispatch_hooks,
+    restore_dispatch,
+)
 
 # Architectures whose decoder layers follow Llama's calling convention and take their attention
 # from transformers' AttentionInterface (checked by the equality tests).

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import torch
+from conftest import hf_generate, random_prompts, tiny_model
 
 import tdpipe_hf
-from conftest import hf_generate, random_prompts, tiny_model
 from tdpipe_hf.plan import MicroBatch, SequencePlan
-from tdpipe_hf.runtime.attention import GROUP_LENGTH_RATIO, MIN_GROUP_ROWS, AttentionContext, group_by_length
+from tdpipe_hf.runtime.attention import (
+    GROUP_LENGTH_RATIO,
+    MIN_GROUP_ROWS,
+    AttentionContext,
+    group_by_length,
+)
 
 
 def test_groups_cover_every_row_once_and_stay_close_in_length():

@@ -21,7 +21,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_model_dir
 
 SCREENSHOTS = Path(__file__).parent / "output" / "demo"

@@ -8,9 +8,9 @@ import time
 
 import pytest
 import torch
+from conftest import hf_generate, left_padded, random_prompts, tiny_model
 
 import tdpipe_hf
-from conftest import hf_generate, left_padded, random_prompts, tiny_model
 from tdpipe_hf.controller import Request
 from tdpipe_hf.runtime.local import StageError
 
@@ -95,10 +95,10 @@ def test_torchrun_launch_matches_hf(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     output = tmp_path / "out.json"
-    from tdpipe_hf.runtime.distributed import _free_port
+    from tdpipe_hf.runtime.spawn import free_port
 
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                str(repo / "benchmarks" / "torchrun_generate.py"), "--tiny", "7", "--num-prompts", "6",
                "--max-new-tokens", "10", "--kv-blocks", "10", "--output", str(output)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=repo)

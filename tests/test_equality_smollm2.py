@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import tdpipe_hf
-from tdpipe_hf.predictors import ConstantPredictor
 from tdpipe_hf.apps.bench import chat_token_ids, load_prompts
+from tdpipe_hf.predictors import ConstantPredictor
 
 pytestmark = pytest.mark.slow
 NUM_PROMPTS = 16

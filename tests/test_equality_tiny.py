@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import hf_generate, left_padded, random_prompts, tiny_model
 
 import tdpipe_hf
-from tdpipe_hf.apps.bench import POLICY_VARIANTS
-from conftest import hf_generate, left_padded, random_prompts, tiny_model
+from tdpipe_hf.variants import ENGINE_VARIANTS, VARIANTS
 
 MAX_NEW = 24
 
@@ -140,7 +140,7 @@ def test_forward_still_plain_hf_after_wrap():
     assert type(model).__name__ == "LlamaForCausalLM"
 
 
-@pytest.mark.parametrize("variant", POLICY_VARIANTS)
+@pytest.mark.parametrize("variant", ENGINE_VARIANTS)
 @pytest.mark.parametrize("num_stages, executor", [(2, "local"), (3, "local"), (2, "distributed")])
 def test_every_policy_matches_hf(variant, num_stages, executor):
     """Greedy tokens equal HF generate's under every policy and stage count, on a KV budget that
@@ -152,7 +152,7 @@ def test_every_policy_matches_hf(variant, num_stages, executor):
     expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
     # small prefill chunks: hybrid splits prompts over several mixed micro-batches
     tdpipe_hf.wrap(model, num_stages=num_stages, block_size=4, kv_blocks=40, executor=executor,
-                   prefill_chunk_tokens=16, **POLICY_VARIANTS[variant])
+                   prefill_chunk_tokens=16, **VARIANTS[variant].options)
     try:
         actual = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
     finally:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import left_padded, random_prompts, tiny_model
 
 import tdpipe_hf
-from conftest import left_padded, random_prompts, tiny_model
 from tdpipe_hf.runtime.local import StageError
 
 

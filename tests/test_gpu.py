@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import hf_generate, left_padded, random_prompts, tiny_model
 
 import tdpipe_hf
-from conftest import hf_generate, left_padded, random_prompts, tiny_model
 from tdpipe_hf.runtime.placement import GLOO, GLOO_AND_NCCL
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0

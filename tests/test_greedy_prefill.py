@@ -7,14 +7,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_scheduler import reference, run
 
 import tdpipe_hf
 from tdpipe_hf.controller import BlockManager, Request
 from tdpipe_hf.policies import GreedyPrefill
 from tdpipe_hf.policies.prefill import simulated_peak_blocks
-from tdpipe_hf.predictors import (ConstantPredictor, LearnedLengthPredictor, OraclePredictor, load_predictor,
-                                  load_predictor_file)
-from test_scheduler import reference, run
+from tdpipe_hf.predictors import (
+    ConstantPredictor,
+    LearnedLengthPredictor,
+    OraclePredictor,
+    load_predictor,
+    load_predictor_file,
+)
 
 
 def workload(count=24, seed=3):
@@ -179,6 +184,7 @@ def test_train_predictor_cli_labels_fits_reports_and_saves(tmp_path, capsys):
     """End to end on a tiny random model: labels are the engine's own answers (resumable), the
     saved predictor loads by path, and the engine uses it; a rerun reuses the labels."""
     from conftest import tiny_model_dir
+
     from tdpipe_hf.apps import cli
     from tdpipe_hf.apps.offline import answer_lengths
 

@@ -3,6 +3,8 @@
 - The applications (``tdpipe_hf.apps``) sit on top: no core module imports them.
 - The controller side (controller, policies, predictors) and the runtime side never import each
   other; ``tdpipe_hf.plan`` is the only thing they share.
+- The shared vocabulary (``plan``, ``plugins``, ``protocols``, ``variants``) imports neither side's
+  implementations: the registry names its built-ins as strings, loaded on first use.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "tdpipe_hf"
 CONTROLLER_SIDE = ("controller", "policies", "predictors")
 RUNTIME_SIDE = ("runtime",)
+SHARED = ("tdpipe_hf.plan", "tdpipe_hf.plugins", "tdpipe_hf.protocols", "tdpipe_hf.variants")
+SHARED_MAY_USE = ("tdpipe_hf.plan", "tdpipe_hf.plugins", "tdpipe_hf.protocols", "tdpipe_hf.predictors.base")
 
 
 def module_name(path: Path) -> str:
@@ -66,3 +70,12 @@ def test_layers(path):
         assert not {m for m in imports if layer(m) in RUNTIME_SIDE}, f"{name} imports the runtime"
     if own in RUNTIME_SIDE:
         assert not {m for m in imports if layer(m) in CONTROLLER_SIDE}, f"{name} imports the controller side"
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_vocabulary_imports_no_implementation(name):
+    path = PACKAGE / f"{name.split('.')[1]}.py"
+    imports = imported_modules(path)
+    allowed = {m for m in imports if m in SHARED_MAY_USE or m == "tdpipe_hf"
+               or any(m.startswith(f"{ok}.") for ok in SHARED_MAY_USE)}
+    assert imports <= allowed, f"{name} imports {sorted(imports - allowed)}"

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import byte_tokenizer, tiny_model, tiny_model_dir
 from transformers import pipeline
 
 import tdpipe_hf
-from conftest import byte_tokenizer, tiny_model, tiny_model_dir
 from tdpipe_hf.apps.offline import parse_line, run_batch
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,16 +9,27 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import hf_generate, left_padded, random_prompts, tiny_model
 
 import tdpipe_hf
-from conftest import hf_generate, left_padded, random_prompts, tiny_model
 from tdpipe_hf.config import TDPipeConfig
-from tdpipe_hf.engine import default_kv_bytes, kv_blocks_on_devices
 from tdpipe_hf.runtime.attention import register as register_attention
-from tdpipe_hf.runtime.placement import (GLOO, GLOO_AND_NCCL, activation_backend, parse_devices, stage_devices,
-                                         torchrun_device, wire_device)
+from tdpipe_hf.runtime.kv_budget import (
+    default_kv_bytes,
+    kv_blocks_on_devices,
+    kv_geometry,
+)
 from tdpipe_hf.runtime.local import LocalExecutor
-from tdpipe_hf.runtime.stage import Stage, StageSetup, build_stages, kv_geometry
+from tdpipe_hf.runtime.placement import (
+    GLOO,
+    GLOO_AND_NCCL,
+    activation_backend,
+    parse_devices,
+    stage_devices,
+    torchrun_device,
+    wire_device,
+)
+from tdpipe_hf.runtime.stage import Stage, StageSetup, build_stages
 
 CPU, META = torch.device("cpu"), torch.device("meta")
 

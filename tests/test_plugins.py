@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import random_prompts, tiny_model
 
 import tdpipe_hf
-from conftest import random_prompts, tiny_model
 from tdpipe_hf import plugins
 
 
@@ -55,6 +55,7 @@ from tdpipe_hf import plugins
 from tdpipe_hf.models import tiny_random_model
 assert "prompt-ratio" in plugins.available(plugins.PREDICTORS)
 assert "queue-pressure" in plugins.available(plugins.SWITCH_POLICIES)
+assert "headroom" in plugins.available(plugins.ADMISSION)
 model = tiny_random_model("llama", seed=61)
 prompts = [[1, 5, 9, 13][: 1 + i % 4] + [20 + i] * (i % 7) for i in range(12)]
 expected = [model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist() for p in prompts]
@@ -66,6 +67,14 @@ actual = model.generate_batch(prompts, max_new_tokens=12, do_sample=False)
 eos = model.generation_config.eos_token_id
 assert actual == [e[: e.index(eos) + 1] if eos in e else e for e in expected]
 print("plugins used:", type(engine.predictor).__name__, engine.config.switch_policy)
+import tdpipe_example_plugin as example
+calls = []
+admit = example.HeadroomAdmission.admit
+example.HeadroomAdmission.admit = lambda self, *args: calls.append(self.headroom) or admit(self, *args)
+tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=40, admission="headroom")
+assert model.generate_batch(prompts, max_new_tokens=12, do_sample=False) == actual
+assert calls and calls[-1] != calls[0]  # admitted requests, and learned from finished ones
+print("admission used: HeadroomAdmission")
 """
 
 
@@ -79,6 +88,7 @@ def test_example_plugin_package_is_discovered_by_name_and_used(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "plugins used: PromptRatioPredictor queue-pressure" in done.stdout
+    assert "admission used: HeadroomAdmission" in done.stdout
 
 
 def _fake_distribution(root: Path, group: str, name: str, target: str) -> None:

@@ -5,23 +5,29 @@ measured stage times, and misbehaving switch plugins are named."""
 from __future__ import annotations
 
 import pytest
+from test_scheduler import EOS, FakePipeline, reference
 
 from tdpipe_hf.controller import BlockManager, Controller, Request, Scheduler
 from tdpipe_hf.controller.cost import StageTimeModel
+from tdpipe_hf.controller.hybrid import HybridScheduler
 from tdpipe_hf.controller.scheduler import DecodeState
 from tdpipe_hf.plan import StepResult
-from tdpipe_hf.policies import (AdmitWhileFits, IntensitySwitch, ReadyPoolBatcher, StaticBatcher,
-                                ThresholdSwitch)
-from tdpipe_hf.policies.baselines import AdmitWholeGroup, DrainSwitch, HybridScheduler
+from tdpipe_hf.policies import (
+    AdmitWhileFits,
+    IntensitySwitch,
+    ReadyPoolBatcher,
+    StaticBatcher,
+    ThresholdSwitch,
+)
+from tdpipe_hf.policies.baselines import AdmitWholeGroup, DrainSwitch
 from tdpipe_hf.policies.switch import CheckedSwitch
 from tdpipe_hf.predictors import ConstantPredictor
-from test_scheduler import EOS, FakePipeline, reference
 
 
 def scheduler_for(policy: str, blocks: BlockManager, num_stages: int, chunk: int) -> Scheduler:
     common = dict(prefill_chunk_tokens=chunk)
     if policy == "hybrid":
-        return HybridScheduler(blocks, num_stages, AdmitWhileFits(), None, None, **common)
+        return HybridScheduler(blocks, num_stages, AdmitWhileFits(), **common)
     if policy == "naive":
         return Scheduler(blocks, num_stages, AdmitWholeGroup(), StaticBatcher(), DrainSwitch(), **common)
     batcher = StaticBatcher() if policy == "tdpipe-nosteal" else ReadyPoolBatcher()

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 import torch
+from conftest import hf_generate, random_prompts, tiny_model
 
 import tdpipe_hf
-from conftest import hf_generate, random_prompts, tiny_model
 from tdpipe_hf.apps.serving import Server
 
 

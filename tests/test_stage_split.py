@@ -7,16 +7,17 @@ import pickle
 
 import pytest
 import torch
+from conftest import hf_generate, left_padded, random_prompts, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tdpipe_hf
-from conftest import hf_generate, left_padded, random_prompts, tiny_model
 from tdpipe_hf.controller.cost import REFIT_EVERY, StageTimeModel
-from tdpipe_hf.runtime import distributed
+from tdpipe_hf.runtime import spawn
+from tdpipe_hf.runtime.kv_budget import kv_geometry
 from tdpipe_hf.runtime.packed_linear import PackedLinears, available
 from tdpipe_hf.runtime.split import StageCosts, probe_stage, size_costs, split_layers
-from tdpipe_hf.runtime.stage import StageSetup, build_stages, kv_geometry
+from tdpipe_hf.runtime.stage import StageSetup, build_stages
 
 
 def brute_force_slowest(costs: StageCosts, num_stages: int) -> float:
@@ -83,7 +84,7 @@ def test_measured_costs_resplit_the_stage_processes(monkeypatch):
     ids, mask = left_padded(random_prompts(6, low=2, high=20, seed=6))
     expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     head_heavy = StageCosts((1.0,) * 4, 2.0, "measured")
-    monkeypatch.setattr(distributed, "measured_costs", lambda num_layers, probes: head_heavy)
+    monkeypatch.setattr(spawn, "measured_costs", lambda num_layers, probes: head_heavy)
     tdpipe_hf.wrap(model, num_stages=2, executor="distributed")
     try:
         engine = model.tdpipe_engine

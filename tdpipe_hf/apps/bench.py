@@ -17,22 +17,10 @@ import torch
 
 from ..mixin import eos_token_ids
 from ..models import chat_prompt_ids
+from ..variants import variant
 
 SAMPLE_PROMPTS = "sample_prompts.jsonl"
 SYSTEMS = ("hf-generate", "hf-generate_batch", "tdpipe", "tdpipe-dist")
-# Named engine settings compared by ``tdpipe bench --policies``: TD-Pipe, TD-Pipe with one part
-# taken out, and the baseline schedules in the same engine.
-POLICY_VARIANTS = {
-    "tdpipe": {},
-    "tdpipe-paper": {"paper_rules": True},
-    "tdpipe-nosteal": {"stealing": False},
-    "tdpipe-threshold": {"switch_policy": "threshold"},
-    "tdpipe-fits": {"admission": "fits"},
-    "hybrid": {"policy": "hybrid"},
-    "naive": {"policy": "naive"},
-}
-
-
 @dataclass
 class BenchRow:
     system: str
@@ -133,7 +121,7 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
                   local_threads: tuple[int, ...] = (), trace: str | None = None,
                   policies: tuple[str, ...] = ("tdpipe",), log=print) -> list[BenchRow]:
     """Run ``systems`` one after the other on the same prompts, tdpipe once per policy variant
-    (``POLICY_VARIANTS``). ``trace``: write the last distributed run's timeline as a Chrome trace
+    (names in ``tdpipe_hf.variants``). ``trace``: write the last distributed run's timeline as a Chrome trace
     (``trace``) and a PNG (``trace`` + ``.png``); with several policies, one of each per policy
     (``trace`` with ``-POLICY`` before its suffix)."""
     import tdpipe_hf
@@ -168,7 +156,7 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
 
     def run_tdpipe(system: str, n_stages: int, threads: int | None = None, policy: str = "tdpipe",
                    **options) -> None:
-        options = {**(tdpipe_options or {}), **POLICY_VARIANTS[policy], **options}
+        options = {**(tdpipe_options or {}), **variant(policy, engine=True).options, **options}
         devices = parse_devices(options.get("devices"))
         if devices is not None and len(devices) > n_stages:  # each row runs on the first devices listed
             options["devices"] = devices[:n_stages]
@@ -206,9 +194,8 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
             add("hf-generate_batch", 1, outputs, seconds)
         except Exception as exc:  # report, keep benchmarking the rest
             log(f"  hf-generate_batch failed: {type(exc).__name__}: {exc}")
-    unknown = sorted(set(policies) - set(POLICY_VARIANTS))
-    if unknown:
-        raise ValueError(f"unknown policy variant(s) {unknown}; choose from {', '.join(POLICY_VARIANTS)}")
+    for policy in policies:
+        variant(policy, engine=True)  # unknown names fail before anything runs
     for policy in policies:
         if "tdpipe" in systems:
             for n_stages in stages:

@@ -134,8 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--trace", help="write the tdpipe-dist run's timeline here as a Chrome/Perfetto trace "
                                        "(and a PNG plot next to it)")
     bench.add_argument("--policies", default="tdpipe",
-                       help="comma-separated policy variants to run for tdpipe systems: tdpipe, tdpipe-nosteal, "
-                            "tdpipe-threshold, tdpipe-fits, hybrid, naive (default tdpipe)")
+                       help="comma-separated policy variants to run for tdpipe systems (`tdpipe policies` "
+                            "lists them; default tdpipe)")
     bench.add_argument("--hf-batch-size", type=_positive, default=16, help="static batch size for HF generate")
     bench.add_argument("--kv-blocks", type=_positive, default=None, help="tdpipe KV budget in blocks")
     bench.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
@@ -147,8 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--gpu", default="a100-pcie", help="l20 or a100-pcie")
     sim.add_argument("--gpus", type=_positive, default=4, help="GPUs: pipeline stages, or the TP degree (default 4)")
     sim.add_argument("--policies", default="tdpipe,hybrid,pp-separate,naive,tp,tp-separate",
-                     help="comma-separated: tdpipe, tdpipe-constant, tdpipe-nosteal, tdpipe-threshold, tdpipe-fits, "
-                          "hybrid, pp-separate, naive, tp, tp-separate")
+                     help="comma-separated policy variants (`tdpipe policies` lists them)")
     sim.add_argument("--requests", type=_positive, default=5000, help="ShareGPT-like requests (default 5000)")
     sim.add_argument("--seed", type=int, default=0, help="workload seed")
     sim.add_argument("--chunk-tokens", type=_positive, default=None,
@@ -156,6 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", default="tdpipe-sim", help="directory for the plots (default ./tdpipe-sim)")
     sim.add_argument("--no-plots", action="store_true")
     sim.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
+
+    commands.add_parser("policies", help="list the named policy variants and every registered plugin")
 
     demo = commands.add_parser("demo", help="Gradio demo: streaming chat, and two policies compared on a batch "
                                             "(needs the demo extra: pip install 'tdpipe_hf[demo]')")
@@ -200,9 +201,9 @@ def _generate(args) -> int:
 
 
 def _bench(args) -> int:
-    from . import bench
     from ..models import load_model_and_tokenizer
     from ..runtime.placement import parse_devices
+    from . import bench
 
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
     unknown = sorted(set(systems) - set(bench.SYSTEMS))
@@ -236,6 +237,7 @@ def _run(args) -> int:
     from pathlib import Path
 
     import tdpipe_hf
+
     from .offline import run_batch
 
     input_path = _input_path(args.input)
@@ -277,6 +279,7 @@ def _train_predictor(args) -> int:
     from pathlib import Path
 
     import tdpipe_hf
+
     from ..models import model_name
     from .offline import run_batch
     from .training import fit_and_report, read_labels
@@ -303,13 +306,13 @@ def _train_predictor(args) -> int:
 
 
 def _simulate(args) -> int:
-    from ..sim import POLICIES, SimSetup, sharegpt_like, simulate
+    from ..sim import SimSetup, sharegpt_like, simulate
     from ..sim.report import format_table, write_json, write_plots
+    from ..variants import variant
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown:
-        raise ValueError(f"unknown simulator policies {unknown}; choose from {', '.join(POLICIES)}")
+    for policy in policies:
+        variant(policy)  # unknown names fail before anything runs
     setup = SimSetup.named(args.model, args.gpu, args.gpus)
     workload = sharegpt_like(args.requests, seed=args.seed)
     title = f"{setup.model.name} on {args.gpus} x {setup.gpu.name}"
@@ -327,6 +330,21 @@ def _simulate(args) -> int:
     if args.json_path:
         write_json(rows, args.json_path)
         print(f"wrote {args.json_path}", file=sys.stderr)
+    return 0
+
+
+def _policies(args) -> int:
+    from .. import plugins
+    from ..variants import describe
+
+    print("Policy variants (tdpipe bench --policies, tdpipe simulate --policies, the demo):\n")
+    print(describe())
+    print("\nRegistered plugins (TDPipeConfig fields; entry-point groups):\n")
+    fields = {plugins.SCHEDULERS: "policy", plugins.ADMISSION: "admission", plugins.DECODE_BATCHERS: "decode_batcher",
+              plugins.SWITCH_POLICIES: "switch_policy", plugins.PREDICTORS: "predictor",
+              plugins.EXECUTORS: "executor"}
+    for group, field in fields.items():
+        print(f"  {field:<15} {group:<28} {', '.join(plugins.available(group))}")
     return 0
 
 
@@ -350,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_glibc_malloc()  # our own process: same settings for every system the benchmark runs
     try:
         commands = {"generate": _generate, "run": _run, "bench": _bench, "train-predictor": _train_predictor,
-                    "simulate": _simulate, "demo": _demo}
+                    "simulate": _simulate, "policies": _policies, "demo": _demo}
         return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"tdpipe {args.command}: error: {exc}", file=sys.stderr)

@@ -25,24 +25,10 @@ import time
 from pathlib import Path
 
 from .. import metrics
-from .bench import POLICY_VARIANTS, load_prompts
 from ..models import chat_prompt_ids, load_model_and_tokenizer, model_name
+from ..variants import ENGINE_VARIANTS, VARIANTS
+from .bench import load_prompts
 
-POLICY_HELP = {
-    "tdpipe": "TD-Pipe: a prefill phase admits requests greedily (predicted output lengths keep the "
-              "simulated KV peak under budget), then a decode phase keeps one micro-batch per stage "
-              "circulating, with work stealing between micro-batches; switches back when measured "
-              "stage times say prefill pays off.",
-    "tdpipe-nosteal": "TD-Pipe without work stealing: each request stays in the decode micro-batch it "
-                      "started in, so micro-batches shrink unevenly as requests finish.",
-    "tdpipe-threshold": "TD-Pipe with a fixed switch rule: decode hands back to prefill when fewer than "
-                        "half of the phase's requests are still decoding.",
-    "tdpipe-fits": "TD-Pipe admitting requests while their prompts fit in the KV cache free now "
-                   "(no output-length prediction): more preemptions when answers grow.",
-    "hybrid": "Baseline, vLLM-style: every micro-batch mixes prefill chunks with decode steps.",
-    "naive": "Baseline: static groups; a group is prefilled, decoded until all its requests finish, "
-             "then the next group starts.",
-}
 EXECUTOR_HELP = {
     "local": "all stages in this process, one after the other (no real overlap on CPU, but the "
              "schedule and its timeline are the same)",
@@ -99,8 +85,9 @@ class DemoBackend:
     def __init__(self, model_path: str | None = None, stages: int = 1, kv_blocks: int | None = None,
                  max_new_tokens: int = 128):
         import tdpipe_hf
+
         from ..config import TDPipeConfig
-        from ..runtime.stage import blocks_for_budget
+        from ..runtime.kv_budget import blocks_for_budget
         from .serving import Server
 
         model, self.tokenizer = load_model_and_tokenizer(model_path)
@@ -140,7 +127,7 @@ class DemoBackend:
 
     @staticmethod
     def describe(policy_a: str, policy_b: str, stages, executor: str) -> str:
-        lines = [f"- **{label} = {policy}**: {POLICY_HELP.get(policy, 'unknown policy')}"
+        lines = [f"- **{label} = {policy}**: {VARIANTS[policy].summary if policy in VARIANTS else 'unknown policy'}"
                  for label, policy in zip("AB", (policy_a, policy_b))]
         lines.append(f"- **{stages} stage(s)**: the decoder layers are split into that many consecutive groups; "
                      f"with more stages more micro-batches are in flight at once.")
@@ -199,8 +186,8 @@ class DemoBackend:
     def check_batch(self, n, max_new_tokens, stages, executor, policy_a, policy_b, kv_blocks) -> dict:
         """The batch settings as clean values, or ``DemoError`` naming the bad one."""
         for label, policy in (("policy A", policy_a), ("policy B", policy_b)):
-            if policy not in POLICY_VARIANTS:
-                raise DemoError(f"{label} {policy!r} is unknown; choose one of {', '.join(POLICY_VARIANTS)}")
+            if policy not in ENGINE_VARIANTS:
+                raise DemoError(f"{label} {policy!r} is unknown; choose one of {', '.join(ENGINE_VARIANTS)}")
         if executor not in EXECUTOR_HELP:
             raise DemoError(f"executor {executor!r} is unknown; choose local or distributed")
         settings = {
@@ -238,7 +225,7 @@ class DemoBackend:
     def _run_policy(self, policy: str, settings: dict) -> dict:
         import tdpipe_hf
 
-        options = dict(POLICY_VARIANTS[policy], executor=settings["executor"])
+        options = dict(VARIANTS[policy].options, executor=settings["executor"])
         if settings["kv_blocks"]:
             options["kv_blocks"] = settings["kv_blocks"]
         model = tdpipe_hf.wrap(self.batch_model, num_stages=settings["stages"], **options)
@@ -346,7 +333,7 @@ def build_app(backend: DemoBackend):
         a, b = result["runs"]
         return hidden(), a["timeline_png"], b["timeline_png"], result["kv_png"], result["table"]
 
-    policies = list(POLICY_VARIANTS)
+    policies = list(ENGINE_VARIANTS)
     with gr.Blocks(title="tdpipe_hf demo", analytics_enabled=False) as demo:
         gr.Markdown("# tdpipe_hf: TD-Pipe pipelined inference\n" + backend.engine_summary())
         with gr.Tab("Chat"):

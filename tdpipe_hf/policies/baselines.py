@@ -1,8 +1,4 @@
-"""Baseline pipeline schedules in the same engine, for same-code side-by-side comparisons.
-
-``hybrid``: vLLM-style pipeline parallelism. No phases: requests are spread over ``num_stages``
-virtual engines (lanes) and every micro-batch is one lane's decodes plus chunks of its prefills
-(chunked prefill, continuous batching), admitted while the KV fits now.
+"""The parts of the ``naive`` baseline schedule (the hybrid one is ``controller/hybrid.py``).
 
 ``naive``: static batches as Accelerate/PiPPy-style pipelines run them: a group of requests
 whose worst case (prompt + max_new_tokens) fits is admitted into an empty engine, split into
@@ -12,83 +8,10 @@ in one way: finished rows leave their micro-batch instead of being computed as p
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 from ..controller.kv import BlockManager
-from ..controller.request import Request, Status
-from ..controller.scheduler import Scheduler
-from ..plan import MicroBatch
-
-
-class HybridScheduler(Scheduler):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._lane: dict[int, int] = {}
-        self._lanes = itertools.cycle(range(self.num_stages))
-
-    def schedule(self) -> MicroBatch | None:
-        for _ in range(self.num_stages):
-            lane = next(self._lanes)
-            members = [r for r in self.running if self._lane.get(r.request_id) == lane]
-            if any(r.in_flight for r in members):
-                continue  # this virtual engine's micro-batch is still in the pipeline
-            batch = self._lane_batch(lane, members)
-            if batch is not None:
-                return batch
-        return None
-
-    def _lane_batch(self, lane: int, members: list[Request]) -> MicroBatch | None:
-        """One lane's decodes, then chunks of its prefills and of newly admitted requests, within
-        ``prefill_chunk_tokens``. Plans are written last: making room may preempt a request
-        chosen earlier in the loop."""
-        decodes: list[Request] = []
-        for request in [r for r in members if r.status is Status.DECODING]:
-            if request.status is not Status.DECODING:
-                continue  # preempted to make room earlier in this loop
-            if not self._make_room(request, decodes):
-                break
-            if request.status is Status.DECODING:
-                self.blocks.reserve(request, request.num_tokens)
-                decodes.append(request)
-        budget = self.prefill_chunk_tokens - len(decodes)
-        chunks: list[tuple[Request, int]] = []
-        for request in [r for r in members if r.status is Status.PREFILLING and r.block_table]:
-            size = min(len(request.pending_ids), budget)
-            if size <= 0 or request.status is not Status.PREFILLING:
-                continue
-            if not self._make_room(request, decodes, request.num_cached + size):
-                break
-            if request.status is Status.PREFILLING:
-                self.blocks.reserve(request, request.num_cached + size)
-                chunks.append((request, size))
-                budget -= size
-        count = self._admissible()
-        while count and budget > 0 and self.waiting:  # admit into this lane
-            request = self.waiting[0]
-            size = min(request.num_tokens, budget)
-            if not self.blocks.can_hold(request, size):
-                break
-            self.waiting.popleft()
-            count -= 1
-            self.blocks.reserve(request, size)
-            request.status = Status.PREFILLING
-            request.admitted_at = next(self._admissions)
-            self.running.append(request)
-            self._lane[request.request_id] = lane
-            chunks.append((request, size))
-            budget -= size
-        decodes = [r for r in decodes if r.status is Status.DECODING]
-        chunks = [(r, size) for r, size in chunks if r.status is Status.PREFILLING]
-        seqs = [self._plan(r) for r in decodes] + [self._plan(r, size) for r, size in chunks]
-        if not seqs:
-            return None
-        phase = "decode" if not chunks else "prefill" if not decodes else "mixed"
-        return MicroBatch(next(self._batch_ids), phase, seqs)
-
-    def _left_decode(self, request: Request) -> None:
-        super()._left_decode(request)
-        self._lane.pop(request.request_id, None)
+from ..controller.request import Request
 
 
 class AdmitWholeGroup:
@@ -98,6 +21,13 @@ class AdmitWholeGroup:
 
     def __init__(self):
         self._group: set[int] = set()
+
+    @classmethod
+    def from_config(cls, config, predictor=None) -> "AdmitWholeGroup":
+        return cls()
+
+    def observe(self, request: Request) -> None:
+        """Static batching learns nothing from finished requests."""
 
     def admit(self, waiting: Sequence[Request], running: Sequence[Request], blocks: BlockManager,
               max_running: int) -> int:

@@ -14,7 +14,12 @@ import numpy as np
 
 from ..controller.kv import BlockManager
 from ..controller.request import Request
-from ..predictors.base import checked_outcomes, checked_predictions
+from ..predictors.base import (
+    LearnsOnline,
+    PredictsOutcomes,
+    checked_outcomes,
+    checked_predictions,
+)
 
 
 class AdmitWhileFits:
@@ -26,6 +31,13 @@ class AdmitWhileFits:
 
     def __init__(self, watermark: float = 0.01):
         self.watermark = watermark
+
+    @classmethod
+    def from_config(cls, config, predictor=None) -> "AdmitWhileFits":
+        return cls()
+
+    def observe(self, request: Request) -> None:
+        """The rule learns nothing from finished requests."""
 
     def admit(self, waiting: Sequence[Request], running: Sequence[Request], blocks: BlockManager,
               max_running: int) -> int:
@@ -85,12 +97,19 @@ class GreedyPrefill:
         self.predictor = predictor
         self.kv_threshold = kv_threshold
         self.length_scale = length_scale
-        self.online = online and callable(getattr(predictor, "update", None))
+        self.online = online and isinstance(predictor, LearnsOnline)
         self.update_every = update_every
         self.name = name or type(predictor).__name__
-        self.use_outcomes = planning == "distribution" and callable(getattr(predictor, "predict_outcomes", None))
+        self.use_outcomes = planning == "distribution" and isinstance(predictor, PredictsOutcomes)
         self._predicted: dict[int, list[tuple[float, float]]] = {}
         self._finished: list[tuple[list[int], int]] = []
+
+    @classmethod
+    def from_config(cls, config, predictor) -> "GreedyPrefill":
+        """Over ``predictor`` with the config's threshold, scale, planning and online learning."""
+        return cls(predictor, config.kv_threshold, config.length_scale, online=config.online_learning,
+                   name=config.predictor if isinstance(config.predictor, str) else "",
+                   planning=config.length_planning)
 
     def _outcomes(self, requests: Sequence[Request]) -> list[list[tuple[float, float]]]:
         """Each request's (length, probability) outcomes; one sure outcome for point planning."""

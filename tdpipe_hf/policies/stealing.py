@@ -76,6 +76,10 @@ class StaticBatcher:
     def __init__(self):
         self._lane: dict[int, int] = {}
 
+    @classmethod
+    def from_config(cls, config) -> "StaticBatcher":
+        return cls()
+
     def select(self, ready: Sequence[Request], num_decoding: int, num_stages: int, **_) -> list[Request]:
         if not ready:
             return []
@@ -94,3 +98,13 @@ class StaticBatcher:
     def forget(self, request: Request) -> None:
         """The request left decode (finished or preempted): its lane shrinks."""
         self._lane.pop(request.request_id, None)
+
+
+def steal_by_time(config) -> ReadyPoolBatcher:
+    """Registered as ``steal-time``: stealing balanced by estimated stage time (our default)."""
+    return ReadyPoolBatcher(balance="time")
+
+
+def steal_by_rows(config) -> ReadyPoolBatcher:
+    """Registered as ``steal-rows``: stealing balanced by row count (the paper's rule)."""
+    return ReadyPoolBatcher(balance="rows")

@@ -23,6 +23,23 @@ class Predictor(Protocol):
         ...
 
 
+@runtime_checkable
+class PredictsOutcomes(Protocol):
+    """Optional: a length distribution per prompt, which greedy prefill plans with when present."""
+
+    def predict_outcomes(self, prompts: list[list[int]]) -> list[list[tuple[float, float]]]:
+        """Per prompt, (length, probability) pairs whose probabilities sum to 1."""
+        ...
+
+
+@runtime_checkable
+class LearnsOnline(Protocol):
+    """Optional: learn from finished requests (``TDPipeConfig.online_learning``)."""
+
+    def update(self, prompts: list[list[int]], lengths: list[int]) -> None:
+        ...
+
+
 def check_predictor(predictor, name: str):
     """Fail early, naming the plugin, when it cannot be used as a predictor."""
     if not callable(getattr(predictor, "predict", None)):

@@ -55,7 +55,7 @@ class LocalExecutor:
         batch = self._queue.popleft()
         contexts: dict[torch.device, AttentionContext] = {}  # one per device the stages run on
         hidden = None
-        seconds, events = [], []
+        events = []
         for index, stage in enumerate(self.stages):
             start = time.perf_counter()
             device = stage.kv.keys.device
@@ -70,9 +70,8 @@ class LocalExecutor:
                 raise StageError(f"stage {index} (layers {stage.index_range.start}-{stage.index_range.stop - 1}) "
                                  f"failed on {batch.phase} micro-batch {batch.batch_id}: {exc}") from exc
             end = time.perf_counter()
-            seconds.append(end - start)
             events.append((index, "compute", batch.batch_id, batch.phase, start, end))
-        return StepResult(batch.batch_id, sample_batch(hidden, batch), seconds, events)
+        return StepResult(batch.batch_id, sample_batch(hidden, batch), events)
 
     def close(self) -> None:
         """Drop queued work and the KV cache, and give the model's modules back their own weights

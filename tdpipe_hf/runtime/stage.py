@@ -150,23 +150,6 @@ def _copies_on(modules, device: torch.device) -> list:
     return [m if m is None or _device_of(m) == device else copy.deepcopy(m, memo).to(device) for m in modules]
 
 
-def kv_geometry(model) -> tuple[int, int]:
-    """(kv heads, head dim) of the model, read through optimum's normalised config."""
-    from optimum.utils import NormalizedConfigManager
-
-    config = model.config
-    try:
-        normalized = NormalizedConfigManager.get_normalized_config_class(config.model_type)(config)
-        heads, hidden = normalized.num_attention_heads, normalized.hidden_size
-        kv_heads = getattr(normalized, "num_key_value_heads", None) or heads
-    except (KeyError, AttributeError):
-        heads, hidden = config.num_attention_heads, config.hidden_size
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return kv_heads, head_dim
-
-
-
 @dataclass(frozen=True)
 class StageSetup:
     """What the process that runs a stage does to make it ready: place it on its device, allocate
@@ -192,13 +175,3 @@ def build_stages(model, num_stages: int, costs: StageCosts | None = None) -> lis
     them places them and gives them their KV (:class:`StageSetup`)."""
     ranges = split_layers(costs or size_costs(model), num_stages)
     return [Stage(model, layers, i == 0, i == len(ranges) - 1, None) for i, layers in enumerate(ranges)]
-
-
-def blocks_for_budget(model, budget_bytes: int, block_size: int, num_layers: int | None = None) -> int:
-    """KV blocks that fit in ``budget_bytes`` when it holds ``num_layers`` layers' share of each
-    block (default: all of them)."""
-    kv_heads, head_dim = kv_geometry(model)
-    layers = len(model.model.layers) if num_layers is None else num_layers
-    per_block = PagedKVCache.bytes_per_block(layers, block_size, kv_heads, head_dim, model.dtype)
-    return max(0, budget_bytes // per_block)
-

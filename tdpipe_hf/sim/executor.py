@@ -65,7 +65,7 @@ class SimExecutor:
                 events.append((stage, "send", batch.batch_id, batch.phase, end, ready))
             else:
                 ready = end
-        result = StepResult(batch.batch_id, self._tokens(batch), list(times), events)
+        result = StepResult(batch.batch_id, self._tokens(batch), events)
         self._queue.append((ready, result))
 
     def _tokens(self, batch: MicroBatch) -> dict[int, int]:

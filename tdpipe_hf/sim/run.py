@@ -15,16 +15,16 @@ vLLM's default ``max_num_seqs`` per (virtual) engine.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import TDPipeConfig
 from ..controller import Controller, Status
 from ..metrics import bubble_ratios, mean_kv_utilisation
-from ..policies import ReadyPoolBatcher
 from ..predictors import ConstantPredictor, OraclePredictor
 from ..scheduling import build_scheduler
+from ..variants import VARIANTS, variant
 from .cost import EFFICIENCY, CostModel, Efficiency, SeqShape, even_split
 from .executor import SimExecutor
 from .specs import GPUS, MODELS, GPUSpec, ModelSpec
@@ -33,33 +33,7 @@ from .workload import SimRequest, to_requests
 MAX_SEQS_PER_BATCH = 256
 
 
-@dataclass(frozen=True)
-class PolicySpec:
-    parallel: str  # "pp" (one stage per GPU) or "tp" (tensor parallel over all GPUs)
-    options: dict = field(default_factory=dict)  # TDPipeConfig fields
-    predictor: str | None = None  # "oracle" or "constant" for greedy prefill
-    chunk_tokens: int = 512
-    steal_balance: str | None = None  # ReadyPoolBatcher(balance=...) in place of the configured one
-    prefill_packing: str | None = None  # Scheduler.prefill_packing in place of the configured one ("fcfs": vLLM's)
-
-
-_SEPARATE = dict(admission="fits", stealing=False, switch_policy="threshold", switch_fraction=1.0)
-_VLLM = dict(chunk_tokens=2048, prefill_packing="fcfs")
-
-POLICIES: dict[str, PolicySpec] = {
-    "tdpipe": PolicySpec("pp", dict(policy="tdpipe"), "oracle"),
-    "tdpipe-constant": PolicySpec("pp", dict(policy="tdpipe"), "constant"),
-    "tdpipe-rowsteal": PolicySpec("pp", dict(policy="tdpipe"), "oracle", steal_balance="rows"),
-    "tdpipe-paper": PolicySpec("pp", dict(policy="tdpipe", paper_rules=True), "oracle"),
-    "tdpipe-nosteal": PolicySpec("pp", dict(policy="tdpipe", stealing=False), "oracle"),
-    "tdpipe-threshold": PolicySpec("pp", dict(policy="tdpipe", switch_policy="threshold"), "oracle"),
-    "tdpipe-fits": PolicySpec("pp", dict(policy="tdpipe", admission="fits")),
-    "hybrid": PolicySpec("pp", dict(policy="hybrid")),
-    "pp-separate": PolicySpec("pp", dict(policy="tdpipe", **_SEPARATE), **_VLLM),
-    "naive": PolicySpec("pp", dict(policy="naive"), **_VLLM),
-    "tp": PolicySpec("tp", dict(policy="hybrid")),
-    "tp-separate": PolicySpec("tp", dict(policy="tdpipe", **_SEPARATE), **_VLLM),
-}
+POLICIES = VARIANTS  # every named variant runs in the simulator
 
 
 @dataclass
@@ -119,9 +93,7 @@ def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tok
              keep_timeline: bool = False, predictor=None) -> dict:
     """Run ``workload`` under ``policy``; a result row (virtual seconds, tokens/s, bubbles, ...).
     ``predictor`` replaces the policy's length oracle (e.g. a learned one, on real prompts)."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown simulator policy {policy!r}; choose from {', '.join(POLICIES)}")
-    spec = POLICIES[policy]
+    spec = variant(policy)
     executor, num_blocks = make_executor(setup, spec.parallel)
     if num_blocks < 1:
         raise ValueError(f"{setup.model.name} does not fit on {setup.num_gpus} x {setup.gpu.name} "
@@ -129,7 +101,7 @@ def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tok
     in_flight = executor.num_stages
     config = TDPipeConfig(num_stages=in_flight, block_size=setup.block_size, kv_blocks=num_blocks,
                           max_num_seqs=setup.max_seqs_per_batch * in_flight,
-                          prefill_chunk_tokens=chunk_tokens or spec.chunk_tokens, **spec.options)
+                          prefill_chunk_tokens=chunk_tokens or spec.sim_chunk_tokens, **spec.options)
     requests = to_requests(workload)
     capacity = num_blocks * setup.block_size
     too_long = [r.request_id for r in requests if r.max_tokens > capacity]
@@ -137,13 +109,9 @@ def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tok
         raise ValueError(f"requests {too_long[:5]} need more KV than the {capacity}-token budget")
     for request, item in zip(requests, workload):
         executor.expect(request.request_id, item.prompt_len, item.output_len)
-    if predictor is None or spec.predictor is None:
-        predictor = _predictor(spec.predictor, requests, workload)
+    if predictor is None or spec.sim_predictor is None:
+        predictor = _predictor(spec.sim_predictor, requests, workload)
     scheduler = build_scheduler(config, num_blocks, in_flight, predictor)
-    if spec.prefill_packing:
-        scheduler.prefill_packing = spec.prefill_packing
-    if spec.steal_balance:  # the paper's row-count stealing alone, for comparison
-        scheduler.batcher = ReadyPoolBatcher(balance=spec.steal_balance)
     controller = Controller(executor, scheduler, max_in_flight=in_flight, clock=executor.clock)
     wall = time.perf_counter()
     stats = controller.run(requests)

@@ -1,4 +1,6 @@
-"""Example tdpipe_hf plugins: what a third party writes to add a predictor and a switch policy."""
+"""Example tdpipe_hf plugins: what a third party writes to add a predictor, a switch policy and
+an admission policy. Nothing here imports tdpipe_hf: a plugin only has to have the right methods
+(``tdpipe_hf.protocols`` lists them), which tdpipe_hf checks when it builds the part."""
 
 from __future__ import annotations
 
@@ -45,3 +47,38 @@ class QueuePressureSwitch:
         if not state.can_admit:
             return False
         return state.num_decoding < state.num_stages or state.num_waiting >= self.pressure * state.num_decoding
+
+
+class HeadroomAdmission:
+    """Admits waiting requests in order while each one's prompt plus a headroom for its answer fits
+    in the free KV, the headroom being the mean length of the answers finished so far.
+
+    An admission policy needs ``admit(waiting, running, blocks, max_running) -> int`` (how many of
+    the waiting requests, from the head, to prefill now) and ``observe(request)`` (a request
+    finished; here it teaches the headroom). tdpipe_hf builds it through the factory registered in
+    the ``tdpipe_hf.admission`` group, called as ``factory(config, predictor)``.
+    """
+
+    def __init__(self, headroom: float = 32.0):
+        self.headroom = headroom
+        self.finished = 0
+
+    @classmethod
+    def from_config(cls, config, predictor=None) -> "HeadroomAdmission":
+        return cls()
+
+    def admit(self, waiting, running, blocks, max_running) -> int:
+        free, count = blocks.num_free, 0
+        for request in waiting:
+            if len(running) + count >= max_running:
+                break
+            need = blocks.blocks_for(request.num_tokens + int(self.headroom))
+            if need > free and (running or count):  # an empty engine always takes the first request
+                break
+            free -= need
+            count += 1
+        return count
+
+    def observe(self, request) -> None:
+        self.finished += 1
+        self.headroom += (len(request.output_ids) - self.headroom) / self.finished
