@@ -23,6 +23,8 @@ class SamplingSpec:
 
     ``processors`` is a transformers ``LogitsProcessorList`` (possibly empty). With no processors
     and ``do_sample=False`` the last stage takes a plain argmax over the whole micro-batch.
+    ``seed`` makes a sampled request reproducible on its own: each of its draws uses a generator
+    seeded from ``seed`` and the token's position, whatever else shares its micro-batches.
     """
 
     do_sample: bool = False

@@ -47,6 +47,47 @@ def _placement(args) -> dict:
     return options
 
 
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The engine's settings, for the commands that build one (names are checked by TDPipeConfig)."""
+    parser.add_argument("--stages", "--num-stages", dest="stages", type=_positive, default=1,
+                        help="pipeline stages (default 1)")
+    parser.add_argument("--executor", default=None, help="local or distributed (default: distributed with 2+ "
+                                                         "stages, local with 1)")
+    parser.add_argument("--kv-blocks", type=_positive, default=None)
+    parser.add_argument("--policy", default="tdpipe",
+                        help="scheduler: tdpipe (default), or a baseline: hybrid (vLLM-style mixed batches), naive "
+                             "(static batches), or a plugin (`tdpipe policies` lists them)")
+    parser.add_argument("--switch-policy", default="intensity",
+                        help="decode-to-prefill switch policy (default intensity; built-in: threshold)")
+    parser.add_argument("--no-stealing", action="store_true", help="tdpipe without inter-batch work stealing")
+    parser.add_argument("--pack-weights", action="store_true",
+                        help="CPU float32: pack linear weights for oneDNN (faster; greedy tokens may flip at near-ties)")
+    parser.add_argument("--paper-rules", action="store_true",
+                        help="tdpipe with the paper's exact stealing, switch and prefill-batching rules")
+    parser.add_argument("--admission", default="greedy",
+                        help="prefill admission: greedy (predicted lengths, simulated KV; default), fits (KV free "
+                             "now), or a plugin")
+    parser.add_argument("--predictor", help="output-length predictor: entry-point name or .npz file "
+                                            "(default: the one shipped for the model)")
+    parser.add_argument("--kv-threshold", type=float, default=0.9,
+                        help="greedy prefill keeps the simulated KV peak under this share of the budget (default 0.9)")
+    parser.add_argument("--online-learning", action="store_true",
+                        help="finished answers' lengths keep training the predictor during the run")
+    _add_placement(parser)
+
+
+def _engine_options(args) -> dict:
+    """``from_pretrained`` keywords for ``_add_engine_options``' flags."""
+    options = {"num_stages": args.stages, "executor": args.executor or ("distributed" if args.stages > 1 else "local"),
+               "policy": args.policy, "switch_policy": args.switch_policy, "stealing": not args.no_stealing,
+               "paper_rules": args.paper_rules, "pack_weights": args.pack_weights, "admission": args.admission,
+               "predictor": args.predictor, "kv_threshold": args.kv_threshold,
+               "online_learning": args.online_learning, **_placement(args)}
+    if args.kv_blocks:
+        options["kv_blocks"] = args.kv_blocks
+    return options
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tdpipe", description="TD-Pipe pipelined inference for HF causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,30 +113,20 @@ def _parser() -> argparse.ArgumentParser:
                                             "(default: INPUT name + .answers.jsonl in the current directory)")
     run.add_argument("--errors", help="where bad input lines are reported (default: OUTPUT.errors.jsonl)")
     run.add_argument("--model", help="HF model directory or .gguf file (default: the shipped SmolLM2)")
-    run.add_argument("--stages", type=_positive, default=1)
-    run.add_argument("--executor", choices=("local", "distributed"), default=None,
-                     help="default: distributed with 2+ stages, local with 1")
     run.add_argument("--max-new-tokens", type=_positive, default=256, help="for lines that do not set their own")
-    run.add_argument("--kv-blocks", type=_positive, default=None)
-    run.add_argument("--policy", default="tdpipe", choices=("tdpipe", "hybrid", "naive"),
-                     help="tdpipe (default), or a baseline: hybrid (vLLM-style mixed batches), naive (static batches)")
-    run.add_argument("--switch-policy", default="intensity",
-                     help="decode-to-prefill switch policy plugin (default intensity; built-in: threshold)")
-    run.add_argument("--no-stealing", action="store_true", help="tdpipe without inter-batch work stealing")
-    run.add_argument("--pack-weights", action="store_true",
-                     help="CPU float32: pack linear weights for oneDNN (faster; greedy tokens may flip at near-ties)")
-    run.add_argument("--paper-rules", action="store_true",
-                     help="tdpipe with the paper's exact stealing, switch and prefill-batching rules")
-    run.add_argument("--admission", choices=("greedy", "fits"), default="greedy",
-                     help="prefill admission: greedy (predicted lengths, simulated KV; default) or fits (KV free now)")
-    run.add_argument("--predictor", help="output-length predictor: entry-point name or .npz file "
-                                         "(default: the one shipped for the model)")
-    run.add_argument("--kv-threshold", type=float, default=0.9,
-                     help="greedy prefill keeps the simulated KV peak under this share of the budget (default 0.9)")
-    run.add_argument("--online-learning", action="store_true",
-                     help="finished answers' lengths keep training the predictor during the run")
     run.add_argument("--no-chat-template", action="store_true", help="tokenize 'prompt' lines as plain text")
-    _add_placement(run)
+    _add_engine_options(run)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, models, "
+                                              "/metrics, /health) on one engine")
+    serve.add_argument("model_path", nargs="?", metavar="MODEL",
+                       help="HF model directory or .gguf file (default: the shipped SmolLM2)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_positive, default=8000, help="port (default 8000)")
+    serve.add_argument("--served-model-name", help="the model name clients send (default: the model's name)")
+    serve.add_argument("--max-tokens", type=_positive, default=1024,
+                       help="tokens generated for requests that set no max_tokens (default 1024)")
+    _add_engine_options(serve)
 
     train = commands.add_parser("train-predictor", help="label prompts with the model's own output lengths, fit an "
                                                         "output-length predictor, report accuracy, save it")
@@ -160,6 +191,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="Gradio demo: streaming chat, and two policies compared on a batch "
                                             "(needs the demo extra: pip install 'tdpipe_hf[demo]')")
+    add_demo_arguments(demo)
+    return parser
+
+
+def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
+    """The demo's options, for ``tdpipe demo`` and ``python -m tdpipe_hf.apps.demo`` alike."""
     demo.add_argument("--model", help="HF model directory or .gguf file (default: the shipped SmolLM2)")
     demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     demo.add_argument("--port", type=_positive, default=None, help="port (default: gradio's, 7860 or the next free)")
@@ -167,7 +204,6 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--kv-blocks", type=_positive, default=None, help="KV budget in blocks (default: from free memory)")
     demo.add_argument("--max-new-tokens", type=_positive, default=128, help="default answer length (default 128)")
     demo.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    return parser
 
 
 def _generate(args) -> int:
@@ -242,15 +278,8 @@ def _run(args) -> int:
 
     input_path = _input_path(args.input)
     output = Path(args.output) if args.output else Path(f"{input_path.stem}.answers.jsonl")
-    executor = args.executor or ("distributed" if args.stages > 1 else "local")
-    options = {"executor": executor, "policy": args.policy, "switch_policy": args.switch_policy,
-               "stealing": not args.no_stealing, "paper_rules": args.paper_rules, "pack_weights": args.pack_weights,
-               "admission": args.admission, "predictor": args.predictor, "kv_threshold": args.kv_threshold,
-               "online_learning": args.online_learning}
-    if args.kv_blocks:
-        options["kv_blocks"] = args.kv_blocks
     print(f"loading model ...; {input_path} -> {output}", file=sys.stderr)
-    model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, **options, **_placement(args))
+    model, tokenizer = tdpipe_hf.from_pretrained(args.model, **_engine_options(args))
     try:
         summary = run_batch(model, tokenizer, input_path, output, args.errors, max_new_tokens=args.max_new_tokens,
                             chat_template=not args.no_chat_template)
@@ -333,6 +362,30 @@ def _simulate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import importlib.util
+
+    import tdpipe_hf
+
+    from ..models import model_name
+
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        print("tdpipe serve: error: the server needs fastapi and uvicorn: pip install 'tdpipe_hf[serve]'",
+              file=sys.stderr)
+        return 2
+    from .openai_server import serve
+
+    print("loading model ...", file=sys.stderr)
+    model, tokenizer = tdpipe_hf.from_pretrained(args.model_path, **_engine_options(args))
+    name = args.served_model_name or model_name(model)
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
+    try:
+        serve(model, tokenizer, name, host=args.host, port=args.port, max_tokens_limit=args.max_tokens)
+    finally:
+        model.tdpipe_engine.close()
+    return 0
+
+
 def _policies(args) -> int:
     from .. import plugins
     from ..variants import describe
@@ -368,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_glibc_malloc()  # our own process: same settings for every system the benchmark runs
     try:
         commands = {"generate": _generate, "run": _run, "bench": _bench, "train-predictor": _train_predictor,
-                    "simulate": _simulate, "policies": _policies, "demo": _demo}
+                    "simulate": _simulate, "serve": _serve, "policies": _policies, "demo": _demo}
         return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"tdpipe {args.command}: error: {exc}", file=sys.stderr)

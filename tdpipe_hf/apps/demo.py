@@ -408,14 +408,10 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int | None = 
 
 
 def parser() -> argparse.ArgumentParser:
+    from .cli import add_demo_arguments
+
     parser = argparse.ArgumentParser(description="Gradio demo of tdpipe_hf: chat, and policy comparison.")
-    parser.add_argument("--model", help="HF model directory or .gguf file (default: the shipped SmolLM2)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free)")
-    parser.add_argument("--stages", type=int, default=1, help="pipeline stages of the chat engine (default 1)")
-    parser.add_argument("--kv-blocks", type=int, default=None, help="KV budget in blocks (default: from free memory)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="default answer length (default 128)")
-    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    add_demo_arguments(parser)
     return parser
 
 

@@ -13,26 +13,34 @@ import queue
 import threading
 from collections.abc import Iterator
 
+from collections.abc import Callable
+
 from ..controller import Request
 from ..controller.controller import RunStats
+from ..plan import GREEDY, SamplingSpec
 
-_DONE = object()
+DONE = object()  # the last item a TokenStream's sink receives
 KEEP_EVENTS = 20_000  # timeline events kept for a long-lived server (the most recent)
 
 
 class TokenStream:
     """The tokens of one request, as they come. Iterate it, or call ``tokens()`` to wait for all.
-    If the engine fails, iteration raises the engine's error."""
+    If the engine fails, iteration raises the engine's error.
 
-    def __init__(self, request: Request):
+    ``sink``: where the engine thread puts each token and, last, the end marker ``DONE``, in
+    place of this object's own queue (an asyncio server passes a thread-safe hand-over to its
+    event loop; it then reads ``error`` and ``finish_reason`` itself after ``DONE``)."""
+
+    def __init__(self, request: Request, sink: Callable[[object], None] | None = None):
         self.request = request
         self._queue: queue.Queue = queue.Queue()
+        self.put = sink or self._queue.put
         self.error: BaseException | None = None
 
     def __iter__(self) -> Iterator[int]:
         while True:
             item = self._queue.get()
-            if item is _DONE:
+            if item is DONE:
                 if self.error is not None:
                     raise self.error
                 return
@@ -55,6 +63,8 @@ class Server:
 
         self.engine = model.tdpipe_engine
         self.eos = frozenset(eos_token_ids(model.generation_config))
+        self.vocab_size = model.config.vocab_size
+        self.engine_model_config = model.config
         self._incoming: queue.Queue = queue.Queue()
         self._streams: dict[int, TokenStream] = {}
         self._ids = itertools.count()
@@ -68,37 +78,65 @@ class Server:
         """The running totals and recent timeline of everything served so far."""
         return self.controller.stats
 
-    def submit(self, prompt_ids: list[int], max_new_tokens: int = 128) -> TokenStream:
-        """Queue one prompt (token ids, chat template applied); ``ValueError`` if it can never run."""
+    @property
+    def num_running(self) -> int:
+        return len(self.controller.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.controller.scheduler.waiting) + self._incoming.qsize()
+
+    def submit(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: SamplingSpec = GREEDY,
+               sink: Callable[[object], None] | None = None) -> TokenStream:
+        """Queue one prompt (token ids, chat template applied). A ``ValueError`` naming the problem
+        if it can never run (empty, ids outside the vocabulary, longer than the KV budget); the
+        requests already queued are untouched."""
         if self._closed.is_set():
             raise RuntimeError("the server is closed")
+        if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__len__"):
+            raise ValueError(f"the prompt must be a list of token ids, got {type(prompt_ids).__name__}")
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"the prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        request = Request(next(self._ids), list(prompt_ids), max_new_tokens, self.eos)
+        request = Request(next(self._ids), list(prompt_ids), max_new_tokens, self.eos, sampling=sampling)
         self.engine.check_fits([request])
-        stream = TokenStream(request)
+        stream = TokenStream(request, sink)
         self._streams[request.request_id] = stream
         self._incoming.put(request)
         return stream
 
+    def cancel(self, stream: TokenStream) -> None:
+        """Stop ``stream``'s request wherever it is; its KV is freed and its stream ends (finish
+        reason ``"abort"``). Safe from any thread, and for a request that already finished."""
+        self._incoming.put(stream.request.request_id)
+
     def close(self) -> None:
         self._closed.set()
         self._thread.join(timeout=30)
+        for stream in list(self._streams.values()):  # nothing may wait forever on a closed server
+            stream.error = RuntimeError("the server closed before this request finished")
+            stream.put(DONE)
+        self._streams.clear()
 
     def _on_token(self, request: Request, token: int) -> None:
-        self._streams[request.request_id]._queue.put(token)
+        self._streams[request.request_id].put(token)
 
     def _on_finish(self, request: Request) -> None:
-        self._streams.pop(request.request_id)._queue.put(_DONE)
+        self._streams.pop(request.request_id).put(DONE)
 
     def _loop(self) -> None:
         while not self._closed.is_set():
             try:  # wait for work when idle; otherwise only take what has arrived
                 idle = not self.controller.has_work
-                request = self._incoming.get(timeout=0.1) if idle else self._incoming.get_nowait()
-                self.controller.add(request)
+                item = self._incoming.get(timeout=0.1) if idle else self._incoming.get_nowait()
+                if isinstance(item, Request):
+                    self.controller.add(item)
+                else:  # a request id to cancel
+                    self.controller.abort(item)
                 continue
             except queue.Empty:
                 if not self.controller.has_work:
@@ -108,7 +146,7 @@ class Server:
             except Exception as exc:  # every caller learns of it; the server starts afresh
                 for stream in list(self._streams.values()):
                     stream.error = exc
-                    stream._queue.put(_DONE)
+                    stream.put(DONE)
                 self._streams.clear()
                 self.controller = self.engine.controller(on_token=self._on_token, on_finish=self._on_finish)
             del self.controller.stats.timeline[:-KEEP_EVENTS]

@@ -36,7 +36,10 @@ def sample_tokens(logits: torch.Tensor, seqs: list[SequencePlan]) -> list[int]:
             scores = spec.processors(history, scores)
         if spec.do_sample:
             probs = torch.softmax(scores, dim=-1)
-            tokens[i] = int(torch.multinomial(probs, num_samples=1)[0, 0])
+            generator = None
+            if spec.seed is not None:  # reproducible per request and position, not per batch
+                generator = torch.Generator().manual_seed(hash((spec.seed, seq.context_len)) & (2**63 - 1))
+            tokens[i] = int(torch.multinomial(probs, num_samples=1, generator=generator)[0, 0])
         else:
             tokens[i] = int(scores.argmax(dim=-1)[0])
     return tokens

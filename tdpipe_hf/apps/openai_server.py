@@ -1,0 +1,476 @@
+"""``tdpipe serve``: the OpenAI HTTP API (completions, chat completions, models) on one engine.
+
+Every HTTP request becomes one engine request per choice (``n``) in a ``Server``, whose thread
+runs the TD-Pipe controller continuously: requests that arrive together share micro-batches like
+any others. Tokens travel from the engine thread to the event loop through
+``loop.call_soon_threadsafe``, so a thousand open streams cost no threads. A client that goes
+away cancels its request (its KV is freed); stop strings are found in the decoded text, which is
+cut there, and end the request the same way. Errors use OpenAI's JSON shape; anything the engine
+cannot honour exactly (log-probabilities, penalties, ``best_of``...) is refused, never ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from .. import metrics as run_metrics
+from ..plan import GREEDY, SamplingSpec
+from .serving import DONE, Server, TokenStream
+
+MAX_N = 16  # choices per request
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
+
+
+class APIError(Exception):
+    """A request the API refuses: HTTP ``status`` with OpenAI's error body."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.kind = message, param, status, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# Fields the engine cannot honour exactly, with the value that means "not used".
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0, 0.0),
+               "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "best_of": (None, 1), "echo": (None, False),
+               "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+               "response_format": (None, {"type": "text"}), "prediction": (None,), "audio": (None,),
+               "modalities": (None, ["text"]), "parallel_tool_calls": (None,)}
+IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "model", "reasoning_effort"}
+
+
+@dataclass
+class Sampling:
+    """The sampling fields of one API request, checked."""
+
+    max_tokens: int | None  # None: as many as fit
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+
+    def spec(self, choice: int) -> SamplingSpec:
+        """The engine's sampling for choice ``choice``: greedy at temperature 0, else HF's own
+        temperature and top-p warpers; ``seed`` differs per choice so n > 1 gives n samples."""
+        if self.temperature == 0:
+            return GREEDY
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        processors = LogitsProcessorList()
+        if self.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_p < 1.0:
+            processors.append(TopPLogitsWarper(self.top_p))
+        seed = None if self.seed is None else self.seed + choice
+        return SamplingSpec(do_sample=True, processors=processors or None, seed=seed)
+
+
+def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
+    value = body.get(name)
+    if value is None:
+        return default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        what = "an integer" if integer else "a number"
+        raise APIError(f"'{name}' must be {what} in [{low}, {high}], got {value!r}", name)
+    return value
+
+
+def parse_sampling(body: dict) -> Sampling:
+    for name in body:
+        if name in UNSUPPORTED and body[name] not in UNSUPPORTED[name]:
+            raise APIError(f"'{name}' is not supported by tdpipe_hf", name, code="unsupported_parameter")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise APIError(f"'{param}' must be a positive integer, got {max_tokens!r}", param)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise APIError(f"'seed' must be an integer, got {seed!r}", "seed")
+    return Sampling(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+                    top_p=_number(body, "top_p", 1.0, 0.0, 1.0), seed=seed,
+                    n=_number(body, "n", 1, 1, MAX_N, integer=True), stop=stop)
+
+
+class TextTracker:
+    """Turns one choice's tokens into text as they come: emits only complete characters, holds
+    back what could still become a stop string, and cuts the text at the first stop string."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.tokens: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+        self._hold = max((len(s) for s in stop), default=1) - 1
+
+    def add(self, token: int) -> str:
+        """The new text ``token`` makes safe to send ("" if none yet)."""
+        self.tokens.append(token)
+        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        for stop in self.stop:
+            at = self.text.find(stop)
+            if at >= 0:
+                self.text, self.stopped = self.text[:at], True
+        if self.stopped:
+            return self.flush()
+        ready = len(self.text) - self._hold
+        if self.text.endswith("\ufffd"):  # a character split over tokens: wait for the rest
+            ready = min(ready, len(self.text) - 1)
+        if ready <= self.sent:
+            return ""
+        delta, self.sent = self.text[self.sent:ready], ready
+        return delta
+
+    def flush(self) -> str:
+        delta, self.sent = self.text[self.sent:], len(self.text)
+        return delta
+
+
+@dataclass
+class Choice:
+    index: int
+    stream: TokenStream
+    text: TextTracker
+    finish_reason: str | None = None
+
+
+class OpenAIService:
+    """The API's logic over one ``Server``, independent of the web framework."""
+
+    def __init__(self, server: Server, tokenizer, model_name: str, max_tokens_limit: int = 1024):
+        self.server = server
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_tokens_limit = max_tokens_limit
+        self.created = int(time.time())
+        self.finished: dict[str, int] = {}  # finish reason -> requests, for /metrics
+        self.http_requests = 0
+
+    # ---- request parsing --------------------------------------------------------------------
+    def check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is None:
+            raise APIError("'model' is required", "model")
+        if model != self.model_name:
+            raise APIError(f"model {model!r} does not exist; this server serves {self.model_name!r}", "model",
+                           code="model_not_found")
+
+    def completion_prompt(self, body: dict) -> list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # one prompt in a list, as the openai client may send it
+        if isinstance(prompt, str):
+            if not prompt:
+                raise APIError("'prompt' is empty", "prompt")
+            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise APIError("'prompt' must be a non-empty string or a list of token ids (one prompt per request)", "prompt")
+
+    def chat_prompt(self, body: dict) -> list[int]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError("'messages' must be a non-empty list of {role, content} objects", "messages")
+        clean = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise APIError(f"messages[{i}] must be an object with a 'role' string", f"messages[{i}]")
+            content = message.get("content")
+            if isinstance(content, list):  # content parts: text parts are joined, others refused
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise APIError(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+                content = "".join(p["text"] for p in content)
+            if not isinstance(content, str):
+                raise APIError(f"messages[{i}].content must be a string or a list of text parts",
+                               f"messages[{i}].content")
+            clean.append({"role": message["role"], "content": content})
+        try:
+            return list(self.tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False))
+        except Exception as exc:
+            raise APIError(f"the chat template rejected the messages: {exc}", "messages") from None
+
+    # ---- running ----------------------------------------------------------------------------
+    def start(self, prompt: list[int], sampling: Sampling, loop: asyncio.AbstractEventLoop,
+              queue: asyncio.Queue) -> list[Choice]:
+        """Submit one engine request per choice; their tokens arrive on ``queue`` as (index, item)."""
+        context = getattr(self.server.engine_model_config, "max_position_embeddings", None)
+        if sampling.max_tokens is None:  # as much as fits, up to the server's default cap
+            room = min(self.server.engine.kv_capacity_tokens, context or self.max_tokens_limit) - len(prompt)
+            sampling.max_tokens = max(1, min(self.max_tokens_limit, room))
+        if context is not None and len(prompt) + sampling.max_tokens > context:
+            raise APIError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds the "
+                           f"model's context of {context} tokens", "max_tokens", code="context_length_exceeded")
+        if len(prompt) + sampling.max_tokens > self.server.engine.kv_capacity_tokens:
+            limit = self.server.engine.kv_capacity_tokens
+            raise APIError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds the "
+                           f"server's KV budget of {limit} tokens", "max_tokens", code="context_length_exceeded")
+        choices: list[Choice] = []
+        try:
+            for index in range(sampling.n):
+                def sink(item, index=index):
+                    loop.call_soon_threadsafe(queue.put_nowait, (index, item))
+
+                stream = self.server.submit(prompt, sampling.max_tokens, sampling.spec(index), sink=sink)
+                choices.append(Choice(index, stream, TextTracker(self.tokenizer, sampling.stop)))
+        except ValueError as exc:
+            self.cancel(choices)
+            raise APIError(str(exc), "prompt") from None
+        return choices
+
+    def cancel(self, choices: list[Choice]) -> None:
+        for choice in choices:
+            if choice.finish_reason is None:
+                self.server.cancel(choice.stream)
+
+    async def events(self, choices: list[Choice], queue: asyncio.Queue) -> AsyncIterator[tuple[Choice, str]]:
+        """(choice, new text) as tokens arrive, then ("", finish) once per choice; a choice whose
+        text hit a stop string is cancelled in the engine and finishes with "stop"."""
+        open_choices = len(choices)
+        while open_choices:
+            index, item = await queue.get()
+            choice = choices[index]
+            if choice.finish_reason is not None:
+                continue  # tokens after a stop string, already cancelled
+            if item is DONE:
+                if choice.stream.error is not None:
+                    raise RuntimeError(f"the engine failed: {choice.stream.error}")
+                reason = choice.stream.finish_reason
+                choice.finish_reason = "length" if reason == "length" else "stop"
+                open_choices -= 1
+                yield choice, choice.text.flush()
+                continue
+            delta = choice.text.add(item)
+            if choice.text.stopped:
+                self.server.cancel(choice.stream)
+                choice.finish_reason = "stop"
+                open_choices -= 1
+                yield choice, delta
+            elif delta:
+                yield choice, delta
+
+    def record(self, choices: list[Choice]) -> None:
+        for choice in choices:
+            reason = choice.finish_reason or "abort"
+            self.finished[reason] = self.finished.get(reason, 0) + 1
+
+    @staticmethod
+    def usage(prompt: list[int], choices: list[Choice]) -> dict:
+        completion = sum(len(c.text.tokens) for c in choices)
+        return {"prompt_tokens": len(prompt), "completion_tokens": completion,
+                "total_tokens": len(prompt) + completion}
+
+    # ---- monitoring -------------------------------------------------------------------------
+    def prometheus(self) -> str:
+        """The engine's state in Prometheus' text format."""
+        server = self.server
+        stats = server.stats
+        blocks = server.controller.scheduler.blocks
+        lines = []
+
+        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+            lines.extend([f"# HELP tdpipe_{name} {help_text}", f"# TYPE tdpipe_{name} {kind}"])
+            lines.extend(f"tdpipe_{name}{labels} {value}" for labels, value in samples)
+
+        metric("requests_running", "gauge", "Requests holding KV in the engine.", [("", server.num_running)])
+        metric("requests_waiting", "gauge", "Requests queued for admission.", [("", server.num_waiting)])
+        metric("requests_finished_total", "counter", "Choices finished, by finish reason.",
+               [(f'{{reason="{reason}"}}', count) for reason, count in sorted(self.finished.items())] or [("", 0)])
+        metric("http_requests_total", "counter", "Completion requests received.", [("", self.http_requests)])
+        metric("generated_tokens_total", "counter", "Tokens generated.", [("", stats.generated_tokens)])
+        metric("kv_blocks_used", "gauge", "KV cache blocks in use.", [("", blocks.num_used)])
+        metric("kv_blocks_total", "gauge", "KV cache blocks in the budget.", [("", blocks.num_blocks)])
+        metric("preemptions_total", "counter", "Requests preempted (recomputed later).",
+               [("", server.controller.scheduler.num_preemptions)])
+        metric("phase_switches_total", "counter", "Prefill/decode phase switches.",
+               [("", server.controller.scheduler.num_phase_switches)])
+        bubbles = run_metrics.bubble_ratios(list(stats.timeline)).get("all", {})
+        metric("stage_bubble_ratio", "gauge", "Idle share of each stage over the recent timeline.",
+               [(f'{{stage="{stage}"}}', round(ratio, 4)) for stage, ratio in sorted(bubbles.items())] or [("", 0)])
+        return "\n".join(lines) + "\n"
+
+
+def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: int = 1024,
+              close_engine: bool = False):
+    """The FastAPI app serving ``model`` (wrapped with ``tdpipe_hf.wrap``). ``close_engine``: on
+    shutdown, also close the engine (its stage processes)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    server = Server(model)
+    service = OpenAIService(server, tokenizer, model_name, max_tokens_limit)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        server.close()  # open streams end with an error; the engine thread stops
+        if close_engine:
+            model.tdpipe_engine.close()
+
+    app = FastAPI(title="tdpipe_hf", lifespan=lifespan)
+    app.state.service = service
+
+    @app.exception_handler(APIError)
+    async def api_error(_, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, exc):
+        return JSONResponse(APIError(f"invalid request: {exc.errors()[0].get('msg', exc)}").body(), status_code=400)
+
+    async def read_json(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise APIError(f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise APIError("the request body must be a JSON object")
+        return body
+
+    @app.get("/health")
+    async def health():
+        if not server._thread.is_alive():
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(service.prometheus(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": service.created,
+                                            "owned_by": "tdpipe_hf"}]}
+
+    async def complete(request: Request, chat: bool):
+        body = await read_json(request)
+        service.http_requests += 1
+        for name in body:
+            if name not in UNSUPPORTED and name not in IGNORED and name not in KNOWN[chat]:
+                raise APIError(f"unknown parameter '{name}'", name, code="unknown_parameter")
+        service.check_model(body)
+        sampling = parse_sampling(body)
+        prompt = service.chat_prompt(body) if chat else service.completion_prompt(body)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise APIError("'stream' must be true or false", "stream")
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        choices = service.start(prompt, sampling, loop, queue)
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        kind = "chat.completion" if chat else "text_completion"
+        created = int(time.time())
+        if stream:
+            return StreamingResponse(_sse(service, choices, queue, ident, kind, created, chat, prompt, include_usage),
+                                     media_type="text/event-stream")
+        texts = {c.index: "" for c in choices}
+        try:
+            waiter = asyncio.ensure_future(_collect(service, choices, queue, texts))
+            while not waiter.done():  # a client that goes away cancels its request
+                await asyncio.wait([waiter], timeout=0.5)
+                if not waiter.done() and await request.is_disconnected():
+                    waiter.cancel()
+                    service.cancel(choices)
+                    return JSONResponse({}, status_code=499)
+            waiter.result()
+        except RuntimeError as exc:  # the engine failed: every caller hears of it
+            raise APIError(str(exc), status=500, kind="server_error") from None
+        finally:
+            service.record(choices)
+        out = []
+        for c in choices:
+            if chat:
+                out.append({"index": c.index, "message": {"role": "assistant", "content": texts[c.index]},
+                            "finish_reason": c.finish_reason, "logprobs": None})
+            else:
+                out.append({"index": c.index, "text": texts[c.index], "finish_reason": c.finish_reason,
+                            "logprobs": None})
+        return {"id": ident, "object": kind, "created": created, "model": model_name, "choices": out,
+                "usage": service.usage(prompt, choices)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete(request, chat=True)
+
+    return app
+
+
+KNOWN = {False: {"prompt", "max_tokens", "temperature", "top_p", "seed", "n", "stop", "stream"},
+         True: {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stop",
+                "stream"}}
+
+
+async def _collect(service: OpenAIService, choices: list[Choice], queue: asyncio.Queue, texts: dict) -> None:
+    async for choice, delta in service.events(choices, queue):
+        texts[choice.index] += delta
+
+
+async def _sse(service: OpenAIService, choices: list[Choice], queue: asyncio.Queue, ident: str, kind: str,
+               created: int, chat: bool, prompt: list[int], include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per piece of text, a last chunk per choice with its finish
+    reason, the usage chunk if asked for, then ``[DONE]``. If the client goes away, the generator
+    is closed and the choices still running are cancelled."""
+    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+    model = service.model_name
+
+    def chunk(choice_part: list[dict], usage: dict | None = None) -> str:
+        data = {"id": ident, "object": chunk_kind, "created": created, "model": model, "choices": choice_part}
+        if include_usage:
+            data["usage"] = usage
+        return f"data: {json.dumps(data)}\n\n"
+
+    try:
+        if chat:
+            yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                         for c in choices])
+        async for choice, delta in service.events(choices, queue):
+            if chat:
+                part = {"index": choice.index, "delta": {"content": delta} if delta else {},
+                        "finish_reason": choice.finish_reason, "logprobs": None}
+            else:
+                part = {"index": choice.index, "text": delta, "finish_reason": choice.finish_reason, "logprobs": None}
+            yield chunk([part])
+        if include_usage:
+            yield chunk([], service.usage(prompt, choices))
+        yield "data: [DONE]\n\n"
+    except RuntimeError as exc:  # the engine failed mid-stream: say so in the stream
+        yield f"data: {json.dumps(APIError(str(exc), status=500, kind='server_error').body())}\n\n"
+    finally:
+        service.cancel(choices)
+        service.record(choices)
+
+
+def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+          max_tokens_limit: int = 1024, log_level: str = "info") -> None:
+    """Run the server until SIGTERM / Ctrl-C: it stops accepting, gives open requests up to 10 s,
+    cancels the rest and closes the engine (no stage process is left behind)."""
+    import uvicorn
+
+    app = build_app(model, tokenizer, model_name, max_tokens_limit, close_engine=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
