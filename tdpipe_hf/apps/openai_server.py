@@ -7,6 +7,7 @@ any others. Tokens travel from the engine thread to the event loop through
 away cancels its request (its KV is freed); stop strings are found in the decoded text, which is
 cut there, and end the request the same way. Errors use OpenAI's JSON shape; anything the engine
 cannot honour exactly (log-probabilities, penalties, ``best_of``...) is refused, never ignored.
+Needs the ``serve`` extra (fastapi, uvicorn).
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .. import metrics as run_metrics
 from ..plan import GREEDY, SamplingSpec
@@ -312,12 +318,6 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
               close_engine: bool = False):
     """The FastAPI app serving ``model`` (wrapped with ``tdpipe_hf.wrap``). ``close_engine``: on
     shutdown, also close the engine (its stage processes)."""
-    from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-
     server = Server(model)
     service = OpenAIService(server, tokenizer, model_name, max_tokens_limit)
 
@@ -470,7 +470,22 @@ def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int 
           max_tokens_limit: int = 1024, log_level: str = "info") -> None:
     """Run the server until SIGTERM / Ctrl-C: it stops accepting, gives open requests up to 10 s,
     cancels the rest and closes the engine (no stage process is left behind)."""
+    import signal
+
     import uvicorn
 
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises the signal after its graceful shutdown, so the process would die of
+        it (exit -15); once everything is closed, exiting 0 is the truth."""
+
+        @contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
     app = build_app(model, tokenizer, model_name, max_tokens_limit, close_engine=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    GracefulServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)).run()

@@ -1,0 +1,348 @@
+"""`tdpipe serve`: the OpenAI API over the engine, checked with FastAPI's test client, a real
+uvicorn server on 127.0.0.1, the `openai` client package, and `tdpipe serve` as a process.
+
+Greedy answers must equal `model.generate` for the same prompt; bad requests get HTTP 400 in
+OpenAI's error shape and leave other requests alone; a client that goes away frees its KV."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+import tdpipe_hf  # noqa: E402
+from conftest import tiny_model_dir  # noqa: E402
+from tdpipe_hf.apps.openai_server import TextTracker, build_app  # noqa: E402
+
+NAME = "smol"
+
+
+@pytest.fixture(scope="module")
+def served(smollm2):
+    """SmolLM2 wrapped with 2 local stages, behind the app (the test client starts its lifespan)."""
+    from fastapi.testclient import TestClient
+
+    model, tokenizer = smollm2
+    tdpipe_hf.wrap(model, num_stages=2, kv_blocks=400)
+    app = build_app(model, tokenizer, NAME)
+    with TestClient(app) as client:
+        yield client, model, tokenizer
+    tdpipe_hf.unwrap(model)
+
+
+def greedy_text(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def chat_ids(tokenizer, content: str) -> list[int]:
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
+
+
+def metric(client, name: str) -> float:
+    text = client.get("/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"tdpipe_{name}"))
+
+
+def test_models_health_and_metrics(served):
+    client, _, _ = served
+    assert client.get("/health").json() == {"status": "ok"}
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [NAME]
+    text = client.get("/metrics").text
+    for name in ("requests_running", "requests_waiting", "generated_tokens_total", "kv_blocks_used",
+                 "kv_blocks_total", "preemptions_total", "phase_switches_total", "stage_bubble_ratio"):
+        assert f"# TYPE tdpipe_{name} " in text
+    assert metric(client, "kv_blocks_total") == 400
+
+
+def test_chat_and_completion_are_greedy_generate(served):
+    client, model, tokenizer = served
+    question = "Name three colours."
+    reply = client.post("/v1/chat/completions", json={
+        "model": NAME, "messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    expected = greedy_text(model, tokenizer, chat_ids(tokenizer, question), 24)
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected}
+    assert body["object"] == "chat.completion"
+    assert body["usage"]["prompt_tokens"] == len(chat_ids(tokenizer, question))
+    assert 1 <= body["usage"]["completion_tokens"] <= 24
+    prompt = "The three primary colours are"
+    body = client.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 16,
+                                                "temperature": 0}).json()
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert body["choices"][0]["text"] == greedy_text(model, tokenizer, ids, 16)
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def sse_events(client, path: str, payload: dict) -> list:
+    events = []
+    with client.stream("POST", path, json=payload) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: "):]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_streaming_gives_the_same_text_then_usage_and_done(served):
+    client, model, tokenizer = served
+    question = "Write one sentence about the sea."
+    events = sse_events(client, "/v1/chat/completions", {
+        "model": NAME, "messages": [{"role": "user", "content": question}], "max_tokens": 20, "temperature": 0,
+        "stream": True, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    usage = events[-2]["usage"]
+    chunks = [e for e in events[:-2] if e["choices"]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == greedy_text(model, tokenizer, chat_ids(tokenizer, question), 20)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert usage["completion_tokens"] >= 1 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    completion = sse_events(client, "/v1/completions", {"model": NAME, "prompt": "Once upon a time",
+                                                         "max_tokens": 12, "temperature": 0, "stream": True})
+    ids = tokenizer("Once upon a time", add_special_tokens=False)["input_ids"]
+    assert "".join(e["choices"][0]["text"] for e in completion[:-1]) == greedy_text(model, tokenizer, ids, 12)
+
+
+def test_stop_strings_cut_the_text_and_free_the_kv(served):
+    client, model, tokenizer = served
+    prompt = "List the days of the week:"
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = greedy_text(model, tokenizer, ids, 40)
+    stop = full.strip().split()[2]  # a word in the middle of the greedy answer
+    cut = full[:full.find(stop)]
+    for stream in (False, True):
+        payload = {"model": NAME, "prompt": prompt, "max_tokens": 40, "temperature": 0, "stop": [stop, "@@@"],
+                   "stream": stream}
+        if stream:
+            events = sse_events(client, "/v1/completions", payload)
+            text = "".join(e["choices"][0]["text"] for e in events[:-1])
+            reason = events[-2]["choices"][0]["finish_reason"]
+        else:
+            choice = client.post("/v1/completions", json=payload).json()["choices"][0]
+            text, reason = choice["text"], choice["finish_reason"]
+        assert (text, reason) == (cut, "stop")
+    deadline = time.monotonic() + 30
+    while metric(client, "kv_blocks_used") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(client, "kv_blocks_used") == 0 and metric(client, "requests_running") == 0
+
+
+def test_text_tracker_holds_back_partial_characters_and_stop_prefixes():
+    class Bytes:
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    tracker = TextTracker(Bytes(), ["END"])
+    pieces = [tracker.add(b) for b in "héllo EN".encode()]
+    assert not any("\ufffd" in piece for piece in pieces)  # 'é' is two tokens: sent whole
+    assert "".join(pieces) == "héllo "  # 'EN' is held back: it may start the stop string
+    assert tracker.add(ord("D")) == "" and tracker.stopped and tracker.text == "héllo "
+    free = TextTracker(Bytes(), [])
+    assert "".join(free.add(b) for b in "né".encode()) == "né" and not free.stopped
+
+
+def test_n_choices_with_a_seed_are_reproducible(served):
+    client, _, _ = served
+    payload = {"model": NAME, "messages": [{"role": "user", "content": "Invent a name for a cat."}],
+               "max_tokens": 12, "temperature": 1.0, "top_p": 0.9, "seed": 7, "n": 3}
+    first = client.post("/v1/chat/completions", json=payload).json()
+    second = client.post("/v1/chat/completions", json=payload).json()
+    texts = [c["message"]["content"] for c in first["choices"]]
+    assert [c["index"] for c in first["choices"]] == [0, 1, 2]
+    assert texts == [c["message"]["content"] for c in second["choices"]]
+    assert len(set(texts)) > 1  # three samples, not one answer three times
+
+
+BAD_REQUESTS = [
+    ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, "does not exist"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "'model' is required"),
+    ("/v1/chat/completions", {"model": NAME, "messages": "hi"}, "'messages' must be"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"content": "hi"}]}, "'role'"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": 5}]}, "content must be"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, "only text parts"),
+    ("/v1/completions", {"model": NAME, "prompt": ""}, "'prompt' is empty"),
+    ("/v1/completions", {"model": NAME, "prompt": {"text": "a"}}, "'prompt' must be"),
+    ("/v1/completions", {"model": NAME, "prompt": [10**9]}, "outside the vocabulary"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": "ten"}, "'max_tokens' must be"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 0}, "'max_tokens' must be"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 100_000}, "context"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 7000}, "KV budget"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "temperature": 5}, "'temperature' must be"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "n": 0}, "'n' must be"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "stop": 3}, "'stop' must be"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "seed": "x"}, "'seed' must be"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "stream": "yes"}, "'stream' must be"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 2}, "'logprobs' is not supported"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "presence_penalty": 0.5}, "not supported"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "best_of": 3}, "not supported"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "tempreature": 0}, "unknown parameter 'tempreature'"),
+    ("/v1/completions", b"{not json", "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", "must be a JSON object"),
+    ("/v1/completions", b"\xff\xfe", "not valid JSON"),
+]
+
+
+def test_bad_requests_get_openai_errors_and_others_are_untouched(served):
+    client, model, tokenizer = served
+    question = "What is the capital of Italy?"
+    expected = greedy_text(model, tokenizer, chat_ids(tokenizer, question), 30)
+    result = {}
+
+    def good():
+        result["events"] = sse_events(client, "/v1/chat/completions", {
+            "model": NAME, "messages": [{"role": "user", "content": question}], "max_tokens": 30,
+            "temperature": 0, "stream": True})
+
+    runner = threading.Thread(target=good)
+    runner.start()
+    for path, payload, message in BAD_REQUESTS:
+        if isinstance(payload, bytes):
+            reply = client.post(path, content=payload, headers={"content-type": "application/json"})
+        else:
+            reply = client.post(path, json=payload)
+        assert reply.status_code == 400, (payload, reply.text)
+        error = reply.json()["error"]
+        assert message in error["message"], (payload, error)
+        assert error["type"] == "invalid_request_error"
+    runner.join(timeout=120)
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in result["events"][:-1])
+    assert text == expected
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live(smollm2):
+    """A real uvicorn server on 127.0.0.1 (in a thread) over SmolLM2 with 1 stage."""
+    import uvicorn
+
+    model, tokenizer = smollm2
+    tdpipe_hf.wrap(model, num_stages=1, kv_blocks=600)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(model, tokenizer, NAME), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", model, tokenizer
+    server.should_exit = True
+    thread.join(timeout=30)
+    tdpipe_hf.unwrap(model)
+
+
+def test_the_openai_client_package_gets_greedy_generate(live):
+    openai = pytest.importorskip("openai")
+    base, model, tokenizer = live
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [NAME]
+    question = "Give me a word that rhymes with cat."
+    expected = greedy_text(model, tokenizer, chat_ids(tokenizer, question), 20)
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                          max_tokens=20, temperature=0)
+    assert chat.choices[0].message.content == expected
+    stream = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                            max_tokens=20, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == expected
+    prompt = "Water boils at"
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0)
+    assert completion.choices[0].text == greedy_text(model, tokenizer, ids, 10)
+    assert completion.usage.prompt_tokens == len(ids)
+    with pytest.raises(openai.BadRequestError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt=prompt, max_tokens=5)
+
+
+def test_a_client_that_goes_away_cancels_its_request(live):
+    base, _, _ = live
+    payload = {"model": NAME, "messages": [{"role": "user", "content": "Tell me a very long story."}],
+               "max_tokens": 500, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=base, timeout=60) as client:
+        with client.stream("POST", "/v1/chat/completions", json=payload) as response:
+            lines = response.iter_lines()
+            received = [next(lines) for _ in range(6)]  # a few chunks, then hang up
+        assert any(line.startswith("data: ") for line in received)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = client.get("/metrics").text
+            values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                      if line and not line.startswith("#")}
+            if values.get('tdpipe_requests_finished_total{reason="abort"}') and not values["tdpipe_kv_blocks_used"]:
+                break
+            time.sleep(0.1)
+        assert values.get('tdpipe_requests_finished_total{reason="abort"}') == 1
+        assert values["tdpipe_kv_blocks_used"] == 0 and values["tdpipe_requests_running"] == 0
+        assert values["tdpipe_generated_tokens_total"] < 500  # it stopped, long before max_tokens
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            found |= {int(p) for p in handle.read().split()}
+    return found | {grandchild for child in found for grandchild in children_of_safe(child)}
+
+
+def children_of_safe(pid: int) -> set[int]:
+    try:
+        return children_of(pid)
+    except FileNotFoundError:
+        return set()
+
+
+def test_tdpipe_serve_answers_then_shuts_down_on_sigterm_leaving_no_stage_process(tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "tiny", seed=5)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tdpipe_hf", "serve", str(model_dir), "--num-stages", "2",
+                             "--port", str(port), "--kv-blocks", "64", "--served-model-name", "tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        reply = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 8,
+                                                            "temperature": 0}, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] >= 1
+        workers = children_of(proc.pid)
+        assert len(workers) >= 2, "expected the two stage processes"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, output[-3000:]
+        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and
+                 open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+        assert not alive, f"stage processes left behind: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
