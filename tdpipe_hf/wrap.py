@@ -74,7 +74,10 @@ def wrap(model, num_stages: int = 1, **options):
     model.eval()
     cls = _WRAPPED_CLASSES.get(base)
     if cls is None:
-        cls = _WRAPPED_CLASSES[base] = type(f"TDPipe{base.__name__}", (TDPipeGenerationMixin, base), {})
+        # The base's own name: transformers reads the class name (pipelines check it against the
+        # supported models, save_pretrained writes it to config.json as the architecture).
+        cls = _WRAPPED_CLASSES[base] = type(base.__name__, (TDPipeGenerationMixin, base),
+                                            {"__qualname__": base.__qualname__, "__module__": __name__})
     model.__class__ = cls
     model._tdpipe_engine = engine
     model._tdpipe_undispatched = undispatched or getattr(model, "_tdpipe_undispatched", False)

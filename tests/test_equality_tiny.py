@@ -7,6 +7,7 @@ import torch
 from conftest import hf_generate, left_padded, random_prompts, tiny_model
 
 import tdpipe_hf
+from tdpipe_hf.mixin import TDPipeGenerationMixin
 from tdpipe_hf.variants import ENGINE_VARIANTS, VARIANTS
 
 MAX_NEW = 24
@@ -135,9 +136,9 @@ def test_forward_still_plain_hf_after_wrap():
         tdpipe_hf.wrap(model, num_stages=2)
         after = model(ids).logits
     torch.testing.assert_close(after, before)
-    assert type(model).__name__ == "TDPipeLlamaForCausalLM"
+    assert isinstance(model, TDPipeGenerationMixin) and type(model).__name__ == "LlamaForCausalLM"
     tdpipe_hf.unwrap(model)
-    assert type(model).__name__ == "LlamaForCausalLM"
+    assert type(model).__name__ == "LlamaForCausalLM" and not isinstance(model, TDPipeGenerationMixin)
 
 
 @pytest.mark.parametrize("variant", ENGINE_VARIANTS)
