@@ -76,6 +76,8 @@ class TDPipeGenerationMixin:
         eos = _token_set(config._eos_token_tensor)
         max_new = config.max_length - length
 
+        stopping = BatchStopping(stopping_criteria, int(config._pad_token_tensor)
+                                 if config._pad_token_tensor is not None else 0) if stopping_criteria else None
         requests = []
         for row in range(batch_size):
             mask = attention_mask[row].bool()
@@ -84,7 +86,9 @@ class TDPipeGenerationMixin:
                 raise ValueError(f"row {row} of attention_mask is not left-padded (zeros must come first); "
                                  "tokenize with padding_side='left'")
             ids = input_ids[row].tolist()
-            requests.append(self._make_request(row, ids[pad:], max_new, eos, specs[row], stopping_criteria, ids[:pad]))
+            requests.append(self._make_request(row, ids[pad:], max_new, eos, specs[row], stopping, ids[:pad]))
+        if stopping is not None:
+            stopping.requests = requests
 
         if streamer is not None:
             if batch_size != 1:
@@ -210,3 +214,27 @@ def _assemble(input_ids: torch.Tensor, requests: list[Request], pad: torch.Tenso
     for row, request in enumerate(requests):
         new[row, :len(request.output_ids)] = torch.tensor(request.output_ids, dtype=torch.long)
     return torch.cat([input_ids, new], dim=1)
+
+
+class BatchStopping:
+    """HF stopping criteria for the requests of one ``generate`` call, called as HF calls them:
+    with the whole batch's ids (``[batch, length]``, each row its left padding, prompt and
+    outputs so far). Rows advance at their own pace in the engine, so when a row has just
+    sampled, its own ids end the tensor and the other rows are cut or right-padded with
+    ``pad_id`` to that length. A criterion answering per row (HF's own) decides for that row; one
+    answering for the whole batch (a single bool, as lm-evaluation-harness's stop sequences do)
+    stops a row when it says the batch is done, as HF would stop them all then."""
+
+    def __init__(self, criteria, pad_id: int):
+        self.criteria = criteria
+        self.pad_id = pad_id
+        self.requests: list[Request] = []
+
+    def should_stop(self, request: Request) -> bool:
+        width = len(request.history)
+        ids = torch.full((len(self.requests), width), self.pad_id, dtype=torch.long)
+        for row, other in enumerate(self.requests):
+            history = other.history[:width]
+            ids[row, :len(history)] = torch.tensor(history, dtype=torch.long)
+        done = torch.as_tensor(self.criteria(ids, None)).reshape(-1)
+        return bool(done[0] if done.numel() == 1 else done[self.requests.index(request)])

@@ -21,8 +21,6 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from ..plan import MicroBatch, SequencePlan, StepResult
 from .cost import StageTimeModel
 from .kv import BlockManager
@@ -46,10 +44,8 @@ def stop_reason(request: Request, token: int) -> str | None:
         return "stop"
     if len(request.output_ids) >= request.max_new_tokens:
         return "length"
-    if request.stopping_criteria:
-        ids = torch.tensor([request.history], dtype=torch.long)
-        if bool(request.stopping_criteria(ids, None).any()):
-            return "stop"
+    if request.stopping_criteria is not None and request.stopping_criteria.should_stop(request):
+        return "stop"
     return None
 
 

@@ -33,7 +33,7 @@ class Request:
     max_new_tokens: int
     eos_token_ids: frozenset[int] = frozenset()
     sampling: SamplingSpec = GREEDY
-    stopping_criteria: Any = None
+    stopping_criteria: Any = None  # has should_stop(request) -> bool (the mixin's BatchStopping)
     history_prefix: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
