@@ -16,6 +16,7 @@ from .controller import Controller, Request
 from .controller.controller import RunStats
 from .models import model_name
 from .predictors import ConstantPredictor, check_predictor, load_predictor
+from .predictors.base import Trainable
 from .protocols import SchedulerPolicy
 from .runtime.kv_budget import available_memory, kv_blocks_on_devices
 from .runtime.placement import stage_devices, torchrun_device
@@ -56,15 +57,22 @@ class TDPipeEngine:
         """The configured predictor; with none configured, the one shipped for this model, or the
         mean-length baseline (with a warning) for models nobody trained one for."""
         if config.predictor is not None and not isinstance(config.predictor, str):
-            return check_predictor(config.predictor, type(config.predictor).__name__)
-        try:
-            return load_predictor(config.predictor, self.model_name)
-        except ValueError:
-            if config.predictor is not None:
-                raise
-            logger.warning("no output-length predictor is shipped for %s: greedy prefill uses a constant "
-                           "guess (train one with `tdpipe train-predictor`)", self.model_name)
-            return ConstantPredictor()
+            predictor = check_predictor(config.predictor, type(config.predictor).__name__)
+        else:
+            try:
+                predictor = load_predictor(config.predictor, self.model_name)
+            except ValueError:
+                if config.predictor is not None:
+                    raise
+                logger.warning("no output-length predictor is shipped for %s: greedy prefill uses a constant "
+                               "guess (train one with `tdpipe train-predictor`)", self.model_name)
+                return ConstantPredictor()
+        if isinstance(predictor, Trainable) and not predictor.is_trained:
+            name = config.predictor if isinstance(config.predictor, str) else type(predictor).__name__
+            raise ValueError(f"predictor {name!r} is not trained for {self.model_name}: pass a trained one (an "
+                             f"object after fit(prompts, lengths), or a .npz file from `tdpipe train-predictor`), "
+                             f"or another predictor ({', '.join(plugins.available(plugins.PREDICTORS))})")
+        return predictor
 
     def _scheduler(self, in_flight: int) -> SchedulerPolicy:
         """A fresh scheduler for one run: the configured policy's parts."""

@@ -155,6 +155,10 @@ class TDPipeGenerationMixin:
     def _make_request(self, index, prompt, max_new, eos, spec, stopping_criteria, prefix) -> Request:
         if not prompt:
             raise ValueError(f"prompt {index} is empty: every request needs at least one token")
+        vocab = self.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {index} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         context = getattr(self.config, "max_position_embeddings", None)
         if context is not None and len(prompt) > context:
             raise ValueError(f"prompt {index} has {len(prompt)} tokens, more than the model's context of {context}")

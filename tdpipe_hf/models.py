@@ -63,6 +63,30 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(out["input_ids"] if hasattr(out, "keys") else out)  # a BatchEncoding in transformers 5
 
 
+def normalize_messages(messages) -> list[dict]:
+    """Chat messages as the chat template takes them: each ``{"role": str, "content": str}``, where
+    ``content`` may also be OpenAI's list of text parts (joined). A ``ValueError`` names the first
+    message that is not one (no role, non-text parts, content of another type)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list of {role, content} objects")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
+            raise ValueError(f"messages[{i}] must be an object with a 'role' string")
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ValueError(f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) are "
+                                 "supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string or a list of text parts, got "
+                             f"{type(content).__name__}")
+        clean.append({"role": message["role"], "content": content})
+    return clean
+
+
 def byte_tokenizer(chat_template: bool = False):
     """A byte-level tokenizer with no merges (ids 3-258 are the 256 bytes), optionally with a
     plain chat template, built offline: for random-weight models in tests and throughput checks."""

@@ -26,6 +26,10 @@ def _check_model(model) -> None:
     config = model.config
     if getattr(config, "is_encoder_decoder", False) or not hasattr(model, "lm_head") \
             or not hasattr(getattr(model, "model", None), "layers"):
+        if config.model_type not in SUPPORTED_MODEL_TYPES and not getattr(config, "is_encoder_decoder", False) \
+                and type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+            raise TypeError(f"model type {config.model_type!r} ({type(model).__name__}) is not supported yet; "
+                            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         raise TypeError(f"{type(model).__name__} is not a decoder-only causal LM "
                         "(load it with AutoModelForCausalLM)")
     if config.model_type not in SUPPORTED_MODEL_TYPES:

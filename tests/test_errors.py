@@ -115,3 +115,33 @@ def test_generate_batch_input_types(model):
     assert model.generate_batch([]) == []
     ids, mask = left_padded([[5, 6], [7]])
     assert model.generate(ids, attention_mask=mask, max_new_tokens=2).shape == (2, 4)
+
+
+def test_token_ids_outside_the_vocabulary_are_named_before_any_stage_runs(model):
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=rf"prompt 1 has token ids outside the vocabulary \[0, {vocab}\): \[{vocab}\]"):
+        model.generate_batch([[5, 6], [7, vocab]], max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"prompt 0 has token ids outside the vocabulary .*\[-3\]"):
+        model.generate(torch.tensor([[5, -3]]), max_new_tokens=4)
+    assert len(model.generate_batch([[5, 6]], max_new_tokens=3)[0]) == 3  # nothing broke
+
+
+def test_predictors_that_know_nothing_fail_at_wrap():
+    plain = tiny_model("llama", seed=23)
+    with pytest.raises(ValueError, match=r"predictor 'oracle' is not trained for .*fit\(prompts, lengths\)"):
+        tdpipe_hf.wrap(plain, num_stages=1, kv_blocks=16, predictor="oracle")
+    with pytest.raises(ValueError, match=r"predictor 'sklearn' is not trained"):
+        tdpipe_hf.wrap(plain, num_stages=1, kv_blocks=16, predictor="sklearn")
+    from tdpipe_hf.predictors import OraclePredictor
+
+    fitted = OraclePredictor().fit([[5, 6]], [3])
+    tdpipe_hf.wrap(plain, num_stages=1, kv_blocks=16, predictor=fitted)  # a fitted one is fine
+    tdpipe_hf.unwrap(plain)
+
+
+def test_an_unsupported_causal_lm_is_called_that():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(TypeError, match=r"model type 'gpt2' \(GPT2LMHeadModel\) is not supported yet; supported: llama"):
+        tdpipe_hf.wrap(gpt2, num_stages=1)

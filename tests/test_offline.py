@@ -72,6 +72,27 @@ def test_openai_batch_format_round_trips(tiny, tmp_path):
         assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
 
 
+def test_bad_messages_lines_are_reported_and_the_rest_answered(tiny, tmp_path):
+    model, tokenizer = tiny
+    lines = [{"id": "parts", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi "},
+                                                                       {"type": "text", "text": "there"}]}]},
+             {"id": "number", "messages": [{"role": "user", "content": 42}]},
+             {"id": "no-role", "messages": [{"content": "hello"}]},
+             {"id": "image", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+             {"custom_id": "plain-custom", "prompt": "hello there"},
+             {"id": "after", "prompt": "still answered"}]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    summary = run_batch(model, tokenizer, source, tmp_path / "out.jsonl", max_new_tokens=4, progress=False)
+    answers = {r["id"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert answers == {"parts", "plain-custom", "after"}
+    errors = {e["id"] or e["line"]: e["error"] for e in
+              map(json.loads, (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines())}
+    assert summary.errors == 3
+    assert "messages[0].content must be a string" in errors[2]
+    assert "messages[0] must be an object with a 'role'" in errors[3]
+    assert "only text parts" in errors[4]
+
+
 def test_parse_line_rejects_nonsense():
     with pytest.raises(ValueError, match="positive integer"):
         parse_line(json.dumps({"prompt": "a", "max_new_tokens": 0}), 1)

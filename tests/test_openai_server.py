@@ -346,3 +346,24 @@ def test_tdpipe_serve_answers_then_shuts_down_on_sigterm_leaving_no_stage_proces
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_the_demo_mounts_on_the_server_and_chats_through_its_engine(tmp_path):
+    pytest.importorskip("gradio")
+    from fastapi.testclient import TestClient
+
+    model_dir = str(tiny_model_dir(tmp_path / "tiny", seed=9))
+    model, tokenizer = tdpipe_hf.from_pretrained(model_dir, num_stages=2, kv_blocks=64)
+    app = build_app(model, tokenizer, "tiny", demo=True, model_path=model_dir)
+    try:
+        with TestClient(app) as client:
+            assert client.get("/demo/").status_code == 200
+            backend = app.state.demo
+            before = metric(client, "generated_tokens_total")
+            *_, (history, status) = backend.chat("hello", [], 6)
+            assert status.startswith("answered: 6 tokens")
+            assert metric(client, "generated_tokens_total") == before + 6  # the server's own engine answered
+            reply = client.post("/v1/completions", json={"model": "tiny", "prompt": [3, 4], "max_tokens": 4})
+            assert reply.status_code == 200
+    finally:
+        tdpipe_hf.unwrap(model)

@@ -126,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="the model name clients send (default: the model's name)")
     serve.add_argument("--max-tokens", type=_positive, default=1024,
                        help="tokens generated for requests that set no max_tokens (default 1024)")
+    serve.add_argument("--demo", action="store_true", help="also serve the Gradio demo at /demo, chatting "
+                                                           "through this server's engine (needs gradio)")
     _add_engine_options(serve)
 
     train = commands.add_parser("train-predictor", help="label prompts with the model's own output lengths, fit an "
@@ -286,9 +288,10 @@ def _run(args) -> int:
     finally:
         model.tdpipe_engine.close()
     print(summary.format())
-    if summary.errors:
+    if summary.errors:  # exit 1: a script notices; the answers written stay, a rerun resumes
         print(f"{summary.errors} bad line(s) reported in {args.errors or str(output) + '.errors.jsonl'}",
               file=sys.stderr)
+        return 1
     return 0
 
 
@@ -380,7 +383,8 @@ def _serve(args) -> int:
     name = args.served_model_name or model_name(model)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
     try:
-        serve(model, tokenizer, name, host=args.host, port=args.port, max_tokens_limit=args.max_tokens)
+        serve(model, tokenizer, name, host=args.host, port=args.port, max_tokens_limit=args.max_tokens,
+              demo=args.demo, model_path=args.model_path)
     finally:
         model.tdpipe_engine.close()
     return 0

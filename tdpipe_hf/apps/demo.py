@@ -83,7 +83,9 @@ class DemoBackend:
     """The models and engines behind the UI, usable without gradio (the handlers return plain values)."""
 
     def __init__(self, model_path: str | None = None, stages: int = 1, kv_blocks: int | None = None,
-                 max_new_tokens: int = 128):
+                 max_new_tokens: int = 128, server=None):
+        """``server``: chat through this running ``Server`` (e.g. ``tdpipe serve``'s, sharing its
+        engine with the HTTP API) instead of wrapping a model of its own."""
         import tdpipe_hf
 
         from ..config import TDPipeConfig
@@ -97,11 +99,16 @@ class DemoBackend:
         self.max_new_tokens = whole_number(max_new_tokens, "--max-new-tokens", 1, MAX_NEW_TOKENS_LIMIT)
         self.kv_blocks = kv_blocks
         self.context = getattr(model.config, "max_position_embeddings", None)
-        self.batch_model = copy.deepcopy(model)  # the throughput tab's own copy (cheaper than loading again)
         self.kv_limit = max(1, blocks_for_budget(model, KV_LIMIT_BYTES, TDPipeConfig.block_size))
-        options = {"kv_blocks": kv_blocks} if kv_blocks else {}
-        self.chat_model = tdpipe_hf.wrap(model, num_stages=stages, **options)
-        self.server = Server(self.chat_model)
+        self.owns_server = server is None
+        if server is None:
+            self.batch_model = copy.deepcopy(model)  # the throughput tab's own copy (cheaper than loading again)
+            options = {"kv_blocks": kv_blocks} if kv_blocks else {}
+            self.chat_model = tdpipe_hf.wrap(model, num_stages=stages, **options)
+            self.server = Server(self.chat_model)
+        else:  # the loaded model becomes the throughput tab's; chat goes to the shared engine
+            self.batch_model, self.server = model, server
+            self.chat_model = server.model
         self.prompts = load_prompts()
         self.prompt_ids = [prompt_ids(self.tokenizer, [{"role": "user", "content": p}]) for p in self.prompts]
         self.batch_lock = threading.Lock()
@@ -112,8 +119,9 @@ class DemoBackend:
     def close(self) -> None:
         import tdpipe_hf
 
-        self.server.close()
-        tdpipe_hf.unwrap(self.chat_model)
+        if self.owns_server:
+            self.server.close()
+            tdpipe_hf.unwrap(self.chat_model)
 
     # ---- descriptions -------------------------------------------------------------------
     def engine_summary(self) -> str:
@@ -201,26 +209,32 @@ class DemoBackend:
         return settings
 
     def run_batch(self, settings: dict, announce=None) -> dict:
-        """Run the batch under both policies (one after the other, same prompts); plots and a table.
+        """Run the batch under both policies (one after the other, same prompts); plots and a table."""
+        *_, result = self.run_batch_steps(settings, announce)
+        return result
+
+    def run_batch_steps(self, settings: dict, announce=None):
+        """``run_batch`` as it goes: yields the result so far (runs done, their timelines, the KV
+        plot and table of those) after each policy, so the UI shows run A while B runs.
         ``announce(text)`` is told which run starts (the UI's progress line)."""
         runs = []
+        run_id = next(self._run_ids)
         with self.batch_lock:
             for label, policy in zip("AB", settings["policies"]):
                 if announce is not None:
                     announce(f"run {label}: {policy}, {settings['n']} prompts")
-                runs.append(self._run_policy(policy, settings))
-        run_id = next(self._run_ids)
-        for label, run in zip("AB", runs):
-            run["timeline_png"] = None
-            if run["stats"].timeline:
-                path = self.out_dir / f"timeline-{run_id}-{label}.png"
-                metrics.plot_timeline(run["stats"].timeline, path,
-                                      f"{label}: {run['policy']}, {settings['stages']} stage(s), "
-                                      f"{run['tokens_per_s']:.1f} tokens/s")
-                run["timeline_png"] = str(path)
-        kv_png = self.out_dir / f"kv-{run_id}.png"
-        plot_kv(runs, kv_png)
-        return {"runs": runs, "kv_png": str(kv_png), "table": results_table(runs)}
+                run = self._run_policy(policy, settings)
+                run["timeline_png"] = None
+                if run["stats"].timeline:
+                    path = self.out_dir / f"timeline-{run_id}-{label}.png"
+                    metrics.plot_timeline(run["stats"].timeline, path,
+                                          f"{label}: {run['policy']}, {settings['stages']} stage(s), "
+                                          f"{run['tokens_per_s']:.1f} tokens/s")
+                    run["timeline_png"] = str(path)
+                runs.append(run)
+                kv_png = self.out_dir / f"kv-{run_id}-{len(runs)}.png"
+                plot_kv(runs, kv_png)
+                yield {"runs": list(runs), "kv_png": str(kv_png), "table": results_table(runs)}
 
     def _run_policy(self, policy: str, settings: dict) -> dict:
         import tdpipe_hf
@@ -324,14 +338,15 @@ def build_app(backend: DemoBackend):
                  progress=gr.Progress(track_tqdm=True)):
         try:
             settings = backend.check_batch(n, max_new_tokens, stages, executor, policy_a, policy_b, kv_blocks)
-            result = backend.run_batch(settings, announce=lambda text: progress(0, desc=text))
+            for result in backend.run_batch_steps(settings, announce=lambda text: progress(0, desc=text)):
+                runs = result["runs"]
+                second = runs[1]["timeline_png"] if len(runs) > 1 else None
+                yield hidden(), runs[0]["timeline_png"], second, result["kv_png"], result["table"]
         except DemoError as exc:
             gr.Warning(str(exc), duration=5)
-            return shown(str(exc)), None, None, None, ""
+            yield shown(str(exc)), None, None, None, ""
         except Exception as exc:
-            return shown(f"the run failed: {type(exc).__name__}: {exc}"), None, None, None, ""
-        a, b = result["runs"]
-        return hidden(), a["timeline_png"], b["timeline_png"], result["kv_png"], result["table"]
+            yield shown(f"the run failed: {type(exc).__name__}: {exc}"), None, None, None, ""
 
     policies = list(ENGINE_VARIANTS)
     with gr.Blocks(title="tdpipe_hf demo", analytics_enabled=False) as demo:
@@ -360,9 +375,10 @@ def build_app(backend: DemoBackend):
                         "compare tokens/s, the per-stage timelines (prefill orange, decode blue, gaps are "
                         "bubbles) and KV cache use.")
             with gr.Row():
-                n = gr.Number(value=min(16, len(backend.prompts)), label=f"prompts (1-{len(backend.prompts)})",
+                # defaults that finish in about half a minute on 2 CPU cores (both runs)
+                n = gr.Number(value=min(8, len(backend.prompts)), label=f"prompts (1-{len(backend.prompts)})",
                               elem_id="batch-n")
-                batch_tokens = gr.Number(value=backend.max_new_tokens,
+                batch_tokens = gr.Number(value=min(48, backend.max_new_tokens),
                                          label=f"max new tokens (1-{MAX_NEW_TOKENS_LIMIT})", elem_id="batch-tokens")
                 stages = gr.Number(value=min(2, backend.num_layers), label=f"stages (1-{backend.num_layers})",
                                    elem_id="batch-stages")
@@ -386,7 +402,8 @@ def build_app(backend: DemoBackend):
                 control.change(backend.describe, inputs=[policy_a, policy_b, stages, executor],
                                outputs=settings_text)
             run.click(on_batch, inputs=[n, batch_tokens, stages, executor, policy_a, policy_b, kv_blocks],
-                      outputs=[batch_error, timeline_a, timeline_b, kv_plot, table], concurrency_limit=1)
+                      outputs=[batch_error, timeline_a, timeline_b, kv_plot, table], concurrency_limit=1,
+                      show_progress_on=[table])  # one progress bar, not one per output
     demo.queue()
     return demo
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..controller import Request
 from ..controller.controller import RunStats
 from ..mixin import eos_token_ids
-from ..models import chat_prompt_ids
+from ..models import chat_prompt_ids, normalize_messages
 from ..models import model_name as model_name_of
 
 FSYNC_SECONDS = 1.0
@@ -76,7 +76,7 @@ def parse_line(text: str, line: int) -> Job:
         raise BadLine(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(record, dict):
         raise BadLine("a line must be a JSON object")
-    if "body" in record or "custom_id" in record:
+    if "body" in record:
         body = record.get("body")
         if not isinstance(body, dict) or "custom_id" not in record:
             raise BadLine("an OpenAI batch line needs 'custom_id' and a 'body' object")
@@ -92,9 +92,11 @@ def parse_line(text: str, line: int) -> Job:
         if messages is None and prompt is None:
             raise BadLine("a line needs 'prompt', 'messages' or an OpenAI batch 'body'")
     if messages is not None:
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
-            raise BadLine("'messages' must be a list of {'role', 'content'} objects")
-        if not messages or not any(str(m["content"]).strip() for m in messages):
+        try:
+            messages = normalize_messages(messages)
+        except ValueError as exc:
+            raise BadLine(str(exc)) from None
+        if not any(m["content"].strip() for m in messages):
             raise BadLine("empty prompt: the messages have no content")
     elif not isinstance(prompt, str) or not prompt.strip():
         raise BadLine("empty prompt")
@@ -205,7 +207,11 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
             if job.id in seen:
                 report(number, job.id, f"duplicate id {job.id!r}")
                 continue
-            ids = tokenize_job(tokenizer, job, use_template)
+            try:
+                ids = tokenize_job(tokenizer, job, use_template)
+            except Exception as exc:  # e.g. a chat template that refuses the roles: this line only
+                report(number, job.id, f"could not tokenize: {type(exc).__name__}: {exc}")
+                continue
             limit = job.max_new_tokens or max_new_tokens
             problem = _size_problem(len(ids), limit, context, engine.kv_capacity_tokens)
             if problem:

@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .. import metrics as run_metrics
+from ..models import normalize_messages
 from ..plan import GREEDY, SamplingSpec
 from .serving import DONE, Server, TokenStream
 
@@ -191,23 +192,10 @@ class OpenAIService:
         raise APIError("'prompt' must be a non-empty string or a list of token ids (one prompt per request)", "prompt")
 
     def chat_prompt(self, body: dict) -> list[int]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError("'messages' must be a non-empty list of {role, content} objects", "messages")
-        clean = []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise APIError(f"messages[{i}] must be an object with a 'role' string", f"messages[{i}]")
-            content = message.get("content")
-            if isinstance(content, list):  # content parts: text parts are joined, others refused
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise APIError(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
-                content = "".join(p["text"] for p in content)
-            if not isinstance(content, str):
-                raise APIError(f"messages[{i}].content must be a string or a list of text parts",
-                               f"messages[{i}].content")
-            clean.append({"role": message["role"], "content": content})
+        try:
+            clean = normalize_messages(body.get("messages"))
+        except ValueError as exc:
+            raise APIError(str(exc), "messages") from None
         try:
             return list(self.tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True,
                                                            return_dict=False))
@@ -315,9 +303,11 @@ class OpenAIService:
 
 
 def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: int = 1024,
-              close_engine: bool = False):
+              close_engine: bool = False, demo: bool = False, model_path: str | None = None):
     """The FastAPI app serving ``model`` (wrapped with ``tdpipe_hf.wrap``). ``close_engine``: on
-    shutdown, also close the engine (its stage processes)."""
+    shutdown, also close the engine (its stage processes). ``demo``: also mount the Gradio demo
+    at ``/demo``, its chat on this server's engine (its throughput tab loads ``model_path`` again
+    for runs of its own)."""
     server = Server(model)
     service = OpenAIService(server, tokenizer, model_name, max_tokens_limit)
 
@@ -330,6 +320,15 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
 
     app = FastAPI(title="tdpipe_hf", lifespan=lifespan)
     app.state.service = service
+
+    if demo:
+        import gradio as gr
+
+        from .demo import DemoBackend
+        from .demo import build_app as build_demo
+
+        app.state.demo = DemoBackend(model_path, server=server)
+        app = gr.mount_gradio_app(app, build_demo(app.state.demo), path="/demo")
 
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError):
@@ -467,7 +466,8 @@ async def _sse(service: OpenAIService, choices: list[Choice], queue: asyncio.Que
 
 
 def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-          max_tokens_limit: int = 1024, log_level: str = "info") -> None:
+          max_tokens_limit: int = 1024, log_level: str = "info", demo: bool = False,
+          model_path: str | None = None) -> None:
     """Run the server until SIGTERM / Ctrl-C: it stops accepting, gives open requests up to 10 s,
     cancels the rest and closes the engine (no stage process is left behind)."""
     import signal
@@ -487,5 +487,6 @@ def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int 
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    app = build_app(model, tokenizer, model_name, max_tokens_limit, close_engine=True)
+    app = build_app(model, tokenizer, model_name, max_tokens_limit, close_engine=True, demo=demo,
+                    model_path=model_path)
     GracefulServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)).run()

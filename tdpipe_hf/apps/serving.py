@@ -61,6 +61,7 @@ class Server:
     def __init__(self, model):
         from ..mixin import eos_token_ids
 
+        self.model = model
         self.engine = model.tdpipe_engine
         self.eos = frozenset(eos_token_ids(model.generation_config))
         self.vocab_size = model.config.vocab_size

@@ -40,6 +40,16 @@ class LearnsOnline(Protocol):
         ...
 
 
+@runtime_checkable
+class Trainable(Protocol):
+    """Optional: a predictor that is useless until trained says so, so that ``wrap`` can refuse it
+    (with the fix) instead of planning with a guess."""
+
+    @property
+    def is_trained(self) -> bool:
+        ...
+
+
 def check_predictor(predictor, name: str):
     """Fail early, naming the plugin, when it cannot be used as a predictor."""
     if not callable(getattr(predictor, "predict", None)):

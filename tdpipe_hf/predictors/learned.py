@@ -109,8 +109,12 @@ class LearnedLengthPredictor:
         at_cap, short = self._parts(prompts)
         return [[(self.max_length, float(p)), (float(s), 1.0 - float(p))] for p, s in zip(at_cap, short)]
 
+    @property
+    def is_trained(self) -> bool:
+        return hasattr(self.classifier, "coef_")
+
     def _check_trained(self) -> None:
-        if not hasattr(self.classifier, "coef_"):
+        if not self.is_trained:
             raise RuntimeError("the sklearn length predictor is not trained: fit() it or load a trained one")
 
     def save(self, path):

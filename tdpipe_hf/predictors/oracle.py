@@ -25,6 +25,11 @@ class OraclePredictor:
 
     update = fit
 
+    @property
+    def is_trained(self) -> bool:
+        """An oracle that knows no lengths would only ever guess its default."""
+        return bool(self.lengths)
+
     def predict(self, prompts: list[list[int]]) -> list[float]:
         """Unknown prompts get the mean of the known ones."""
         return [self.lengths.get(tuple(p), self.default) for p in prompts]
