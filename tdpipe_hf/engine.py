@@ -15,7 +15,7 @@ from .config import TDPipeConfig
 from .controller import Controller, Request
 from .controller.controller import RunStats
 from .models import model_name
-from .predictors import ConstantPredictor, check_predictor, load_predictor
+from .predictors import ConstantPredictor, check_predictor, load_predictor, shipped_name_for
 from .predictors.base import Trainable
 from .protocols import SchedulerPolicy
 from .runtime.kv_budget import available_memory, kv_blocks_on_devices
@@ -46,6 +46,7 @@ class TDPipeEngine:
         self.num_blocks = config.kv_blocks or kv_blocks_on_devices(model, stages, config.block_size, self.devices,
                                                                    config.kv_cache_bytes, available)
         self.model_name = model_name(model)
+        self.predictor_name = shipped_name_for(model)  # the shipped predictor's name, found by weights too
         self.predictor = self._make_predictor(config) if config.admission == "greedy" else None
         self._scheduler(config.num_stages)  # a broken plugin fails here, naming itself, not mid-run
         self.executor = plugins.build(plugins.EXECUTORS, config.executor, self, model, stages)
@@ -60,7 +61,7 @@ class TDPipeEngine:
             predictor = check_predictor(config.predictor, type(config.predictor).__name__)
         else:
             try:
-                predictor = load_predictor(config.predictor, self.model_name)
+                predictor = load_predictor(config.predictor, self.predictor_name)
             except ValueError:
                 if config.predictor is not None:
                     raise

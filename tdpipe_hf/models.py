@@ -57,6 +57,31 @@ def model_name(model) -> str:
     return name or type(model).__name__
 
 
+SIGNATURE_ROWS = 16  # embedding rows x columns kept as a model's weight signature
+
+
+def weight_signature(model) -> dict:
+    """What identifies a model's weights however it was loaded or saved (GGUF file, a directory it
+    was saved to, another dtype): its shape in the config and a corner of its token embedding.
+    ``same_weights`` compares two signatures."""
+    config = model.config
+    weight = model.get_input_embeddings().weight
+    corner = weight[:SIGNATURE_ROWS, :SIGNATURE_ROWS].detach().float().cpu().flatten().tolist()
+    shape = {key: getattr(config, key, None) for key in
+             ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "intermediate_size")}
+    return {"config": shape, "embedding": corner}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    """Same config shape and embedding corners that agree to within dtype rounding (cosine > 0.999)."""
+    if a["config"] != b["config"] or len(a["embedding"]) != len(b["embedding"]):
+        return False
+    dot = sum(x * y for x, y in zip(a["embedding"], b["embedding"]))
+    norms = (sum(x * x for x in a["embedding"]) * sum(y * y for y in b["embedding"])) ** 0.5
+    return norms > 0 and dot / norms > 0.999
+
+
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of ``messages`` through the tokenizer's chat template, ready for the reply."""
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=True)

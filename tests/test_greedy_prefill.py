@@ -4,9 +4,11 @@ pipeline of test_scheduler, and the predictors it relies on."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from conftest import tiny_model
 from test_scheduler import reference, run
 
 import tdpipe_hf
@@ -207,3 +209,27 @@ def test_train_predictor_cli_labels_fits_reports_and_saves(tmp_path, capsys):
     before = labels.read_text()
     assert cli.main(argv) == 0
     assert labels.read_text() == before, "a rerun must reuse the labels, not regenerate them"
+
+
+def test_the_shipped_predictor_is_found_however_smollm2_is_loaded(tmp_path):
+    """Loaded the plain HF way (a directory and gguf_file=), or from a copy under another name and
+    in another dtype, SmolLM2 is still recognised by its weights and gets its trained predictor."""
+    from transformers import AutoModelForCausalLM
+
+    from tdpipe_hf.models import default_model_file, model_name
+    from tdpipe_hf.predictors import LearnedLengthPredictor, shipped_name_for
+
+    gguf = default_model_file()
+    plain = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    assert model_name(plain) != "SmolLM2-135M-Instruct"  # HF records only the directory
+    assert shipped_name_for(plain) == "SmolLM2-135M-Instruct"
+    (tmp_path / "my-model").mkdir()
+    (tmp_path / "my-model" / "assistant.gguf").symlink_to(gguf)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "my-model", gguf_file="assistant.gguf",
+                                                 dtype=torch.bfloat16)
+    assert shipped_name_for(again) == "SmolLM2-135M-Instruct"
+    tdpipe_hf.wrap(again, num_stages=1, kv_blocks=64)
+    assert isinstance(again.tdpipe_engine.predictor, LearnedLengthPredictor)
+    tdpipe_hf.unwrap(again)
+    other = tiny_model("llama", seed=3)
+    assert shipped_name_for(other) == "LlamaForCausalLM"  # no match: its own name, and a warning at wrap

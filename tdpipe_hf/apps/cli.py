@@ -333,6 +333,14 @@ def _train_predictor(args) -> int:
     prompts, lengths = read_labels(input_path, labels, tokenizer)
     report = fit_and_report(prompts, lengths, args.output or f"{name}.npz", kind=args.kind,
                             test_fraction=args.test_fraction, seed=args.seed)
+    import json
+
+    from ..models import weight_signature
+
+    # beside the predictor: shipped in tdpipe_hf/data/predictors, it lets models with these weights
+    # find it however they were loaded
+    signature = report.path.with_name(f"{report.path.stem}.signature.json")
+    signature.write_text(json.dumps(weight_signature(model)) + "\n")
     print(report.format())
     return 0
 

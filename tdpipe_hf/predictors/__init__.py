@@ -7,11 +7,12 @@ Built-ins (entry-point names): ``sklearn`` (default, trained per model), ``const
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from .. import plugins
-from ..models import DEFAULT_MODEL_NAME
+from ..models import DEFAULT_MODEL_NAME, model_name, same_weights, weight_signature
 from .base import Predictor, check_predictor, checked_predictions, read_arrays
 from .constant import ConstantPredictor
 from .learned import LearnedLengthPredictor
@@ -26,6 +27,26 @@ def shipped_predictor_path(model_name: str) -> Path:
 
 def shipped_models() -> list[str]:
     return sorted(p.stem for p in SHIPPED_DIR.glob("*.npz"))
+
+
+def signature_path(model_name: str) -> Path:
+    return SHIPPED_DIR / f"{model_name}.signature.json"
+
+
+def shipped_name_for(model) -> str:
+    """The name of the shipped predictor for ``model``: its own name when a predictor is shipped
+    under it, else the shipped model whose weight signature ``model`` has (so a model loaded with
+    ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`` or saved to another directory is
+    still recognised); else its own name."""
+    name = model_name(model)
+    if shipped_predictor_path(name).exists():
+        return name
+    mine = weight_signature(model)
+    for candidate in shipped_models():
+        path = signature_path(candidate)
+        if path.exists() and same_weights(mine, json.loads(path.read_text())):
+            return candidate
+    return name
 
 
 def load_predictor_file(path: str | os.PathLike):
@@ -68,5 +89,5 @@ def load_predictor(name: str | None = None, model_name: str = DEFAULT_MODEL_NAME
 
 
 __all__ = ["ConstantPredictor", "LearnedLengthPredictor", "OraclePredictor", "Predictor", "check_predictor",
-           "checked_predictions", "load_predictor", "load_predictor_file", "shipped_models",
+           "checked_predictions", "load_predictor", "load_predictor_file", "shipped_models", "shipped_name_for",
            "shipped_predictor_path"]
