@@ -48,7 +48,8 @@ class TDPipeEngine:
         self.model_name = model_name(model)
         self.predictor_name = shipped_name_for(model)  # the shipped predictor's name, found by weights too
         self.predictor = self._make_predictor(config) if config.admission == "greedy" else None
-        self._scheduler(config.num_stages)  # a broken plugin fails here, naming itself, not mid-run
+        # a broken plugin fails here, naming itself, not mid-run
+        self.request_capacity_tokens = self._scheduler(config.num_stages).max_request_tokens
         self.executor = plugins.build(plugins.EXECUTORS, config.executor, self, model, stages)
         if self.torchrun:
             self.num_blocks = self.executor.num_blocks  # the smallest budget of all ranks
@@ -91,11 +92,13 @@ class TDPipeEngine:
     def check_fits(self, requests: list[Request]) -> None:
         """Every request must fit in the whole KV budget on its own, or it could never finish."""
         for index, request in enumerate(requests):
-            if request.max_tokens > self.kv_capacity_tokens:
+            if request.max_tokens > self.request_capacity_tokens:
+                pooled = "" if self.request_capacity_tokens == self.kv_capacity_tokens else \
+                    f", {self.request_capacity_tokens} of them for one request under policy {self.config.policy!r}"
                 raise ValueError(
                     f"request {index} needs up to {request.max_tokens} KV tokens (prompt {len(request.prompt_ids)} "
                     f"+ max_new_tokens {request.max_new_tokens}) but the KV budget holds {self.kv_capacity_tokens} "
-                    f"({self.num_blocks} blocks of {self.config.block_size}); raise kv_blocks/kv_cache_bytes "
+                    f"({self.num_blocks} blocks of {self.config.block_size}{pooled}); raise kv_blocks/kv_cache_bytes "
                     f"or lower max_new_tokens")
 
     def run(self, requests: list[Request], on_token: Callable[[Request, int], None] | None = None,

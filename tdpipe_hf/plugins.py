@@ -37,7 +37,10 @@ KIND = {SCHEDULERS: "scheduler", ADMISSION: "admission policy", DECODE_BATCHERS:
 BUILTINS = {
     SCHEDULERS: {"tdpipe": "tdpipe_hf.scheduling:tdpipe_scheduler",
                  "hybrid": "tdpipe_hf.scheduling:hybrid_scheduler",
-                 "naive": "tdpipe_hf.scheduling:naive_scheduler"},
+                 "naive": "tdpipe_hf.scheduling:naive_scheduler",
+                 "vllm-v0-pp": "tdpipe_hf.scheduling:vllm_v0_scheduler",
+                 "vllm-v1-pp": "tdpipe_hf.scheduling:vllm_v1_scheduler",
+                 "vllm-v1-pp-capped": "tdpipe_hf.scheduling:vllm_v1_capped_scheduler"},
     ADMISSION: {"greedy": "tdpipe_hf.policies.prefill:GreedyPrefill.from_config",
                 "fits": "tdpipe_hf.policies.prefill:AdmitWhileFits.from_config",
                 "whole-group": "tdpipe_hf.policies.baselines:AdmitWholeGroup.from_config"},

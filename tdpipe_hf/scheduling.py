@@ -11,7 +11,9 @@ from . import plugins
 from .config import TDPipeConfig
 from .controller import BlockManager
 from .controller.hybrid import HybridScheduler
+from .controller.kv import SplitBlocks
 from .controller.scheduler import Scheduler
+from .controller.vllm_v0 import VllmV0Scheduler
 from .policies.switch import CheckedSwitch
 from .protocols import Configurable
 
@@ -52,6 +54,30 @@ def naive_scheduler(config: TDPipeConfig, blocks: BlockManager, num_stages: int,
 def hybrid_scheduler(config: TDPipeConfig, blocks: BlockManager, num_stages: int, predictor=None) -> HybridScheduler:
     """vLLM-style hybrid pipeline batches, admitting while the prompts fit."""
     return HybridScheduler(blocks, num_stages, build_admission(config, name="fits"),
+                           prefill_chunk_tokens=config.prefill_chunk_tokens, max_num_seqs=config.max_num_seqs)
+
+
+def vllm_v0_scheduler(config: TDPipeConfig, blocks: BlockManager, num_stages: int, predictor=None) -> VllmV0Scheduler:
+    """vLLM v0's pipeline: ``num_stages`` virtual engines, each with ``1 / num_stages`` of the KV
+    blocks and of ``max_num_seqs``, requests pinned to the least loaded, separate batches."""
+    split = SplitBlocks(blocks.num_blocks, blocks.block_size, num_stages)
+    return VllmV0Scheduler(split, num_stages, build_admission(config, name="fits"),
+                           prefill_chunk_tokens=config.prefill_chunk_tokens,
+                           max_num_seqs=max(1, config.max_num_seqs // num_stages))
+
+
+def vllm_v1_scheduler(config: TDPipeConfig, blocks: BlockManager, num_stages: int, predictor=None) -> HybridScheduler:
+    """vLLM v1's pipeline: one scheduler and KV pool, chunked prefill, any request not in flight
+    may join the next micro-batch (which may then hold all ``max_num_seqs``)."""
+    return HybridScheduler(blocks, num_stages, build_admission(config, name="fits"), pinned_lanes=False,
+                           prefill_chunk_tokens=config.prefill_chunk_tokens, max_num_seqs=config.max_num_seqs)
+
+
+def vllm_v1_capped_scheduler(config: TDPipeConfig, blocks: BlockManager, num_stages: int,
+                             predictor=None) -> HybridScheduler:
+    """``vllm-v1-pp`` with vLLM's fix (PR #28286): at most ``max_num_seqs / pp`` sequences per micro-batch."""
+    return HybridScheduler(blocks, num_stages, build_admission(config, name="fits"), pinned_lanes=False,
+                           max_batch_seqs=max(1, config.max_num_seqs // num_stages),
                            prefill_chunk_tokens=config.prefill_chunk_tokens, max_num_seqs=config.max_num_seqs)
 
 

@@ -58,6 +58,15 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("pp-separate", "Baseline: pipeline with separate batches as vLLM's default scheduler forms them "
                            "(prefill whenever a request fits, else decode; no stealing).", _SEPARATE,
             sim_chunk_tokens=2048),
+    Variant("vllm-v0-pp", "Baseline, vLLM v0's pipeline parallelism (the one TD-Pipe measured): one scheduler "
+                          "per stage (virtual engine) with 1/pp of the KV cache and of max_num_seqs, requests "
+                          "pinned to the least loaded engine, each step all prefill when requests fit, else "
+                          "all decode.", {"policy": "vllm-v0-pp"}, sim_chunk_tokens=2048),
+    Variant("vllm-v1-pp", "Baseline, vLLM v1's pipeline parallelism: one scheduler and KV pool, chunked "
+                          "prefill within a token budget, any request not in flight joins the next micro-batch.",
+            {"policy": "vllm-v1-pp"}, sim_chunk_tokens=2048),
+    Variant("vllm-v1-pp-capped", "vllm-v1-pp with vLLM's fix for uneven micro-batches: at most max_num_seqs / pp "
+                                 "sequences per micro-batch.", {"policy": "vllm-v1-pp-capped"}, sim_chunk_tokens=2048),
     Variant("naive", "Baseline: static groups; a group is prefilled, decoded until all its requests finish, "
                      "then the next group starts.", {"policy": "naive", "prefill_packing": "fcfs"}, sim_chunk_tokens=2048),
     Variant("tp", "Baseline (simulator only): tensor parallelism over all GPUs with hybrid batches.",

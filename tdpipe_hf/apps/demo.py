@@ -146,7 +146,7 @@ class DemoBackend:
     def chat_prompt(self, history: list[dict], message: str, max_new_tokens: int) -> list[int]:
         """Ids of the conversation plus ``message``; the oldest turns are dropped until the prompt
         and the answer fit both the model's context and the KV cache."""
-        room = self.chat_model.tdpipe_engine.kv_capacity_tokens
+        room = self.chat_model.tdpipe_engine.request_capacity_tokens
         if self.context:
             room = min(room, self.context)
         room -= max_new_tokens
@@ -246,8 +246,8 @@ class DemoBackend:
         try:
             ids = self.prompt_ids[:settings["n"]]
             longest = max(len(p) for p in ids) + settings["max_new_tokens"]
-            if longest > model.tdpipe_engine.kv_capacity_tokens:
-                raise DemoError(f"the KV cache ({model.tdpipe_engine.kv_capacity_tokens} tokens) is smaller than "
+            if longest > model.tdpipe_engine.request_capacity_tokens:
+                raise DemoError(f"the KV cache ({model.tdpipe_engine.request_capacity_tokens} tokens) is smaller than "
                                 f"the longest prompt plus max new tokens ({longest}); raise KV blocks or lower "
                                 f"max new tokens")
             model.generate_batch(ids[:1], max_new_tokens=1)  # starts distributed workers outside the timing

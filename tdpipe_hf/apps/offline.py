@@ -213,7 +213,7 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
                 report(number, job.id, f"could not tokenize: {type(exc).__name__}: {exc}")
                 continue
             limit = job.max_new_tokens or max_new_tokens
-            problem = _size_problem(len(ids), limit, context, engine.kv_capacity_tokens)
+            problem = _size_problem(len(ids), limit, context, engine.request_capacity_tokens)
             if problem:
                 report(number, job.id, problem)
                 continue

@@ -208,13 +208,13 @@ class OpenAIService:
         """Submit one engine request per choice; their tokens arrive on ``queue`` as (index, item)."""
         context = getattr(self.server.engine_model_config, "max_position_embeddings", None)
         if sampling.max_tokens is None:  # as much as fits, up to the server's default cap
-            room = min(self.server.engine.kv_capacity_tokens, context or self.max_tokens_limit) - len(prompt)
+            room = min(self.server.engine.request_capacity_tokens, context or self.max_tokens_limit) - len(prompt)
             sampling.max_tokens = max(1, min(self.max_tokens_limit, room))
         if context is not None and len(prompt) + sampling.max_tokens > context:
             raise APIError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds the "
                            f"model's context of {context} tokens", "max_tokens", code="context_length_exceeded")
-        if len(prompt) + sampling.max_tokens > self.server.engine.kv_capacity_tokens:
-            limit = self.server.engine.kv_capacity_tokens
+        if len(prompt) + sampling.max_tokens > self.server.engine.request_capacity_tokens:
+            limit = self.server.engine.request_capacity_tokens
             raise APIError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds the "
                            f"server's KV budget of {limit} tokens", "max_tokens", code="context_length_exceeded")
         choices: list[Choice] = []

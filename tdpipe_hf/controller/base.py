@@ -82,12 +82,17 @@ class BaseScheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def max_request_tokens(self) -> int:
+        """The most KV tokens one request can ever hold here (its pool's size)."""
+        return self.blocks.num_blocks * self.blocks.block_size
+
     def finish(self, request: Request, reason: str) -> None:
         """Retire a running request: its KV is freed and, unless it was aborted, its length
         teaches the admission policy."""
         request.status = Status.FINISHED
         request.finish_reason = reason
-        self.blocks.release(request)
+        self.kv_of(request).release(request)
         self.running.remove(request)
         if reason != ABORTED:
             self.admission.observe(request)
@@ -146,6 +151,14 @@ class BaseScheduler:
     def on_leave(self, request: Request) -> None:
         """``request`` stopped decoding (finished or preempted). Subclasses drop what they keep on it."""
 
+    def kv_of(self, request: Request) -> BlockManager:
+        """The block pool ``request`` draws from (one for all, unless a subclass splits the cache)."""
+        return self.blocks
+
+    def kv_peers(self, request: Request) -> list[Request]:
+        """The running requests that share ``request``'s pool: the candidates to preempt for it."""
+        return self.running
+
     # ---- parts for ``schedule`` -----------------------------------------------------------
     def admissible(self) -> int:
         """How many requests at the head of ``waiting`` the admission policy admits now."""
@@ -153,7 +166,7 @@ class BaseScheduler:
 
     def admit(self, request: Request, num_tokens: int) -> None:
         """``request`` (already taken off ``waiting``) starts prefilling with KV for ``num_tokens``."""
-        self.blocks.reserve(request, num_tokens)
+        self.kv_of(request).reserve(request, num_tokens)
         request.status = Status.PREFILLING
         request.admitted_at = next(self._admissions)
         self.running.append(request)
@@ -168,7 +181,7 @@ class BaseScheduler:
             if not self.make_room(request, chosen):
                 break
             if request.status is Status.DECODING:
-                self.blocks.reserve(request, request.num_tokens)
+                self.kv_of(request).reserve(request, request.num_tokens)
                 chosen.append(request)
         return chosen
 
@@ -181,8 +194,9 @@ class BaseScheduler:
         should stop growing for now.
         """
         need = request.num_tokens if num_tokens is None else num_tokens
-        while not self.blocks.can_hold(request, need):
-            younger = [r for r in self.running if r.admitted_at > request.admitted_at]
+        blocks = self.kv_of(request)
+        while not blocks.can_hold(request, need):
+            younger = [r for r in self.kv_peers(request) if r.admitted_at > request.admitted_at]
             idle = [r for r in younger if not r.in_flight]
             if idle:
                 victim = max(idle, key=lambda r: r.admitted_at)
@@ -198,14 +212,18 @@ class BaseScheduler:
 
     def preempt(self, request: Request) -> None:
         """Free ``request``'s KV and put it back at the head of the queue, to be recomputed."""
-        self.blocks.release(request)
+        self.kv_of(request).release(request)
         self.running.remove(request)
         request.num_cached = 0
         request.num_preemptions += 1
         request.status = Status.PREEMPTED
         self.on_leave(request)
-        self.waiting.appendleft(request)
+        self.requeue(request)
         self.num_preemptions += 1
+
+    def requeue(self, request: Request) -> None:
+        """A preempted request waits again, first in line."""
+        self.waiting.appendleft(request)
 
     def plan(self, request: Request, max_tokens: int | None = None) -> SequencePlan:
         """Compute ``request``'s pending tokens, or only the first ``max_tokens`` of them (a

@@ -1,8 +1,15 @@
-"""The hybrid pipeline schedule (vLLM-style PP with chunked prefill), a baseline in the same engine.
+"""Hybrid pipeline schedules (chunked prefill mixed with decodes), baselines in the same engine.
 
-No phases: requests are spread over ``num_stages`` virtual engines (lanes) and every micro-batch is
-one lane's decodes plus chunks of its prefills and of newly admitted requests (continuous
-batching), admitted while the KV fits now. One KV pool is shared by all lanes.
+No phases: every micro-batch is decodes plus chunks of prefills and of newly admitted requests
+(continuous batching) within a token budget, admitted while the KV fits now; one KV pool for all.
+
+- ``hybrid`` (``pinned_lanes=True``): requests are spread over ``num_stages`` lanes (virtual
+  engines) and a micro-batch is one lane's requests, as in vLLM v0 with chunked prefill.
+- ``vllm-v1-pp`` (``pinned_lanes=False``): vLLM v1's one scheduler with a queue of ``pp``
+  batches: every request not in the pipeline may join the next micro-batch (``v1/core/sched/
+  scheduler.py``). ``max_batch_seqs`` caps the sequences of one micro-batch: vLLM's fix
+  (PR #28286) for all ``max_num_seqs`` landing in one micro-batch (issue #28270) caps it at
+  ``max_num_seqs / pp``.
 """
 
 from __future__ import annotations
@@ -15,12 +22,16 @@ from .request import Request, Status
 
 
 class HybridScheduler(BaseScheduler):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, pinned_lanes: bool = True, max_batch_seqs: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.pinned_lanes = pinned_lanes
+        self.max_batch_seqs = max_batch_seqs or self.max_num_seqs
         self._lane: dict[int, int] = {}
         self._lanes = itertools.cycle(range(self.num_stages))
 
     def schedule(self) -> MicroBatch | None:
+        if not self.pinned_lanes:
+            return self._lane_batch(None, [r for r in self.running if not r.in_flight])
         for _ in range(self.num_stages):
             lane = next(self._lanes)
             members = [r for r in self.running if self._lane.get(r.request_id) == lane]
@@ -34,14 +45,17 @@ class HybridScheduler(BaseScheduler):
     def on_leave(self, request: Request) -> None:
         self._lane.pop(request.request_id, None)
 
-    def _lane_batch(self, lane: int, members: list[Request]) -> MicroBatch | None:
+    def _lane_batch(self, lane: int | None, members: list[Request]) -> MicroBatch | None:
         """One lane's decodes, then chunks of its prefills and of newly admitted requests, within
         ``prefill_chunk_tokens``. Plans are written last: making room may preempt a request
         chosen earlier in the loop."""
-        decodes = self.take_decodes([r for r in members if r.status is Status.DECODING])
+        cap = self.max_batch_seqs
+        decodes = self.take_decodes([r for r in members if r.status is Status.DECODING][:cap])
         budget = self.prefill_chunk_tokens - len(decodes)
         chunks: list[tuple[Request, int]] = []
         for request in [r for r in members if r.status is Status.PREFILLING and r.block_table]:
+            if len(decodes) + len(chunks) >= cap:
+                break
             size = min(len(request.pending_ids), budget)
             if size <= 0 or request.status is not Status.PREFILLING:
                 continue
@@ -52,7 +66,7 @@ class HybridScheduler(BaseScheduler):
                 chunks.append((request, size))
                 budget -= size
         count = self.admissible()
-        while count and budget > 0 and self.waiting:  # admit into this lane
+        while count and budget > 0 and self.waiting and len(decodes) + len(chunks) < cap:  # admit into this lane
             request = self.waiting[0]
             size = min(request.num_tokens, budget)
             if not self.blocks.can_hold(request, size):
@@ -60,7 +74,8 @@ class HybridScheduler(BaseScheduler):
             self.waiting.popleft()
             count -= 1
             self.admit(request, size)
-            self._lane[request.request_id] = lane
+            if lane is not None:
+                self._lane[request.request_id] = lane
             chunks.append((request, size))
             budget -= size
         decodes = [r for r in decodes if r.status is Status.DECODING]

@@ -12,12 +12,14 @@ class BlockManager:
     usable block count is the same on all of them.
     """
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, first_block: int = 0):
+        """Blocks ``first_block ... first_block + num_blocks - 1`` of the cache (a share of it, for
+        schedulers that split one cache into pools)."""
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self._free = list(range(first_block + num_blocks - 1, first_block - 1, -1))
 
     @property
     def num_free(self) -> int:
@@ -47,3 +49,27 @@ class BlockManager:
     def release(self, request: Request) -> None:
         self._free.extend(reversed(request.block_table))
         request.block_table = []
+
+
+class SplitBlocks:
+    """One cache split into equal pools, as vLLM v0 gives each pipeline virtual engine
+    ``num_blocks // pp`` of its own; the totals (what the controller reports) span all pools."""
+
+    def __init__(self, num_blocks: int, block_size: int, parts: int):
+        share = num_blocks // parts
+        if share < 1:
+            raise ValueError(f"{num_blocks} KV blocks cannot be split into {parts} pools")
+        self.block_size = block_size
+        self.pools = [BlockManager(share, block_size, first_block=i * share) for i in range(parts)]
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(pool.num_blocks for pool in self.pools)
+
+    @property
+    def num_free(self) -> int:
+        return sum(pool.num_free for pool in self.pools)
+
+    @property
+    def num_used(self) -> int:
+        return sum(pool.num_used for pool in self.pools)

@@ -103,15 +103,16 @@ def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tok
                           max_num_seqs=setup.max_seqs_per_batch * in_flight,
                           prefill_chunk_tokens=chunk_tokens or spec.sim_chunk_tokens, **spec.options)
     requests = to_requests(workload)
-    capacity = num_blocks * setup.block_size
-    too_long = [r.request_id for r in requests if r.max_tokens > capacity]
-    if too_long:
-        raise ValueError(f"requests {too_long[:5]} need more KV than the {capacity}-token budget")
     for request, item in zip(requests, workload):
         executor.expect(request.request_id, item.prompt_len, item.output_len)
     if predictor is None or spec.sim_predictor is None:
         predictor = _predictor(spec.sim_predictor, requests, workload)
     scheduler = build_scheduler(config, num_blocks, in_flight, predictor)
+    capacity = scheduler.max_request_tokens
+    too_long = [r.request_id for r in requests if r.max_tokens > capacity]
+    if too_long:
+        raise ValueError(f"requests {too_long[:5]} need more KV than one request can hold under {policy} "
+                         f"({capacity} tokens)")
     controller = Controller(executor, scheduler, max_in_flight=in_flight, clock=executor.clock)
     wall = time.perf_counter()
     stats = controller.run(requests)

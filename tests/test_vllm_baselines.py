@@ -1,0 +1,87 @@
+"""vLLM's pipeline-parallel schedules as real schedulers: exact tokens on the fake pipeline (and
+HF-identical in test_equality_tiny, which runs every engine variant), and the behaviour that
+defines each: v0's split KV pools, pinned engines and prefill priority, v1's free micro-batch
+membership and the micro-batch cap."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_scheduler import EOS, VOCAB, FakePipeline, reference
+
+from tdpipe_hf import TDPipeConfig
+from tdpipe_hf.controller import Controller, Request, Status
+from tdpipe_hf.scheduling import build_scheduler
+
+KINDS = ["vllm-v0-pp", "vllm-v1-pp", "vllm-v1-pp-capped"]
+
+
+class Recording(FakePipeline):
+    """The fake pipeline, keeping every micro-batch's phase and request ids."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.batches: list[tuple[str, list[int]]] = []
+        self.blocks_of: dict[int, set[int]] = {}
+
+    def submit(self, batch):
+        self.batches.append((batch.phase, [s.request_id for s in batch.seqs]))
+        for seq in batch.seqs:
+            self.blocks_of.setdefault(seq.request_id, set()).update(seq.block_table)
+        super().submit(batch)
+
+
+def run(kind, prompts, max_new, num_stages=2, num_blocks=64, block_size=4, chunk=16, max_num_seqs=256):
+    config = TDPipeConfig(policy=kind, num_stages=num_stages, block_size=block_size, kv_blocks=num_blocks,
+                          prefill_chunk_tokens=chunk, max_num_seqs=max_num_seqs)
+    scheduler = build_scheduler(config, num_blocks, num_stages)
+    pipeline = Recording(num_stages, block_size)
+    requests = [Request(i, p, max_new, frozenset({EOS})) for i, p in enumerate(prompts)]
+    Controller(pipeline, scheduler).run(requests)
+    return requests, scheduler, pipeline
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=25, deadline=None)
+@given(prompts=st.lists(st.lists(st.integers(1, VOCAB - 1), min_size=1, max_size=12), min_size=1, max_size=10),
+       max_new=st.integers(1, 12), num_stages=st.integers(1, 3), num_blocks=st.integers(24, 60))
+def test_every_request_gets_exactly_its_tokens_and_no_block_leaks(kind, prompts, max_new, num_stages, num_blocks):
+    requests, scheduler, pipeline = run(kind, prompts, max_new, num_stages, num_blocks)
+    for request, prompt in zip(requests, prompts):
+        assert request.output_ids == reference(prompt, max_new)
+        assert request.status is Status.FINISHED
+    assert scheduler.blocks.num_used == 0, "KV blocks leaked"
+    assert pipeline.max_in_flight <= num_stages
+
+
+def test_v0_splits_the_cache_and_pins_requests_to_the_least_loaded_engine():
+    prompts = [[(3 * i + j) % 40 + 1 for j in range(5)] for i in range(8)]
+    _, scheduler, pipeline = run("vllm-v0-pp", prompts, 6, num_stages=2, num_blocks=64)
+    assert [pool.num_blocks for pool in scheduler.blocks.pools] == [32, 32]
+    engine = {i: i % 2 for i in range(8)}  # added one by one: the least loaded engine alternates
+    for phase, ids in pipeline.batches:
+        assert len({engine[i] for i in ids}) == 1, f"a {phase} micro-batch mixes engines: {ids}"
+    for request_id, blocks in pipeline.blocks_of.items():  # each request's KV is in its engine's pool
+        pool = range(32 * engine[request_id], 32 * engine[request_id] + 32)
+        assert blocks <= set(pool), (request_id, sorted(blocks))
+
+
+def test_v0_prefills_first_and_never_mixes_phases():
+    prompts = [[i + 1] * 4 for i in range(6)]
+    _, _, pipeline = run("vllm-v0-pp", prompts, 8, num_stages=2, num_blocks=80, chunk=8)
+    phases = [phase for phase, _ in pipeline.batches]
+    assert set(phases) <= {"prefill", "decode"}
+    first_decode = phases.index("decode")
+    assert phases[:first_decode] == ["prefill"] * first_decode
+    for phase, ids in pipeline.batches:
+        if phase == "prefill":
+            assert len(ids) * 4 <= 8  # the per-engine token budget (max_num_batched_tokens)
+
+
+def test_v1_lets_any_idle_request_join_and_the_cap_limits_a_micro_batch():
+    prompts = [[i % 40 + 1] * 3 for i in range(12)]
+    _, _, free = run("vllm-v1-pp", prompts, 10, num_stages=2, num_blocks=120, chunk=64, max_num_seqs=12)
+    _, _, capped = run("vllm-v1-pp-capped", prompts, 10, num_stages=2, num_blocks=120, chunk=64, max_num_seqs=12)
+    assert max(len(ids) for _, ids in free.batches) == 12  # vllm#28270: everything in one micro-batch
+    assert max(len(ids) for _, ids in capped.batches) <= 6  # PR #28286: max_num_seqs / pp
