@@ -30,7 +30,7 @@ class TDPipeConfig:
     (``steal-time``, ``steal-rows``, ``static`` or a plugin) and ``prefill_packing`` the prefill
     packing (``first-fit`` or ``fcfs``); left None they follow ``stealing`` and ``paper_rules``.
     ``policy``, ``admission``, ``decode_batcher``, ``switch_policy``, ``predictor`` and
-    ``executor`` are names in the plugin registry (``tdpipe_hf.plugins``): ``tdpipe policies``
+    ``executor``, ``attention_backend`` are names in the plugin registry (``tdpipe_hf.plugins``): ``tdpipe policies``
     lists them. ``predictor``: None for the one shipped for the model, an
     entry-point name, a ``.npz`` path, or a predictor object. ``online_learning`` feeds finished
     requests' lengths back to the predictor.
@@ -65,6 +65,7 @@ class TDPipeConfig:
     threads_per_stage: int | None = None
     micro_batches: int | None = None
     pack_weights: bool = False
+    attention_backend: str = "paged-sdpa"
     devices: tuple[str, ...] | str | None = None
 
     def __post_init__(self) -> None:
@@ -89,7 +90,8 @@ class TDPipeConfig:
             raise ValueError(f"TDPipeConfig.length_planning must be one of {LENGTH_PLANNING}, "
                              f"got {self.length_planning!r}")
         for name, group in (("policy", plugins.SCHEDULERS), ("admission", plugins.ADMISSION),
-                            ("executor", plugins.EXECUTORS), ("decode_batcher", plugins.DECODE_BATCHERS)):
+                            ("executor", plugins.EXECUTORS), ("decode_batcher", plugins.DECODE_BATCHERS),
+                            ("attention_backend", plugins.ATTENTION_BACKENDS)):
             value = getattr(self, name)
             if value is None and name == "decode_batcher":
                 continue

@@ -14,6 +14,7 @@ What each group's factory is called with (all return one part):
 - ``tdpipe_hf.switch_policies``: ``cls()`` -> a switch policy; ``configure(config)`` if it has one
 - ``tdpipe_hf.predictors``: ``cls()`` -> an output-length predictor
 - ``tdpipe_hf.executors``: ``factory(engine, model, stages)`` -> an executor
+- ``tdpipe_hf.attention_backends``: ``cls()`` -> an attention backend (``build``, ``forward``)
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ DECODE_BATCHERS = "tdpipe_hf.decode_batchers"
 SWITCH_POLICIES = "tdpipe_hf.switch_policies"
 PREDICTORS = "tdpipe_hf.predictors"
 EXECUTORS = "tdpipe_hf.executors"
+ATTENTION_BACKENDS = "tdpipe_hf.attention_backends"
 
 KIND = {SCHEDULERS: "scheduler", ADMISSION: "admission policy", DECODE_BATCHERS: "decode batcher",
-        SWITCH_POLICIES: "switch policy", PREDICTORS: "predictor", EXECUTORS: "executor"}
+        SWITCH_POLICIES: "switch policy", PREDICTORS: "predictor", EXECUTORS: "executor",
+        ATTENTION_BACKENDS: "attention backend"}
 
 # The same targets as pyproject's entry points (a test holds them equal), so that a source checkout
 # that was never pip-installed still finds its built-ins.
@@ -55,6 +58,7 @@ BUILTINS = {
                  "sklearn": "tdpipe_hf.predictors.learned:LearnedLengthPredictor"},
     EXECUTORS: {"local": "tdpipe_hf.runtime.executors:local_executor",
                 "distributed": "tdpipe_hf.runtime.executors:distributed_executor"},
+    ATTENTION_BACKENDS: {"paged-sdpa": "tdpipe_hf.runtime.attention:PagedSDPA"},
 }
 _REGISTERED: dict[str, dict[str, Callable]] = {group: {} for group in BUILTINS}
 

@@ -86,6 +86,19 @@ class SchedulerPolicy(Protocol):
     def has_work(self) -> bool: ...
 
 
+@runtime_checkable
+class AttentionBackend(Protocol):
+    """How a stage's layers attend over the paged KV cache (see ``runtime/attention.py``)."""
+
+    def build(self, batch: Any, block_size: int, device: Any) -> Any:
+        """The metadata every layer reads for one micro-batch, built once per device."""
+        ...
+
+    def forward(self, module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs) -> Any:
+        """transformers' attention function: (output, weights); ``kwargs["tdpipe_ctx"]`` is the metadata."""
+        ...
+
+
 def members(protocol: type) -> list[str]:
     """The methods and attributes ``protocol`` requires (its public names)."""
     names = []
@@ -113,4 +126,5 @@ PROTOCOLS: dict[str, type] = {
     "tdpipe_hf.switch_policies": SwitchPolicy,
     "tdpipe_hf.predictors": Predictor,
     "tdpipe_hf.executors": Executor,
+    "tdpipe_hf.attention_backends": AttentionBackend,
 }

@@ -4,7 +4,9 @@ A variant is a set of ``TDPipeConfig`` options with a name and a one-line summar
 with one mechanism changed, and the baseline schedules. ``tdpipe policies`` prints this table.
 Simulator-only fields say how ``tdpipe simulate`` runs it: pipeline (``pp``, one stage per GPU)
 or tensor parallel (``tp``, not available in the real engine), which length predictor greedy
-prefill gets there (``oracle``: the true lengths; ``constant``: their mean) and its prefill chunk.
+prefill gets there (``realistic``: the true lengths with the shipped predictor's measured
+out-of-sample error, see ``NoisyOraclePredictor``; ``oracle``: the true lengths, an upper bound;
+``constant``: their mean) and its prefill chunk.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ class Variant:
     summary: str
     options: dict = field(default_factory=dict)  # TDPipeConfig fields
     parallel: str = "pp"  # "pp" or "tp" (simulator only)
-    sim_predictor: str | None = None  # "oracle", "constant" or None (admission needs none)
+    sim_predictor: str | None = None  # "realistic", "oracle", "constant" or None (admission needs none)
     sim_chunk_tokens: int = 512
+    engine: bool = True  # False: the simulator only (needs what only a simulation has)
 
     @property
     def in_engine(self) -> bool:
-        """Whether the real engine can run it (tensor parallelism exists only in the simulator)."""
-        return self.parallel == "pp"
+        """Whether the real engine can run it (tensor parallelism and true lengths exist only in
+        the simulator)."""
+        return self.parallel == "pp" and self.engine
 
 
 # vLLM's default scheduler without chunked prefill: prefill whenever a waiting request fits,
@@ -37,20 +41,22 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("tdpipe", "TD-Pipe: a prefill phase admits requests greedily (predicted output lengths keep the "
                       "simulated KV peak under budget), then a decode phase keeps one micro-batch per stage "
                       "circulating with work stealing between them, and hands back to prefill when measured "
-                      "stage times say it pays off.", {}, sim_predictor="oracle"),
+                      "stage times say it pays off.", {}, sim_predictor="realistic"),
+    Variant("tdpipe-oracle", "TD-Pipe planning with the true output lengths (simulator only): the upper bound "
+                             "of any length predictor.", {}, sim_predictor="oracle", engine=False),
     Variant("tdpipe-paper", "TD-Pipe with the paper's exact rules: stealing balanced by rows, the plain "
                             "intensity switch, prefill batches in arrival order.",
-            {"paper_rules": True}, sim_predictor="oracle"),
+            {"paper_rules": True}, sim_predictor="realistic"),
     Variant("tdpipe-constant", "TD-Pipe planning with a constant length guess instead of a trained predictor.",
             {"predictor": "constant"}, sim_predictor="constant"),
     Variant("tdpipe-rowsteal", "TD-Pipe with the paper's stealing rule alone (even rows per micro-batch, not "
-                               "even estimated time).", {"decode_batcher": "steal-rows"}, sim_predictor="oracle"),
+                               "even estimated time).", {"decode_batcher": "steal-rows"}, sim_predictor="realistic"),
     Variant("tdpipe-nosteal", "TD-Pipe without work stealing: each request stays in the decode micro-batch it "
                               "started in, so micro-batches shrink unevenly as requests finish.",
-            {"stealing": False}, sim_predictor="oracle"),
+            {"stealing": False}, sim_predictor="realistic"),
     Variant("tdpipe-threshold", "TD-Pipe with a fixed switch rule: decode hands back to prefill when fewer than "
                                 "half of the phase's requests are still decoding.",
-            {"switch_policy": "threshold"}, sim_predictor="oracle"),
+            {"switch_policy": "threshold"}, sim_predictor="realistic"),
     Variant("tdpipe-fits", "TD-Pipe admitting requests while their prompts fit in the KV cache free now (no "
                            "output-length prediction): more preemptions when answers grow.", {"admission": "fits"}),
     Variant("hybrid", "Baseline, vLLM-style: every micro-batch mixes prefill chunks with decode steps, one KV "

@@ -64,7 +64,7 @@ def wrap(model, num_stages: int = 1, **options):
     rewrap = isinstance(model, TDPipeGenerationMixin)
     if rewrap:  # the old engine lets go of its stages (and their devices and memory) first
         model._tdpipe_engine.close()
-    model.set_attn_implementation(register_attention())
+    model.set_attn_implementation(register_attention(config.attention_backend))
     try:
         engine = TDPipeEngine(model, config)
     except BaseException:  # the model keeps its old engine, if any (it prepares its stages again on use)

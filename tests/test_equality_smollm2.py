@@ -74,6 +74,8 @@ def test_matches_hf_generate_with_preemption(workload, num_stages, executor, pac
         tdpipe_hf.unwrap(model)
     assert stats.preemptions > 0
     exact = check_against_hf(outputs, references)
+    # near-ties are rare: most answers must be HF's exactly (packed weights sum in another order)
+    assert exact >= NUM_PROMPTS * (0.8 if pack else 0.9), f"only {exact}/{NUM_PROMPTS} identical to HF"
     print(f"{num_stages} stage(s), {executor}, packed weights {pack}: {exact}/{NUM_PROMPTS} identical to HF, "
           f"{stats.preemptions} preemptions")
 
@@ -101,7 +103,7 @@ def test_padded_generate_matches_hf_padded_generate(smollm2):
     outputs = [until(row[width:].tolist(), pad) for row in actual]
     references = [(until(row[width:].tolist(), pad), near_tie_gaps(expected.logits, i))
                   for i, row in enumerate(expected.sequences)]
-    check_against_hf(outputs, references)
+    assert check_against_hf(outputs, references) >= len(outputs) - 1
 
 
 def until(tokens: list[int], stop: int) -> list[int]:

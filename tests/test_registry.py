@@ -30,7 +30,7 @@ def test_pyproject_declares_every_builtin_in_its_group():
 
 
 @pytest.mark.parametrize("group", [plugins.SCHEDULERS, plugins.ADMISSION, plugins.DECODE_BATCHERS,
-                                   plugins.SWITCH_POLICIES, plugins.PREDICTORS])
+                                   plugins.SWITCH_POLICIES, plugins.PREDICTORS, plugins.ATTENTION_BACKENDS])
 def test_every_builtin_builds_and_meets_its_protocol(group):
     config = TDPipeConfig(predictor="constant")
     args = {plugins.SCHEDULERS: (config, BlockManager(32, 4), 2, ConstantPredictor(8.0)),

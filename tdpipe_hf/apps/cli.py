@@ -185,6 +185,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0, help="workload seed")
     sim.add_argument("--chunk-tokens", type=_positive, default=None,
                      help="prefill micro-batch token target (default: 512, 2048 for separate-batch baselines)")
+    sim.add_argument("--prediction-error", default=None,
+                     help="BIAS:SIGMA[,BIAS:SIGMA...]: the log-normal error of the realistic length predictor "
+                          "(default: the shipped predictor's measured 0.617:1.173); several levels sweep it")
     sim.add_argument("--out", default="tdpipe-sim", help="directory for the plots (default ./tdpipe-sim)")
     sim.add_argument("--no-plots", action="store_true")
     sim.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
@@ -357,12 +360,25 @@ def _simulate(args) -> int:
     workload = sharegpt_like(args.requests, seed=args.seed)
     title = f"{setup.model.name} on {args.gpus} x {setup.gpu.name}"
     print(f"simulating {title}: {len(workload)} requests", file=sys.stderr)
+    levels = [None]
+    if args.prediction_error:
+        try:
+            levels = [tuple(float(x) for x in level.split(":")) for level in args.prediction_error.split(",")]
+        except ValueError:
+            levels = []
+        if not levels or any(len(level) != 2 or level[1] < 0 for level in levels):
+            raise ValueError(f"--prediction-error takes BIAS:SIGMA pairs (SIGMA >= 0), got {args.prediction_error!r}")
     rows = []
     for policy in policies:
-        rows.append(simulate(setup, policy, workload, chunk_tokens=args.chunk_tokens, keep_timeline=not args.no_plots))
-        row = rows[-1]
-        print(f"  {policy}: {row['tokens_per_s']:.0f} tokens/s, bubble {row['bubble_ratio']:.1%} "
-              f"({row['sim_wall_s']:.0f} s to simulate)", file=sys.stderr)
+        realistic = variant(policy).sim_predictor == "realistic"
+        for level in levels if realistic else [None]:
+            row = simulate(setup, policy, workload, chunk_tokens=args.chunk_tokens, keep_timeline=not args.no_plots,
+                           prediction_error=level)
+            if level is not None and len(levels) > 1:
+                row["policy"] = f"{policy}@{level[0]:g}:{level[1]:g}"
+            rows.append(row)
+            print(f"  {row['policy']}: {row['tokens_per_s']:.0f} tokens/s, bubble {row['bubble_ratio']:.1%} "
+                  f"({row['sim_wall_s']:.0f} s to simulate)", file=sys.stderr)
     print(format_table(rows))
     if not args.no_plots:
         for path in write_plots(rows, args.out, title):
@@ -407,7 +423,7 @@ def _policies(args) -> int:
     print("\nRegistered plugins (TDPipeConfig fields; entry-point groups):\n")
     fields = {plugins.SCHEDULERS: "policy", plugins.ADMISSION: "admission", plugins.DECODE_BATCHERS: "decode_batcher",
               plugins.SWITCH_POLICIES: "switch_policy", plugins.PREDICTORS: "predictor",
-              plugins.EXECUTORS: "executor"}
+              plugins.EXECUTORS: "executor", plugins.ATTENTION_BACKENDS: "attention_backend"}
     for group, field in fields.items():
         print(f"  {field:<15} {group:<28} {', '.join(plugins.available(group))}")
     return 0

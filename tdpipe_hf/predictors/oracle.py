@@ -49,3 +49,26 @@ class OraclePredictor:
         for i, length in enumerate(arrays["lengths"].tolist()):
             predictor.lengths[tuple(tokens[offsets[i]:offsets[i + 1]])] = length
         return predictor
+
+
+class NoisyOraclePredictor(OraclePredictor):
+    """The true lengths times a log-normal error, ``exp(N(bias, sigma))``, fixed per prompt: a
+    stand-in for a real predictor where only true lengths exist (the simulator's workloads).
+    ``REALISTIC`` is what the shipped SmolLM2 predictor achieves on prompts it never saw."""
+
+    kind = "noisy-oracle"
+    # log(predicted / true) of the shipped predictor on the 129 held-out prompts of its 80/20 split
+    # (seed 0) of shared/data/prompts.jsonl, cap 512: mean 0.617, standard deviation 1.173
+    # (measured 2026-12-03; MAE 159.8 tokens against 168.3 for the best constant, the median)
+    REALISTIC = (0.617, 1.173)
+
+    def __init__(self, bias: float = REALISTIC[0], sigma: float = REALISTIC[1], seed: int = 0):
+        super().__init__()
+        self.bias, self.sigma, self.seed = float(bias), float(sigma), seed
+
+    def predict(self, prompts: list[list[int]]) -> list[float]:
+        out = []
+        for prompt, true in zip(prompts, super().predict(prompts)):
+            rng = np.random.default_rng([self.seed, hash(tuple(prompt)) & 0xFFFFFFFF])
+            out.append(float(true * np.exp(rng.normal(self.bias, self.sigma))) if self.sigma or self.bias else true)
+        return out

@@ -171,7 +171,35 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return rows.view(*blocks.shape[:-1], blocks.shape[-1] * cache.shape[1], *cache.shape[2:])
 
 
-def register() -> str:
-    """Register the function with transformers (idempotent) and return its name."""
-    AttentionInterface.register(ATTENTION_NAME, paged_attention)
-    return ATTENTION_NAME
+class PagedSDPA:
+    """The built-in attention backend ``paged-sdpa``: gathered blocks + SDPA (see the module doc).
+
+    An attention backend (entry-point group ``tdpipe_hf.attention_backends``, built with no
+    arguments) provides ``build(batch, block_size, device)``, the per-micro-batch metadata every
+    layer of a stage reads, and ``forward(module, query, key, value, attention_mask, scaling,
+    dropout, **kwargs)``, the function transformers' attention modules call, with the metadata as
+    ``kwargs["tdpipe_ctx"]`` and the stage's ``PagedKVCache`` as ``kwargs["tdpipe_kv"]``."""
+
+    build = staticmethod(AttentionContext.build)
+    forward = staticmethod(paged_attention)
+
+
+DEFAULT_BACKEND = "paged-sdpa"
+_BACKENDS: dict[str, object] = {}
+
+
+def backend(name: str = DEFAULT_BACKEND):
+    """The attention backend registered as ``name`` (built once per process)."""
+    if name not in _BACKENDS:
+        from .. import plugins
+
+        _BACKENDS[name] = plugins.build(plugins.ATTENTION_BACKENDS, name)
+    return _BACKENDS[name]
+
+
+def register(name: str = DEFAULT_BACKEND) -> str:
+    """Register backend ``name``'s forward with transformers (idempotent); the attention
+    implementation name a wrapped model's config then carries."""
+    implementation = f"{ATTENTION_NAME}-{name}"
+    AttentionInterface.register(implementation, backend(name).forward)
+    return implementation

@@ -17,7 +17,8 @@ from .torchrun import join_torchrun_pipeline, launched_by_torchrun
 
 def stage_setup(engine, model) -> StageSetup:
     config = engine.config
-    return StageSetup(engine.num_blocks, config.block_size, *kv_geometry(model), pack_weights=config.pack_weights)
+    return StageSetup(engine.num_blocks, config.block_size, *kv_geometry(model), pack_weights=config.pack_weights,
+                      attention=config.attention_backend)
 
 
 def local_executor(engine, model, stages) -> LocalExecutor:

@@ -8,7 +8,7 @@ from collections import deque
 import torch
 
 from ..plan import MicroBatch, StepResult
-from .attention import AttentionContext
+from .attention import AttentionContext, backend
 from .sampler import sample_batch
 from .stage import Stage, StageSetup
 
@@ -30,6 +30,7 @@ class LocalExecutor:
         self.stages = stages
         self.setup = setup
         self.block_size = setup.block_size
+        self.attention = backend(setup.attention)
         self.devices = devices or [stage.device for stage in stages]
         self.num_stages = len(stages)
         self._queue: deque[MicroBatch] = deque()
@@ -60,7 +61,7 @@ class LocalExecutor:
             start = time.perf_counter()
             device = stage.kv.keys.device
             if device not in contexts:
-                contexts[device] = AttentionContext.build(batch, self.block_size, device)
+                contexts[device] = self.attention.build(batch, self.block_size, device)
             try:
                 if hidden is not None:
                     hidden = hidden.to(device)

@@ -281,7 +281,8 @@ def _worker_main(rank, world, port, stage, setup, threads, device, backend, rest
                 stage = replacement
                 prepare_stage(stage, setup, threads, device)
         control.put(("ready", rank, None))
-        StageWorker(rank, world, stage, setup.block_size, backend, plans, results.put if results else None).loop()
+        StageWorker(rank, world, stage, setup.block_size, backend, plans, results.put if results else None,
+                    attention=setup.attention).loop()
         dist.destroy_process_group()
     except Exception as exc:
         errors.put((rank, f"{type(exc).__name__}: {exc}\n\nworker traceback:\n{traceback.format_exc(limit=8)}"))

@@ -64,7 +64,7 @@ class Stage:
     def allocate_kv(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> None:
         """Give the stage its own KV tensors (in the process that runs it)."""
         config = getattr(self.layers[0].self_attn, "config", None)
-        if config is not None and config._attn_implementation != ATTENTION_NAME:
+        if config is not None and not str(config._attn_implementation).startswith(ATTENTION_NAME):
             raise RuntimeError(f"stage layers use {config._attn_implementation!r} attention, not tdpipe's paged "
                                "attention: build stages through tdpipe_hf.wrap")
         weight = next(self.layers[0].parameters())
@@ -161,6 +161,7 @@ class StageSetup:
     kv_heads: int
     head_dim: int
     pack_weights: bool = False
+    attention: str = "paged-sdpa"  # the attention backend's registry name
 
     def apply(self, stage: Stage, device: torch.device | None = None) -> None:
         if device is not None:

@@ -64,8 +64,8 @@ def join_torchrun_pipeline(stages: list[Stage], setup: StageSetup, threads: int,
     stage = stages[rank]
     prepare_stage(stage, setup, threads, places[rank][1])
     if rank == 0:
-        return TorchrunExecutor(stages, setup.block_size, setup.num_blocks, backend)
-    worker = StageWorker(rank, world, stage, setup.block_size, backend, None, None)
+        return TorchrunExecutor(stages, setup.block_size, setup.num_blocks, backend, setup.attention)
+    worker = StageWorker(rank, world, stage, setup.block_size, backend, None, None, attention=setup.attention)
     if worker.is_last:
         worker.deliver, worker.on_shutdown = worker.send_result, worker.send_result_shutdown
     worker.loop()
@@ -76,13 +76,15 @@ def join_torchrun_pipeline(stages: list[Stage], setup: StageSetup, threads: int,
 class TorchrunExecutor:
     """Rank 0's side of a torchrun pipeline: stage 0 on a thread, results received on another."""
 
-    def __init__(self, stages: list[Stage], block_size: int, num_blocks: int, backend: str):
+    def __init__(self, stages: list[Stage], block_size: int, num_blocks: int, backend: str,
+                 attention: str = "paged-sdpa"):
         self.stages = stages
         self.num_stages = len(stages)
         self.num_blocks = num_blocks
         self._plans: queue.Queue = queue.Queue()
         self._results: queue.Queue = queue.Queue()
-        worker = StageWorker(0, self.num_stages, stages[0], block_size, backend, self._plans, None)
+        worker = StageWorker(0, self.num_stages, stages[0], block_size, backend, self._plans, None,
+                             attention=attention)
         self._threads = [threading.Thread(target=self._guard, args=(worker.loop,), name="tdpipe-stage-0", daemon=True),
                          threading.Thread(target=self._guard, args=(self._receive_results,), name="tdpipe-results",
                                           daemon=True)]

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..plan import StepResult
-from .attention import AttentionContext
+from .attention import DEFAULT_BACKEND, backend
 from .attention import register as register_attention
 from .placement import wire_device
 from .sampler import sample_batch
@@ -31,7 +31,7 @@ def prepare_stage(stage: Stage, setup: StageSetup, threads: int, device: torch.d
     torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    register_attention()
+    register_attention(setup.attention)
     setup.apply(stage, device)
 
 
@@ -60,7 +60,10 @@ class StageWorker:
     """Runs one stage: micro-batches in (from ``plans`` on stage 0, from the previous rank
     otherwise), hidden states out to the next rank, or a StepResult to ``deliver`` on the last."""
 
-    def __init__(self, rank, world, stage, block_size, backend, plans, deliver, on_shutdown=None):
+    def __init__(self, rank, world, stage, block_size, backend, plans, deliver, on_shutdown=None,
+                 attention: str = DEFAULT_BACKEND):
+        """``backend``: the process group's (gloo/nccl); ``attention``: the attention backend's name."""
+        self.attention = globals()["backend"](attention)
         self.rank = rank
         self.world = world
         self.stage = stage
@@ -88,7 +91,7 @@ class StageWorker:
                 self._drain()
                 return
             events.append((self.rank, "recv", batch.batch_id, batch.phase, t0, t1))
-            ctx = AttentionContext.build(batch, self.block_size, self.device)
+            ctx = self.attention.build(batch, self.block_size, self.device)
             out = self.stage.forward(hidden, ctx)
             t2 = time.perf_counter()
             events.append((self.rank, "compute", batch.batch_id, batch.phase, t1, t2))

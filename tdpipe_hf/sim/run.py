@@ -23,6 +23,7 @@ from ..config import TDPipeConfig
 from ..controller import Controller, Status
 from ..metrics import bubble_ratios, mean_kv_utilisation
 from ..predictors import ConstantPredictor, OraclePredictor
+from ..predictors.oracle import NoisyOraclePredictor
 from ..scheduling import build_scheduler
 from ..variants import VARIANTS, variant
 from .cost import EFFICIENCY, CostModel, Efficiency, SeqShape, even_split
@@ -81,18 +82,22 @@ def make_executor(setup: SimSetup, parallel: str) -> tuple[SimExecutor, int]:
     return executor, setup.kv_blocks or blocks
 
 
-def _predictor(kind: str | None, requests, workload: list[SimRequest]):
+def _predictor(kind: str | None, requests, workload: list[SimRequest], error: tuple[float, float] | None = None):
+    prompts, lengths = [r.prompt_ids for r in requests], [w.output_len for w in workload]
+    if kind == "realistic":
+        return NoisyOraclePredictor(*(error or NoisyOraclePredictor.REALISTIC)).fit(prompts, lengths)
     if kind == "oracle":
-        return OraclePredictor().fit([r.prompt_ids for r in requests], [w.output_len for w in workload])
+        return OraclePredictor().fit(prompts, lengths)
     if kind == "constant":
         return ConstantPredictor(float(np.mean([w.output_len for w in workload])))
     return None
 
 
 def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tokens: int | None = None,
-             keep_timeline: bool = False, predictor=None) -> dict:
+             keep_timeline: bool = False, predictor=None, prediction_error: tuple[float, float] | None = None) -> dict:
     """Run ``workload`` under ``policy``; a result row (virtual seconds, tokens/s, bubbles, ...).
-    ``predictor`` replaces the policy's length oracle (e.g. a learned one, on real prompts)."""
+    ``predictor`` replaces the policy's length predictor (e.g. a learned one, on real prompts);
+    ``prediction_error`` = (bias, sigma) of the ``realistic`` one's log-normal error."""
     spec = variant(policy)
     executor, num_blocks = make_executor(setup, spec.parallel)
     if num_blocks < 1:
@@ -106,7 +111,7 @@ def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tok
     for request, item in zip(requests, workload):
         executor.expect(request.request_id, item.prompt_len, item.output_len)
     if predictor is None or spec.sim_predictor is None:
-        predictor = _predictor(spec.sim_predictor, requests, workload)
+        predictor = _predictor(spec.sim_predictor, requests, workload, prediction_error)
     scheduler = build_scheduler(config, num_blocks, in_flight, predictor)
     capacity = scheduler.max_request_tokens
     too_long = [r.request_id for r in requests if r.max_tokens > capacity]
@@ -122,7 +127,9 @@ def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tok
     bubbles = bubble_ratios(stats.timeline)
     mean = lambda scope: float(np.mean(list(bubbles[scope].values()))) if scope in bubbles else None  # noqa: E731
     row = {
-        "policy": policy, "parallel": spec.parallel, "model": setup.model.name, "gpu": setup.gpu.name,
+        "policy": policy, "parallel": spec.parallel,
+        "prediction_error": (list(prediction_error or NoisyOraclePredictor.REALISTIC)
+                             if spec.sim_predictor == "realistic" else None), "model": setup.model.name, "gpu": setup.gpu.name,
         "gpus": setup.num_gpus, "requests": len(requests), "finished": finished,
         "generated_tokens": stats.generated_tokens, "seconds": executor.now,
         "tokens_per_s": stats.generated_tokens / executor.now if executor.now > 0 else 0.0,
