@@ -17,25 +17,16 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import sys
-import threading
 import time
 
 import httpx
 import numpy as np
 import torch
-import uvicorn
 
 import tdpipe_hf
 from tdpipe_hf.apps.bench import load_prompts
-from tdpipe_hf.apps.openai_server import build_app
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tdpipe_hf.apps.openai_server import build_app, running_in_thread
 
 
 def reference_answers(model, tokenizer, prompts: list[str], max_tokens: int) -> list[str]:
@@ -124,19 +115,10 @@ def main() -> int:
     expected = reference_answers(model, tokenizer, prompts, args.max_tokens)
     print(f"reference answers from HF generate: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     tdpipe_hf.wrap(model, num_stages=args.stages, executor=args.executor)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(model, tokenizer, "load"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    results, order, seconds = asyncio.run(run_load(base, prompts, args))
-    time.sleep(1.0)  # cancelled requests in the pipeline retire when their micro-batch returns
-    metrics = httpx.get(f"{base}/metrics").text
-    server.should_exit = True
-    thread.join(timeout=30)
+    with running_in_thread(build_app(model, tokenizer, "load")) as base:
+        results, order, seconds = asyncio.run(run_load(base, prompts, args))
+        time.sleep(1.0)  # cancelled requests in the pipeline retire when their micro-batch returns
+        metrics = httpx.get(f"{base}/metrics").text
     tdpipe_hf.unwrap(model)
 
     completed = [r for r in results if r and "text" in r]

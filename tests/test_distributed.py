@@ -139,3 +139,32 @@ def test_hung_worker_is_reported_and_killed():
     assert HEARTBEAT_TIMEOUT < silent < 2 * HEARTBEAT_TIMEOUT  # reported within 10 s
     assert not any(p.is_alive() for p in procs)
     tdpipe_hf.unwrap(model)
+
+
+UNGUARDED_SCRIPT = """
+import torch
+import tdpipe_hf
+from tdpipe_hf.models import tiny_random_model
+
+with open(MARKER, "a") as marker:  # counts how many times this script runs
+    marker.write("ran\\n")
+model = tiny_random_model("llama", seed=3)
+tdpipe_hf.wrap(model, num_stages=2, executor="distributed", kv_blocks=32, block_size=4)
+out = model.generate_batch([[5, 6, 7], [8, 9]], max_new_tokens=4)
+print("tokens", sum(len(o) for o in out))
+tdpipe_hf.unwrap(model)
+"""
+
+
+def test_a_script_without_a_main_guard_runs_once_with_stage_processes(tmp_path):
+    """The stage workers never import the user's script, so an unguarded first script works."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "marker.txt"
+    script = tmp_path / "first_script.py"
+    script.write_text(f"MARKER = {str(marker)!r}\n" + UNGUARDED_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tokens 8" in done.stdout
+    assert marker.read_text() == "ran\n", "the script ran again inside a stage process"

@@ -6,8 +6,6 @@ downloaded."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 
@@ -74,27 +72,20 @@ def test_hf_backend_on_the_wrapped_model_answers_as_the_plain_model(smollm2, tas
 
 
 def test_openai_chat_backend_against_tdpipe_serve(smollm2, task_dir):
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     from lm_eval.tasks import TaskManager
 
-    from tdpipe_hf.apps.openai_server import build_app
-    from test_openai_server import free_port
+    from tdpipe_hf.apps.openai_server import build_app, running_in_thread
 
     model, tokenizer = smollm2
     tdpipe_hf.wrap(model, num_stages=1, kv_blocks=200)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(model, tokenizer, "smol"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
     try:
-        results = lm_eval.simple_evaluate(
-            model="local-chat-completions", apply_chat_template=True, log_samples=True,
-            model_args=f"model=smol,base_url=http://127.0.0.1:{port}/v1/chat/completions,num_concurrent=5,"
-                       "max_retries=1,tokenized_requests=False",
-            tasks=[TASK], task_manager=TaskManager(include_path=str(task_dir)))
+        with running_in_thread(build_app(model, tokenizer, "smol")) as base:
+            results = lm_eval.simple_evaluate(
+                model="local-chat-completions", apply_chat_template=True, log_samples=True,
+                model_args=f"model=smol,base_url={base}/v1/chat/completions,num_concurrent=5,"
+                           "max_retries=1,tokenized_requests=False",
+                tasks=[TASK], task_manager=TaskManager(include_path=str(task_dir)))
         served = answers(results)
         expected = []
         for question, _ in QUESTIONS:  # what the server answers is greedy generate on the chat prompt
@@ -104,7 +95,5 @@ def test_openai_chat_backend_against_tdpipe_serve(smollm2, task_dir):
             out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
             expected.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).split("\n")[0])
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         tdpipe_hf.unwrap(model)
     assert [a[0][0] for a in served] == expected

@@ -24,7 +24,7 @@ pytest.importorskip("uvicorn")
 
 import tdpipe_hf  # noqa: E402
 from conftest import tiny_model_dir  # noqa: E402
-from tdpipe_hf.apps.openai_server import TextTracker, build_app  # noqa: E402
+from tdpipe_hf.apps.openai_server import TextTracker, build_app, running_in_thread  # noqa: E402
 
 NAME = "smol"
 
@@ -238,21 +238,10 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def live(smollm2):
     """A real uvicorn server on 127.0.0.1 (in a thread) over SmolLM2 with 1 stage."""
-    import uvicorn
-
     model, tokenizer = smollm2
     tdpipe_hf.wrap(model, num_stages=1, kv_blocks=600)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(model, tokenizer, NAME), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", model, tokenizer
-    server.should_exit = True
-    thread.join(timeout=30)
+    with running_in_thread(build_app(model, tokenizer, NAME)) as base:
+        yield base, model, tokenizer
     tdpipe_hf.unwrap(model)
 
 

@@ -490,3 +490,31 @@ def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int 
     app = build_app(model, tokenizer, model_name, max_tokens_limit, close_engine=True, demo=demo,
                     model_path=model_path)
     GracefulServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)).run()
+
+
+@contextmanager
+def running_in_thread(app, host: str = "127.0.0.1", port: int | None = None, start_timeout: float = 60.0):
+    """Serve ``app`` with uvicorn on a thread of this process (tests, benchmarks, notebooks);
+    yields the base URL and stops the server on exit."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="tdpipe-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the HTTP server did not start on {host}:{port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -8,6 +8,7 @@ send heartbeats, so a dead or hung stage becomes a ``StageError`` naming it with
 from __future__ import annotations
 
 import logging
+import multiprocessing.spawn as mp_spawn
 import os
 import queue
 import socket
@@ -15,6 +16,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -141,7 +143,8 @@ class DistributedExecutor:
                                      self._plans if rank == 0 else None,
                                      self._results if rank == self.num_stages - 1 else None, self._control,
                                      self._errors, self._beats))
-            proc.start()
+            with _without_main_reimport():
+                proc.start()
             self._procs.append(proc)
 
     def _answers(self, kind: str) -> list:
@@ -246,6 +249,30 @@ class DistributedExecutor:
     def _layers(self, rank: int) -> str:
         layers = self.stages[rank].index_range
         return f"layers {layers.start}-{layers.stop - 1}"
+
+
+@contextmanager
+def _without_main_reimport():
+    """Start a spawned worker without importing the caller's main script in it.
+
+    multiprocessing's spawn re-imports ``__main__`` in every child so that functions defined
+    there can be unpickled; a script without an ``if __name__ == "__main__":`` guard (most first
+    scripts) would then run again in each stage process, wrap its model and spawn again. The
+    workers need nothing from the script (stages, plans and results are tdpipe_hf and transformers
+    objects), so the child is told to leave ``__main__`` alone."""
+    original = mp_spawn.get_preparation_data
+
+    def preparation_data(name):
+        data = original(name)
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+        return data
+
+    mp_spawn.get_preparation_data = preparation_data
+    try:
+        yield
+    finally:
+        mp_spawn.get_preparation_data = original
 
 
 # ---- worker side ----------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from ..plan import StepResult
-from .attention import DEFAULT_BACKEND, backend
+from .attention import DEFAULT_BACKEND
+from .attention import backend as attention_backend
 from .attention import register as register_attention
 from .placement import wire_device
 from .sampler import sample_batch
@@ -63,7 +64,7 @@ class StageWorker:
     def __init__(self, rank, world, stage, block_size, backend, plans, deliver, on_shutdown=None,
                  attention: str = DEFAULT_BACKEND):
         """``backend``: the process group's (gloo/nccl); ``attention``: the attention backend's name."""
-        self.attention = globals()["backend"](attention)
+        self.attention = attention_backend(attention)
         self.rank = rank
         self.world = world
         self.stage = stage
