@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 import time
 
 import pytest
@@ -168,3 +169,20 @@ def test_a_script_without_a_main_guard_runs_once_with_stage_processes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tokens 8" in done.stdout
     assert marker.read_text() == "ran\n", "the script ran again inside a stage process"
+
+
+def test_only_unguarded_scripts_skip_the_main_import(tmp_path, monkeypatch):
+    """A guarded script is still imported in the workers (its classes can travel there)."""
+    import types
+
+    from tdpipe_hf.runtime.spawn import main_is_guarded
+
+    for text, guarded in (("x = 1\nprint(x)\n", False), ("def f():\n    pass\n\nif __name__ == '__main__':\n    f()\n", True)):
+        path = tmp_path / f"script_{guarded}.py"
+        path.write_text(text)
+        fake = types.ModuleType("__main__")
+        fake.__file__ = str(path)
+        monkeypatch.setitem(sys.modules, "__main__", fake)
+        assert main_is_guarded() is guarded
+    del fake.__file__  # a notebook or `python -c`: nothing to re-run
+    assert main_is_guarded()

@@ -7,11 +7,13 @@ send heartbeats, so a dead or hung stage becomes a ``StageError`` naming it with
 
 from __future__ import annotations
 
+import ast
 import logging
 import multiprocessing.spawn as mp_spawn
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -251,6 +253,24 @@ class DistributedExecutor:
         return f"layers {layers.start}-{layers.stop - 1}"
 
 
+def main_is_guarded() -> bool:
+    """Whether the ``__main__`` script keeps its work under ``if __name__ == "__main__":`` (or has
+    no file to re-run at all), so that importing it again in a worker is harmless."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None or not os.path.exists(path):
+        return True
+    try:
+        tree = ast.parse(open(path, encoding="utf-8").read())
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return False
+    for node in tree.body:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare) \
+                and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__":
+            return True
+    return False
+
+
 @contextmanager
 def _without_main_reimport():
     """Start a spawned worker without importing the caller's main script in it.
@@ -259,7 +279,12 @@ def _without_main_reimport():
     there can be unpickled; a script without an ``if __name__ == "__main__":`` guard (most first
     scripts) would then run again in each stage process, wrap its model and spawn again. The
     workers need nothing from the script (stages, plans and results are tdpipe_hf and transformers
-    objects), so the child is told to leave ``__main__`` alone."""
+    objects), so for such a script the child is told to leave ``__main__`` alone. A guarded
+    script is still imported as usual: classes it defines (a logits processor) then reach the
+    workers."""
+    if main_is_guarded():
+        yield
+        return
     original = mp_spawn.get_preparation_data
 
     def preparation_data(name):
