@@ -12,9 +12,72 @@ from test_scheduler import EOS, VOCAB, FakePipeline, reference
 
 from tdpipe_hf import TDPipeConfig
 from tdpipe_hf.controller import Controller, Request, Status
+from tdpipe_hf.predictors import ConstantPredictor
 from tdpipe_hf.scheduling import build_scheduler
 
 KINDS = ["vllm-v0-pp", "vllm-v1-pp", "vllm-v1-pp-capped"]
+EVERY_KIND = ["tdpipe", "hybrid", "naive", *KINDS]
+
+
+class CheckedBlocks:
+    """Wraps a scheduler's block pools: fails the moment a block is handed out twice, freed twice
+    or the budget is exceeded."""
+
+    def __init__(self, scheduler):
+        self.owner: dict[int, int] = {}
+        pools = getattr(scheduler.blocks, "pools", [scheduler.blocks])
+        for pool in pools:
+            self._watch(pool)
+
+    def _watch(self, pool):
+        reserve, release = pool.reserve, pool.release
+
+        def checked_reserve(request, num_tokens):
+            before = len(request.block_table)
+            reserve(request, num_tokens)
+            for block in request.block_table[before:]:
+                assert block not in self.owner, f"block {block} handed out twice"
+                self.owner[block] = request.request_id
+            assert pool.num_used <= pool.num_blocks
+
+        def checked_release(request):
+            for block in request.block_table:
+                assert self.owner.pop(block, None) == request.request_id, f"block {block} freed by a non-owner"
+            release(request)
+
+        pool.reserve, pool.release = checked_reserve, checked_release
+
+
+@pytest.mark.parametrize("kind", EVERY_KIND)
+@settings(max_examples=20, deadline=None)
+@given(prompts=st.lists(st.lists(st.integers(1, VOCAB - 1), min_size=1, max_size=14), min_size=1, max_size=10),
+       limits=st.lists(st.integers(1, 14), min_size=10, max_size=10), num_stages=st.integers(1, 3),
+       num_blocks=st.integers(30, 60), aborts=st.sets(st.integers(0, 9), max_size=3))
+def test_no_scheduler_kind_leaks_double_frees_overbooks_or_starves(kind, prompts, limits, num_stages, num_blocks,
+                                                                    aborts):
+    """Random prompts, lengths, budgets and aborts mid-run: every block goes to one owner at a
+    time and comes back, no request waits forever, every survivor gets its exact tokens."""
+    config = TDPipeConfig(policy=kind, num_stages=num_stages, block_size=4, kv_blocks=num_blocks,
+                          prefill_chunk_tokens=16, predictor="constant")
+    scheduler = build_scheduler(config, num_blocks, num_stages, ConstantPredictor(4.0))
+    watch = CheckedBlocks(scheduler)
+    controller = Controller(Recording(num_stages, 4), scheduler)
+    requests = [Request(i, p, limits[i], frozenset({EOS})) for i, p in enumerate(prompts)]
+    for request in requests:
+        controller.add(request)
+    steps = 0
+    while controller.has_work:
+        controller.step()
+        steps += 1
+        if steps == 3:
+            for request_id in aborts:
+                controller.abort(request_id)
+        assert steps < 10_000, "a request is starved"
+    for request, prompt in zip(requests, prompts):
+        assert request.status is Status.FINISHED
+        if request.finish_reason != "abort":
+            assert request.output_ids == reference(prompt, limits[request.request_id])
+    assert not watch.owner and scheduler.blocks.num_used == 0
 
 
 class Recording(FakePipeline):
