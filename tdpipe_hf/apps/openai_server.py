@@ -349,7 +349,7 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
 
     @app.get("/health")
     async def health():
-        if not server._thread.is_alive():
+        if not server.is_running:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 

@@ -80,6 +80,11 @@ class Server:
         return self.controller.stats
 
     @property
+    def is_running(self) -> bool:
+        """Whether the engine thread is serving (False once closed, or if it died)."""
+        return self._thread.is_alive() and not self._closed.is_set()
+
+    @property
     def num_running(self) -> int:
         return len(self.controller.scheduler.running)
 
