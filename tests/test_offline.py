@@ -185,3 +185,17 @@ def test_cli_places_stages_and_names_a_missing_gpu(tmp_path, capsys):
     output = tmp_path / "out.jsonl"
     assert cli.main([*common, "-o", str(output), "--devices", "cpu,cpu", "--dtype", "bfloat16"]) == 0
     assert sorted(json.loads(line)["id"] for line in output.read_text().splitlines()) == ["line-1", "line-2"]
+
+
+def test_eval_predictor_compares_with_the_best_constant(tmp_path, capsys):
+    from tdpipe_hf.apps import cli
+
+    model_dir = tiny_model_dir(tmp_path / "model")
+    good = write_lines(tmp_path / "labels.jsonl", [{"prompt": f"question {i}", "output_tokens": 10 * i} for i in range(6)])
+    assert cli.main(["eval-predictor", str(good), "--model", str(model_dir), "--predictor", "constant",
+                     "--no-chat-template"]) == 0
+    out = capsys.readouterr().out
+    assert "6 labelled prompts" in out and "median" in out and "x the best constant's error" in out
+    bad = write_lines(tmp_path / "bad.jsonl", [{"prompt": "a", "output_tokens": "many"}])
+    assert cli.main(["eval-predictor", str(bad), "--model", str(model_dir), "--predictor", "constant"]) == 2
+    assert "line 1: 'output_tokens' must be a whole number" in capsys.readouterr().err

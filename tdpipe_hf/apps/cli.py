@@ -145,6 +145,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     _add_placement(train)
 
+    ev = commands.add_parser("eval-predictor", help="a predictor's MAE on your labelled prompts, against the "
+                                                    "best constant guess")
+    ev.add_argument("input", help='JSONL lines {"prompt" (or "messages"), "output_tokens"}')
+    ev.add_argument("--model", help="HF model directory or .gguf file whose tokenizer (and shipped predictor) "
+                                    "to use (default: the shipped SmolLM2)")
+    ev.add_argument("--predictor", help="entry-point name or .npz file (default: the one shipped for the model)")
+    ev.add_argument("--no-chat-template", action="store_true", help="tokenize 'prompt' lines as plain text")
+
     bench = commands.add_parser("bench", help="HF generate vs HF generate_batch vs tdpipe_hf on chat prompts")
     bench.add_argument("--model", help="HF model directory or .gguf file (default: the shipped SmolLM2)")
     bench.add_argument("--prompts", help="JSONL file with a 'prompt' field per line "
@@ -348,6 +356,19 @@ def _train_predictor(args) -> int:
     return 0
 
 
+def _eval_predictor(args) -> int:
+    from ..models import load_model_and_tokenizer
+    from ..predictors import load_predictor, shipped_name_for
+    from .training import compare_with_constant, read_lengths_file
+
+    path = _input_path(args.input)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    predictor = load_predictor(args.predictor, shipped_name_for(model))
+    prompts, lengths = read_lengths_file(path, tokenizer, chat_template=not args.no_chat_template)
+    print(compare_with_constant(args.predictor or "shipped", predictor, prompts, lengths))
+    return 0
+
+
 def _simulate(args) -> int:
     from ..sim import SimSetup, sharegpt_like, simulate
     from ..sim.report import format_table, write_json, write_plots
@@ -449,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_glibc_malloc()  # our own process: same settings for every system the benchmark runs
     try:
         commands = {"generate": _generate, "run": _run, "bench": _bench, "train-predictor": _train_predictor,
-                    "simulate": _simulate, "serve": _serve, "policies": _policies, "demo": _demo}
+                    "simulate": _simulate, "eval-predictor": _eval_predictor, "serve": _serve, "policies": _policies, "demo": _demo}
         return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"tdpipe {args.command}: error: {exc}", file=sys.stderr)

@@ -94,3 +94,45 @@ def fit_and_report(prompts: list[list[int]], lengths: list[int], output: str | P
                             evaluate("mean", mean, pick(prompts, test), pick(lengths, test)), Path(output))
     report.path = learned.save(output)
     return report
+
+
+def read_lengths_file(path: str | Path, tokenizer, chat_template: bool = True) -> tuple[list[list[int]], list[int]]:
+    """(prompt ids, output length) from a JSONL of ``{"prompt" or "messages", "output_tokens"}``
+    lines, tokenized as ``tdpipe run`` tokenizes them; a ValueError names the first bad line."""
+    import json
+
+    from .offline import BadLine, parse_line
+
+    use_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
+    prompts, lengths = [], []
+    with open(path, encoding="utf-8") as lines:
+        for number, text in enumerate(lines, 1):
+            if not text.strip():
+                continue
+            try:
+                job = parse_line(text, number)
+                length = json.loads(text).get("output_tokens")
+            except BadLine as exc:
+                raise ValueError(f"{path} line {number}: {exc}") from None
+            if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+                raise ValueError(f"{path} line {number}: 'output_tokens' must be a whole number >= 0, got {length!r}")
+            prompts.append(tokenize_job(tokenizer, job, use_template))
+            lengths.append(length)
+    if not prompts:
+        raise ValueError(f"{path} has no labelled lines")
+    return prompts, lengths
+
+
+def compare_with_constant(name: str, predictor, prompts: list[list[int]], lengths: list[int]) -> str:
+    """The predictor's MAE and bucket accuracy next to the best constant's (the median of these
+    very lengths: in-sample for the constant, so a fair bar for the predictor)."""
+    learned = evaluate(name, predictor, prompts, lengths)
+    median = float(np.median(lengths))
+
+    class Median:
+        def predict(self, batch):
+            return [median] * len(batch)
+
+    constant = evaluate("median", Median(), prompts, lengths)
+    return (f"{len(lengths)} labelled prompts\n  {learned.format()}\n  {constant.format()}   (the best constant, "
+            f"{median:.0f} tokens)\n  ratio {learned.mae / max(constant.mae, 1e-9):.2f}x the best constant's error")
