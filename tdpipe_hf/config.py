@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import plugins
+from .controller.scheduler import PREFILL_PACKINGS
 from .runtime.placement import parse_devices
 
 LENGTH_PLANNING = ("distribution", "point")
-PREFILL_PACKINGS = ("first-fit", "fcfs")
 
 
 @dataclass

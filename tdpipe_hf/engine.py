@@ -49,7 +49,7 @@ class TDPipeEngine:
         self.predictor_name = shipped_name_for(model)  # the shipped predictor's name, found by weights too
         self.predictor = self._make_predictor(config) if config.admission == "greedy" else None
         # a broken plugin fails here, naming itself, not mid-run
-        self.request_capacity_tokens = self._scheduler(config.num_stages).max_request_tokens
+        self.request_capacity_tokens = self._scheduler().max_request_tokens
         self.executor = plugins.build(plugins.EXECUTORS, config.executor, self, model, stages)
         if self.torchrun:
             self.num_blocks = self.executor.num_blocks  # the smallest budget of all ranks
@@ -76,9 +76,14 @@ class TDPipeEngine:
                              f"or another predictor ({', '.join(plugins.available(plugins.PREDICTORS))})")
         return predictor
 
-    def _scheduler(self, in_flight: int) -> SchedulerPolicy:
+    @property
+    def in_flight(self) -> int:
+        """Micro-batches kept in the pipeline (TD-Pipe keeps one per stage)."""
+        return self.config.micro_batches or self.config.num_stages
+
+    def _scheduler(self) -> SchedulerPolicy:
         """A fresh scheduler for one run: the configured policy's parts."""
-        return build_scheduler(self.config, self.num_blocks, in_flight, self.predictor)
+        return build_scheduler(self.config, self.num_blocks, self.in_flight, self.predictor)
 
     @property
     def stage_layers(self) -> list[range]:
@@ -133,9 +138,8 @@ class TDPipeEngine:
     def controller(self, on_token: Callable[[Request, int], None] | None = None,
                    on_finish: Callable[[Request], None] | None = None) -> Controller:
         """A controller with a fresh scheduler of the configured policy over this engine's executor."""
-        in_flight = self.config.micro_batches or self.config.num_stages
-        return Controller(self.executor, self._scheduler(in_flight), on_token=on_token, on_finish=on_finish,
-                          max_in_flight=in_flight)
+        return Controller(self.executor, self._scheduler(), on_token=on_token, on_finish=on_finish,
+                          max_in_flight=self.in_flight)
 
     def close(self) -> None:
         self.executor.close()

@@ -155,10 +155,7 @@ class TDPipeGenerationMixin:
     def _make_request(self, index, prompt, max_new, eos, spec, stopping_criteria, prefix) -> Request:
         if not prompt:
             raise ValueError(f"prompt {index} is empty: every request needs at least one token")
-        vocab = self.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt {index} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        check_vocabulary(f"prompt {index}", prompt, self.config.vocab_size)
         context = getattr(self.config, "max_position_embeddings", None)
         if context is not None and len(prompt) > context:
             raise ValueError(f"prompt {index} has {len(prompt)} tokens, more than the model's context of {context}")
@@ -199,6 +196,14 @@ def _check_token_list(index: int, prompt) -> list[int]:
     if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         raise TypeError(f"prompt {index} must be a list of token ids (ints)")
     return list(prompt)
+
+
+def check_vocabulary(what: str, prompt: list[int], vocab_size: int) -> None:
+    """A ValueError naming ``what`` when a token id is not an int in ``[0, vocab_size)``: caught
+    at submission, it would otherwise reach a stage as an index error."""
+    bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{what} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
 
 
 def eos_token_ids(generation_config: GenerationConfig) -> frozenset[int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ pytest.importorskip("uvicorn")
 import tdpipe_hf  # noqa: E402
 from conftest import tiny_model_dir  # noqa: E402
 from tdpipe_hf.apps.openai_server import TextTracker, build_app, running_in_thread  # noqa: E402
+from tdpipe_hf.runtime.spawn import free_port  # noqa: E402
 
 NAME = "smol"
 
@@ -227,12 +227,6 @@ def test_bad_requests_get_openai_errors_and_others_are_untouched(served):
     runner.join(timeout=120)
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in result["events"][:-1])
     assert text == expected
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -496,15 +496,13 @@ def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int 
 def running_in_thread(app, host: str = "127.0.0.1", port: int | None = None, start_timeout: float = 60.0):
     """Serve ``app`` with uvicorn on a thread of this process (tests, benchmarks, notebooks);
     yields the base URL and stops the server on exit."""
-    import socket
     import threading
 
     import uvicorn
 
-    if port is None:
-        with socket.socket() as sock:
-            sock.bind((host, 0))
-            port = sock.getsockname()[1]
+    from ..runtime.spawn import free_port
+
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="tdpipe-http", daemon=True)
     thread.start()

@@ -11,12 +11,11 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from collections.abc import Iterator
-
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..controller import Request
 from ..controller.controller import RunStats
+from ..mixin import check_vocabulary, eos_token_ids
 from ..plan import GREEDY, SamplingSpec
 
 DONE = object()  # the last item a TokenStream's sink receives
@@ -59,7 +58,6 @@ class Server:
     (the engine stays open; ``tdpipe_hf.unwrap`` closes it)."""
 
     def __init__(self, model):
-        from ..mixin import eos_token_ids
 
         self.model = model
         self.engine = model.tdpipe_engine
@@ -103,9 +101,7 @@ class Server:
             raise ValueError(f"the prompt must be a list of token ids, got {type(prompt_ids).__name__}")
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"the prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        check_vocabulary("the prompt", prompt_ids, self.vocab_size)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         request = Request(next(self._ids), list(prompt_ids), max_new_tokens, self.eos, sampling=sampling)
