@@ -11,6 +11,7 @@ from .controller.scheduler import PREFILL_PACKINGS
 from .runtime.placement import parse_devices
 
 LENGTH_PLANNING = ("distribution", "point")
+AUTO = "auto"  # attention_backend: the fastest built-in for the stages' devices (runtime.attention.resolve)
 
 
 @dataclass
@@ -31,7 +32,8 @@ class TDPipeConfig:
     packing (``first-fit`` or ``fcfs``); left None they follow ``stealing`` and ``paper_rules``.
     ``policy``, ``admission``, ``decode_batcher``, ``switch_policy``, ``predictor`` and
     ``executor``, ``attention_backend`` are names in the plugin registry (``tdpipe_hf.plugins``): ``tdpipe policies``
-    lists them. ``predictor``: None for the one shipped for the model, an
+    lists them; ``attention_backend="auto"`` picks ``paged-cpu`` when every stage runs on a CPU and
+    its kernel builds, else ``paged-sdpa``. ``predictor``: None for the one shipped for the model, an
     entry-point name, a ``.npz`` path, or a predictor object. ``online_learning`` feeds finished
     requests' lengths back to the predictor.
 
@@ -65,7 +67,7 @@ class TDPipeConfig:
     threads_per_stage: int | None = None
     micro_batches: int | None = None
     pack_weights: bool = False
-    attention_backend: str = "paged-sdpa"
+    attention_backend: str = "auto"
     devices: tuple[str, ...] | str | None = None
 
     def __post_init__(self) -> None:
@@ -93,11 +95,12 @@ class TDPipeConfig:
                             ("executor", plugins.EXECUTORS), ("decode_batcher", plugins.DECODE_BATCHERS),
                             ("attention_backend", plugins.ATTENTION_BACKENDS)):
             value = getattr(self, name)
-            if value is None and name == "decode_batcher":
+            if (value is None and name == "decode_batcher") or (value == AUTO and name == "attention_backend"):
                 continue
             known = plugins.available(group)
             if value not in known:
-                raise ValueError(f"TDPipeConfig.{name} must be one of {tuple(known)}, got {value!r}")
+                choices = (AUTO, *known) if name == "attention_backend" else tuple(known)
+                raise ValueError(f"TDPipeConfig.{name} must be one of {choices}, got {value!r}")
         if self.prefill_packing is not None and self.prefill_packing not in PREFILL_PACKINGS:
             raise ValueError(f"TDPipeConfig.prefill_packing must be one of {PREFILL_PACKINGS} or None, "
                              f"got {self.prefill_packing!r}")

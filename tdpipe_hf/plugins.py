@@ -59,7 +59,8 @@ BUILTINS = {
                  "sklearn": "tdpipe_hf.predictors.learned:LearnedLengthPredictor"},
     EXECUTORS: {"local": "tdpipe_hf.runtime.executors:local_executor",
                 "distributed": "tdpipe_hf.runtime.executors:distributed_executor"},
-    ATTENTION_BACKENDS: {"paged-sdpa": "tdpipe_hf.runtime.attention:PagedSDPA"},
+    ATTENTION_BACKENDS: {"paged-sdpa": "tdpipe_hf.runtime.attention:PagedSDPA",
+                         "paged-cpu": "tdpipe_hf.runtime.cpu_attention:PagedCPU"},
 }
 _REGISTERED: dict[str, dict[str, Callable]] = {group: {} for group in BUILTINS}
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from transformers import PreTrainedModel
 
 from .config import TDPipeConfig
 from .engine import TDPipeEngine
 from .mixin import TDPipeGenerationMixin
 from .runtime.attention import register as register_attention
+from .runtime.attention import resolve as resolve_attention
 from .runtime.placement import (
     offloaded_weights,
+    parse_devices,
     remove_dispatch_hooks,
     restore_dispatch,
 )
@@ -57,6 +61,8 @@ def wrap(model, num_stages: int = 1, **options):
     elif options or num_stages != config.num_stages:
         raise ValueError("pass either config=TDPipeConfig(...) or keyword options, not both")
     _check_model(model)
+    devices = parse_devices(config.devices) or (str(model.device),)
+    config = dataclasses.replace(config, attention_backend=resolve_attention(config.attention_backend, devices))
     undispatched = remove_dispatch_hooks(model)
     # Stages run with tdpipe attention from the moment they exist (under torchrun, ranks other
     # than 0 start serving inside the engine's constructor). Plain forward() is unaffected.

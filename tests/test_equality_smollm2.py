@@ -58,15 +58,18 @@ def check_against_hf(outputs, references) -> int:
     return exact
 
 
-@pytest.mark.parametrize("num_stages, executor, pack", [(1, "local", False), (2, "local", False), (3, "local", False),
-                                                        (2, "distributed", False), (2, "distributed", True)])
-def test_matches_hf_generate_with_preemption(workload, num_stages, executor, pack):
+@pytest.mark.parametrize("num_stages, executor, pack, backend", [
+    (1, "local", False, "auto"), (2, "local", False, "auto"), (3, "local", False, "auto"),
+    (2, "distributed", False, "auto"), (2, "distributed", True, "auto"),
+    (1, "local", False, "paged-sdpa"), (2, "distributed", False, "paged-sdpa")])
+def test_matches_hf_generate_with_preemption(workload, num_stages, executor, pack, backend):
+    """``auto`` is the paged-cpu kernel on this CPU (where it builds); paged-sdpa is checked too."""
     model, ids, references = workload
     longest = max(len(p) for p in ids) + MAX_NEW
     kv_blocks = -(-longest // 16) * 3  # about three requests' worth: forces preemption
     # a deliberately wrong predictor (every answer 1 token) makes greedy prefill over-admit
     tdpipe_hf.wrap(model, num_stages=num_stages, kv_blocks=kv_blocks, executor=executor,
-                   predictor=ConstantPredictor(1.0), pack_weights=pack)
+                   predictor=ConstantPredictor(1.0), pack_weights=pack, attention_backend=backend)
     try:
         outputs = model.generate_batch(ids, max_new_tokens=MAX_NEW, do_sample=False)
         stats = model.tdpipe_engine.last_stats
@@ -76,7 +79,7 @@ def test_matches_hf_generate_with_preemption(workload, num_stages, executor, pac
     exact = check_against_hf(outputs, references)
     # near-ties are rare: most answers must be HF's exactly (packed weights sum in another order)
     assert exact >= NUM_PROMPTS * (0.8 if pack else 0.9), f"only {exact}/{NUM_PROMPTS} identical to HF"
-    print(f"{num_stages} stage(s), {executor}, packed weights {pack}: {exact}/{NUM_PROMPTS} identical to HF, "
+    print(f"{num_stages} stage(s), {executor}, packed weights {pack}, {backend}: {exact}/{NUM_PROMPTS} identical to HF, "
           f"{stats.preemptions} preemptions")
 
 

@@ -8,6 +8,7 @@ EOS; HF's padding after EOS is not counted. This module measures; it asserts not
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -20,7 +21,7 @@ from ..models import chat_prompt_ids
 from ..variants import variant
 
 SAMPLE_PROMPTS = "sample_prompts.jsonl"
-SYSTEMS = ("hf-generate", "hf-generate_batch", "tdpipe", "tdpipe-dist")
+SYSTEMS = ("hf-generate", "hf-generate_batch", "tdpipe", "tdpipe-dist", "vllm", "gemm-bound")
 @dataclass
 class BenchRow:
     system: str
@@ -119,11 +120,14 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
                   hf_batch_size: int = 16, systems: tuple[str, ...] = SYSTEMS,
                   tdpipe_options: dict | None = None, dist_stages: tuple[int, ...] = (2,),
                   local_threads: tuple[int, ...] = (), trace: str | None = None,
-                  policies: tuple[str, ...] = ("tdpipe",), log=print) -> list[BenchRow]:
+                  policies: tuple[str, ...] = ("tdpipe",), vllm_python: str | None = None,
+                  log=print) -> list[BenchRow]:
     """Run ``systems`` one after the other on the same prompts, tdpipe once per policy variant
     (names in ``tdpipe_hf.variants``). ``trace``: write the last distributed run's timeline as a Chrome trace
     (``trace``) and a PNG (``trace`` + ``.png``); with several policies, one of each per policy
-    (``trace`` with ``-POLICY`` before its suffix)."""
+    (``trace`` with ``-POLICY`` before its suffix). ``vllm``: vLLM's CPU build under ``vllm_python``
+    (see ``vllm_peer``); ``gemm-bound``: the tokens/s the machine's dense matrix products alone allow
+    (:func:`gemm_bound`), measured in the same run."""
     import tdpipe_hf
     from tdpipe_hf import metrics
     from tdpipe_hf.runtime.placement import parse_devices
@@ -194,6 +198,24 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
             add("hf-generate_batch", 1, outputs, seconds)
         except Exception as exc:  # report, keep benchmarking the rest
             log(f"  hf-generate_batch failed: {type(exc).__name__}: {exc}")
+    if "vllm" in systems:
+        from . import vllm_peer
+
+        with tempfile.TemporaryDirectory() as scratch:
+            tdpipe_hf.unwrap(model)
+            directory = vllm_peer.export_hf_directory(model, tokenizer, Path(scratch) / "model")
+            dtype = str(model.dtype).removeprefix("torch.")
+            try:
+                outputs, seconds = vllm_peer.run_vllm(vllm_python or "", directory, ids, max_new_tokens, eos, dtype)
+                add("vllm", 1, [_trim_at_eos(o, eos) for o in outputs], seconds)
+            except (RuntimeError, FileNotFoundError, OSError) as exc:  # report, keep benchmarking the rest
+                log(f"  vllm failed: {exc}")
+    if "gemm-bound" in systems:
+        tdpipe_hf.unwrap(model)
+        rate, per_token = gemm_bound(model, rows=min(len(ids), 64))
+        rows.append(BenchRow("gemm-bound", 1, 0, 0, 0.0, round(rate, 2), torch.get_num_threads()))
+        log(f"  gemm-bound: {per_token / 1e9:.3f} GFLOP a token in dense products -> {rate:.1f} tok/s "
+            f"at the measured rate")
     for policy in policies:
         variant(policy, engine=True)  # unknown names fail before anything runs
     for policy in policies:
@@ -208,22 +230,44 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
     return rows
 
 
+def gemm_bound(model, rows: int = 64, repeats: int = 20) -> tuple[float, float]:
+    """(tokens/s, FLOPs a token) if a step cost only its dense matrix products: every linear layer
+    of the model (the LM head included) timed on ``rows`` rows, as in a decode step of ``rows``
+    requests, with the model's own weights, dtype and thread count. Attention, norms and sampling
+    are left out, so no engine can beat it at that batch size."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    seconds = flops = 0.0
+    with torch.inference_mode():
+        for layer in linears:
+            x = torch.randn(rows, layer.in_features, dtype=layer.weight.dtype, device=layer.weight.device)
+            for _ in range(3):
+                layer(x)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                layer(x)
+            seconds += (time.perf_counter() - start) / repeats
+            flops += 2 * layer.in_features * layer.out_features
+    return rows / seconds, flops
+
+
 def format_table(rows: list[BenchRow]) -> str:
     base = next((r.tokens_per_s for r in rows if r.system == "hf-generate"), None)
+    peer = next((r.tokens_per_s for r in rows if r.system == "vllm"), None)
     lines = ["| system | policy | stages | threads | requests | generated tokens | seconds | tokens/s | vs HF generate "
-             "| same tokens as HF | preemptions | KV use | decode imbalance | decode bubble per stage |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs vLLM | same tokens as HF | preemptions | KV use | decode imbalance | decode bubble per stage |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def share(value):
         return "-" if value is None else f"{value:.1%}"
 
     for r in rows:
         ratio = f"{r.tokens_per_s / base:.2f}x" if base else "-"
+        versus_peer = f"{r.tokens_per_s / peer:.2f}x" if peer else "-"
         same = "-" if r.same_as_hf is None else f"{r.same_as_hf}/{r.requests}"
         bubble = " / ".join(f"{b:.1%}" for b in r.decode_bubble) if r.decode_bubble else "-"
         preempt = "-" if r.preemptions is None else r.preemptions
         lines.append(f"| {r.system} | {r.policy} | {r.stages} | {r.threads} | {r.requests} | {r.generated_tokens} | "
-                     f"{r.seconds:.1f} | {r.tokens_per_s:.1f} | {ratio} | {same} | {preempt} | "
+                     f"{r.seconds:.1f} | {r.tokens_per_s:.1f} | {ratio} | {versus_peer} | {same} | {preempt} | "
                      f"{share(r.kv_utilisation)} | {share(r.decode_imbalance)} | {bubble} |")
     return "\n".join(lines)
 

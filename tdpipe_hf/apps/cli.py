@@ -162,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--stages", type=_stage_list, default=(1, 2), help="tdpipe stage counts, e.g. 1,2")
     bench.add_argument("--systems", default="hf-generate,hf-generate_batch,tdpipe,tdpipe-dist",
                        help="comma-separated subset of hf-generate, hf-generate_batch, tdpipe (in-process "
-                            "executor), tdpipe-dist (one process per stage)")
+                            "executor), tdpipe-dist (one process per stage), vllm (needs --vllm-python), "
+                            "gemm-bound (tokens/s the dense products alone allow)")
     bench.add_argument("--dist-stages", type=_stage_list, default=(2,),
                        help="stage counts for tdpipe-dist, e.g. 2,3")
     bench.add_argument("--pack-weights", action="store_true",
@@ -180,6 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--hf-batch-size", type=_positive, default=16, help="static batch size for HF generate")
     bench.add_argument("--kv-blocks", type=_positive, default=None, help="tdpipe KV budget in blocks")
     bench.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
+    bench.add_argument("--vllm-python", help="the Python of a vLLM CPU environment, for --systems ...,vllm "
+                       "(benchmarks/vllm_peer.sh builds one)")
     _add_placement(bench)
 
     sim = commands.add_parser("simulate", help="paper-scale discrete-event simulation: the real scheduler and "
@@ -273,7 +276,7 @@ def _bench(args) -> int:
     rows = bench.run_benchmark(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stages=args.stages,
                                hf_batch_size=args.hf_batch_size, systems=systems, tdpipe_options=options,
                                dist_stages=args.dist_stages, local_threads=args.local_threads,
-                               trace=args.trace, policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
+                               trace=args.trace, vllm_python=args.vllm_python, policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
                                log=lambda line: print(line, file=sys.stderr))
     print(bench.format_table(rows))
     if args.json_path:

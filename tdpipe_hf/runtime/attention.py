@@ -40,6 +40,7 @@ class DecodeGroup:
     rows: torch.Tensor    # packed index of each row
     blocks: torch.Tensor  # [rows, max_blocks] block tables, zero-padded
     mask: torch.Tensor    # [rows, 1, 1, max_blocks * block_size] valid context
+    lengths: torch.Tensor  # [rows] context length of each row
 
 
 # A decode group is padded to its longest context; a new group starts when a row's context is
@@ -48,13 +49,14 @@ GROUP_LENGTH_RATIO = 1.5
 MIN_GROUP_ROWS = 8
 
 
-def group_by_length(lengths: list[int]) -> list[list[int]]:
-    """Indices of ``lengths`` in runs of similar length (sorted), each a decode group."""
+def group_by_length(lengths: list[int], ratio: float = GROUP_LENGTH_RATIO) -> list[list[int]]:
+    """Indices of ``lengths`` in runs of similar length (sorted), each a decode group; a group
+    grows while a row's length is at most ``ratio`` times the group's shortest."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     groups: list[list[int]] = []
     for index in order:
         if groups and (len(groups[-1]) < MIN_GROUP_ROWS
-                       or lengths[index] <= GROUP_LENGTH_RATIO * lengths[groups[-1][0]]):
+                       or lengths[index] <= ratio * lengths[groups[-1][0]]):
             groups[-1].append(index)
         else:
             groups.append([index])
@@ -74,7 +76,8 @@ class AttentionContext:
     segments: list[Segment]
 
     @classmethod
-    def build(cls, batch: MicroBatch, block_size: int, device: torch.device | str = "cpu") -> "AttentionContext":
+    def build(cls, batch: MicroBatch, block_size: int, device: torch.device | str = "cpu",
+              group_ratio: float = GROUP_LENGTH_RATIO) -> "AttentionContext":
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -105,7 +108,7 @@ class AttentionContext:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         groups = []
-        memberships = group_by_length(decode_lens)
+        memberships = group_by_length(decode_lens, group_ratio)
         for members in memberships:
             tables = [decode_tables[i] for i in members]
             width = max(len(t) for t in tables)
@@ -113,7 +116,7 @@ class AttentionContext:
             lens = tensor([decode_lens[i] for i in members])
             groups.append(DecodeGroup(tensor([decode_rows[i] for i in members]),
                                       tensor([t + [0] * (width - len(t)) for t in tables]),
-                                      (span[None, :] < lens[:, None])[:, None, None, :]))
+                                      (span[None, :] < lens[:, None])[:, None, None, :], lens))
         # checked on the host lists: reading the tensor back would wait for the device
         in_order = len(groups) == 1 and [decode_rows[i] for i in memberships[0]] == list(range(len(ids)))
         return cls(tensor(ids), tensor(positions), tensor(slots), tensor(logits_rows), groups,
@@ -145,6 +148,13 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
             out = od
         else:
             out[group.rows] = od
+    attend_segments(q, k, v, k_cache, v_cache, ctx, out, scaling)
+    return out.unsqueeze(0), None
+
+
+def attend_segments(q, k, v, k_cache, v_cache, ctx: AttentionContext, out: torch.Tensor, scaling) -> None:
+    """Rows with several new tokens (prefill, recompute), one SDPA call each, into ``out``:
+    causal over their own keys when they start at position 0, else over their cached context."""
     for seg in ctx.segments:
         qs = q[seg.begin:seg.end].transpose(0, 1).unsqueeze(0)
         n = seg.end - seg.begin
@@ -160,7 +170,6 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         os_ = F.scaled_dot_product_attention(qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
                                              attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True)
         out[seg.begin:seg.end] = os_[0].transpose(0, 1)
-    return out.unsqueeze(0), None
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -195,6 +204,20 @@ def backend(name: str = DEFAULT_BACKEND):
 
         _BACKENDS[name] = plugins.build(plugins.ATTENTION_BACKENDS, name)
     return _BACKENDS[name]
+
+
+def resolve(name: str, devices) -> str:
+    """The backend ``auto`` means for stages on ``devices`` (device names; None: the CPU):
+    ``paged-cpu`` when all are CPUs and its kernel builds here, else ``paged-sdpa``. Any other
+    name is returned as it is."""
+    if name != "auto":
+        return name
+    if all(torch.device(d).type == "cpu" for d in (devices or ("cpu",))):
+        from .cpu_attention import available
+
+        if available():
+            return "paged-cpu"
+    return DEFAULT_BACKEND
 
 
 def register(name: str = DEFAULT_BACKEND) -> str:

@@ -1,0 +1,86 @@
+"""The ``paged-cpu`` attention backend: decode rows attend straight from the paged cache.
+
+On a CPU most of the gather + SDPA backend's decode time is the copy of every request's blocks
+into a padded tensor, per layer and step (``index_select``; profile in the README). Here a small
+C++ kernel (``paged_decode.cpp``, compiled on first use with the compiler the machine has and
+cached by torch) reads each block where it lies. Prefill segments keep SDPA, as in ``paged-sdpa``.
+The kernel sums in another order than SDPA does, so results agree to rounding, not bit for bit;
+greedy tokens are tested against HF ``generate`` like every backend's.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from .attention import AttentionContext, attend_segments, sdpa_attention_forward
+
+logger = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_name("paged_decode.cpp")
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+@functools.cache
+def kernel():
+    """The compiled ``paged_decode`` op (built once per machine and source, then loaded from
+    torch's extension cache). Raises if no compiler can build it."""
+    from torch.utils import cpp_extension
+
+    # -march=native: the build is for this CPU; its cache name carries the CPU's flags, the
+    # compiler flags and the source, so a shared home directory on another CPU builds its own
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
+        if Path("/proc/cpuinfo").exists() else ""
+    digest = hashlib.sha1("\n".join([flags, *_CFLAGS, _SOURCE.read_text()]).encode()).hexdigest()[:12]
+    module = cpp_extension.load(name=f"tdpipe_paged_decode_{digest}", sources=[str(_SOURCE)],
+                                extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                                verbose=False)
+    return module
+
+
+def available() -> bool:
+    """Whether the kernel builds and loads here (it is tried once per process)."""
+    try:
+        kernel()
+        return True
+    except Exception as exc:  # no compiler, no headers: the gather + SDPA backend still works
+        logger.warning("tdpipe_hf: the paged-cpu attention kernel is not available (%s: %s); "
+                       "using paged-sdpa", type(exc).__name__, exc)
+        return False
+
+
+def build(batch, block_size: int, device: torch.device | str = "cpu") -> AttentionContext:
+    """Metadata as for ``paged-sdpa``, with every decode row in one group (the kernel does not
+    pad, so grouping by length would only split its parallel work)."""
+    return AttentionContext.build(batch, block_size, device, group_ratio=float("inf"))
+
+
+def paged_cpu_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The ``AttentionInterface`` function of ``paged-cpu`` (see ``attention.paged_attention``)."""
+    ctx: AttentionContext | None = kwargs.get("tdpipe_ctx")
+    if ctx is None or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    cache = kwargs["tdpipe_kv"]
+    layer = module.layer_idx
+    q = query[0].transpose(0, 1)  # [tokens, heads, dim]
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    cache.write(layer, ctx.slots, k, v)
+    k_cache, v_cache = cache.layer(layer)
+    out = q.new_empty(q.shape)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    for group in ctx.decode_groups:
+        kernel().paged_decode(q, k_cache, v_cache, group.blocks, group.lengths, group.rows, out, scale)
+    attend_segments(q, k, v, k_cache, v_cache, ctx, out, scaling)
+    return out.unsqueeze(0), None
+
+
+class PagedCPU:
+    """The attention backend ``paged-cpu`` (registry group ``tdpipe_hf.attention_backends``)."""
+
+    build = staticmethod(build)
+    forward = staticmethod(paged_cpu_attention)
