@@ -108,3 +108,12 @@ def test_wrap_resolves_auto_and_names_the_choices():
         tdpipe_hf.unwrap(model)
     with pytest.raises(ValueError, match=r"attention_backend must be one of \('auto', .*paged-cpu"):
         tdpipe_hf.wrap(model, attention_backend="flash")
+
+
+@needs_kernel
+def test_loading_the_kernel_keeps_denormals():
+    """The kernel is compiled with -ffast-math; linking it must not switch the process to
+    flush-to-zero (HF's own computations in the same process would change)."""
+    cpu_attention.kernel()
+    tiny = torch.tensor([1e-39])
+    assert (tiny * torch.ones(64))[0].item() > 0

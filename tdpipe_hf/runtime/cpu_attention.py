@@ -21,7 +21,10 @@ from .attention import AttentionContext, attend_segments, sdpa_attention_forward
 
 logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("paged_decode.cpp")
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# -ffast-math lets the softmax's exp and the dot products vectorise (about 1.5x on the kernel, measured
+# here); it is a compile flag only: linking without it keeps the process's denormal handling as is
+# (a test checks), and the kernel sees no NaN or infinity from a finite model.
+_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 
 @functools.cache
