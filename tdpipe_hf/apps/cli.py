@@ -181,6 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--hf-batch-size", type=_positive, default=16, help="static batch size for HF generate")
     bench.add_argument("--kv-blocks", type=_positive, default=None, help="tdpipe KV budget in blocks")
     bench.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
+    bench.add_argument("--attention-backend", default="auto",
+                       help="tdpipe rows: auto (paged-cpu on CPUs), paged-cpu, paged-sdpa or a plugin's name")
     bench.add_argument("--vllm-python", help="the Python of a vLLM CPU environment, for --systems ...,vllm "
                        "(benchmarks/vllm_peer.sh builds one)")
     _add_placement(bench)
@@ -273,6 +275,7 @@ def _bench(args) -> int:
         options["threads_per_stage"] = args.threads_per_stage
     if args.pack_weights:
         options["pack_weights"] = True
+    options["attention_backend"] = args.attention_backend
     rows = bench.run_benchmark(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stages=args.stages,
                                hf_batch_size=args.hf_batch_size, systems=systems, tdpipe_options=options,
                                dist_stages=args.dist_stages, local_threads=args.local_threads,

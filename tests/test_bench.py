@@ -1,0 +1,27 @@
+"""``tdpipe bench`` rows: tdpipe's tokens equal HF generate's, a missing vLLM environment is
+reported without stopping the run, and the dense-product bound is measured."""
+
+from __future__ import annotations
+
+from conftest import tiny_model
+
+from tdpipe_hf.apps import bench
+from tdpipe_hf.models import byte_tokenizer
+
+
+def test_bench_reports_a_missing_vllm_and_measures_the_rest():
+    tokenizer = byte_tokenizer(chat_template=True)
+    model = tiny_model("llama", seed=81, vocab_size=len(tokenizer))
+    logged: list[str] = []
+    rows = bench.run_benchmark(model, tokenizer, ["hello there", "a longer prompt about pipelines"],
+                               max_new_tokens=6, stages=(1,), systems=("hf-generate", "vllm", "gemm-bound", "tdpipe"),
+                               vllm_python="/nonexistent/python", log=logged.append)
+    systems = [row.system for row in rows]
+    assert systems == ["hf-generate", "gemm-bound", "tdpipe-local"]
+    assert any("vllm failed" in line and "vllm_peer.sh" in line for line in logged), logged
+    bound = rows[1]
+    assert bound.tokens_per_s > 0 and bound.requests == 0
+    tdpipe_row = rows[2]
+    assert tdpipe_row.same_as_hf == tdpipe_row.requests == 2
+    table = bench.format_table(rows)
+    assert "vs vLLM" in table.splitlines()[0]
