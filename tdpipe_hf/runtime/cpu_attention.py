@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -38,7 +39,12 @@ def kernel():
     flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
         if Path("/proc/cpuinfo").exists() else ""
     digest = hashlib.sha1("\n".join([flags, *_CFLAGS, _SOURCE.read_text()]).encode()).hexdigest()[:12]
-    module = cpp_extension.load(name=f"tdpipe_paged_decode_{digest}", sources=[str(_SOURCE)],
+    name = f"tdpipe_paged_decode_{digest}"
+    built = Path(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so")
+    if not built.exists():  # the user would otherwise see an unexplained pause
+        print("tdpipe_hf: building the paged-cpu attention kernel (once for this machine, about 30 s)",
+              file=sys.stderr, flush=True)
+    module = cpp_extension.load(name=name, sources=[str(_SOURCE)],
                                 extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
                                 verbose=False)
     return module

@@ -47,6 +47,9 @@ void decode(const T* q, int64_t q_token_stride, int64_t q_head_stride,
       const int64_t row = rows[r], length = lengths[r];
       const int64_t* table = tables + r * table_width;
       const int64_t n_blocks = (length + block_size - 1) / block_size;
+      // the head's slice of block b's first slot in a cache, and how many of its slots hold context
+      auto slice = [&](const T* cache, int64_t b) { return cache + table[b] * block_size * token_stride + h * dim; };
+      auto slots = [&](int64_t b) { return std::min(block_size, length - b * block_size); };
       for (int64_t g = 0; g < group; ++g) {
         const T* src = q + row * q_token_stride + (h * group + g) * q_head_stride;
         for (int64_t i = 0; i < dim; ++i) query[g * dim + i] = to_float(src[i]) * scale;
@@ -54,14 +57,10 @@ void decode(const T* q, int64_t q_token_stride, int64_t q_head_stride,
       scores.resize(group * length);
       // scores: each key is read once for the query heads that share it
       for (int64_t b = 0; b < n_blocks; ++b) {
-        const T* key = k_cache + (table[b] * block_size) * token_stride + h * dim;
-        const int64_t first = b * block_size, n = std::min(block_size, length - first);
-        if (b + 1 < n_blocks)
-          prefetch_block(k_cache + (table[b + 1] * block_size) * token_stride + h * dim,
-                         std::min(block_size, length - first - block_size), token_stride, dim);
-        else
-          prefetch_block(v_cache + table[0] * block_size * token_stride + h * dim, std::min(block_size, length),
-                         token_stride, dim);
+        const T* key = slice(k_cache, b);
+        const int64_t first = b * block_size, n = slots(b);
+        if (b + 1 < n_blocks) prefetch_block(slice(k_cache, b + 1), slots(b + 1), token_stride, dim);
+        else prefetch_block(slice(v_cache, 0), slots(0), token_stride, dim);  // the values come next
         for (int64_t o = 0; o < n; ++o, key += token_stride) {
           for (int64_t g = 0; g < group; ++g) {
             const float* qg = query.data() + g * dim;
@@ -85,11 +84,9 @@ void decode(const T* q, int64_t q_token_stride, int64_t q_head_stride,
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t b = 0; b < n_blocks; ++b) {
-        const T* value = v_cache + (table[b] * block_size) * token_stride + h * dim;
-        const int64_t first = b * block_size, n = std::min(block_size, length - first);
-        if (b + 1 < n_blocks)
-          prefetch_block(v_cache + (table[b + 1] * block_size) * token_stride + h * dim,
-                         std::min(block_size, length - first - block_size), token_stride, dim);
+        const T* value = slice(v_cache, b);
+        const int64_t first = b * block_size, n = slots(b);
+        if (b + 1 < n_blocks) prefetch_block(slice(v_cache, b + 1), slots(b + 1), token_stride, dim);
         for (int64_t o = 0; o < n; ++o, value += token_stride) {
           for (int64_t g = 0; g < group; ++g) {
             const float p = scores[g * length + first + o];
