@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -49,8 +48,6 @@ def export_hf_directory(model, tokenizer, directory: str | os.PathLike) -> Path:
     """Save ``model`` and ``tokenizer`` as a plain HF directory vLLM can load (a model loaded from
     GGUF forgets its quantisation: the weights saved are the dequantised ones it computes with)."""
     directory = Path(directory)
-    if (directory / "config.json").exists():
-        return directory
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -86,5 +83,4 @@ def run_vllm(python: str, model_dir: str | os.PathLike, prompts: list[list[int]]
             tail = "\n".join(done.stdout.splitlines()[-25:])
             raise RuntimeError(f"vLLM exited with code {done.returncode}:\n{tail}")
         result = json.loads((scratch / "result.json").read_text())
-    print(f"  (vLLM's own log: {len(done.stdout.splitlines())} lines)", file=sys.stderr)
     return result["outputs"], result["seconds"]

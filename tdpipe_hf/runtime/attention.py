@@ -129,14 +129,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     if ctx is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
-    cache = kwargs["tdpipe_kv"]
-    layer = module.layer_idx
-    q = query[0].transpose(0, 1)  # [tokens, heads, dim]
-    k = key[0].transpose(0, 1)    # [tokens, kv_heads, dim]
-    v = value[0].transpose(0, 1)
-    cache.write(layer, ctx.slots, k, v)
-    k_cache, v_cache = cache.layer(layer)
-
+    q, k, v, k_cache, v_cache = store_new_kv(module, query, key, value, ctx, kwargs["tdpipe_kv"])
     out = q.new_empty(q.shape)
     for group in ctx.decode_groups:
         qd = q if ctx.all_decode else q[group.rows]
@@ -150,6 +143,16 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
             out[group.rows] = od
     attend_segments(q, k, v, k_cache, v_cache, ctx, out, scaling)
     return out.unsqueeze(0), None
+
+
+def store_new_kv(module, query, key, value, ctx: AttentionContext, cache):
+    """The micro-batch's new keys/values written to the stage's paged cache; returns q, k, v as
+    ``[tokens, heads, dim]`` views and this layer's ``(k_cache, v_cache)`` (every backend's first step)."""
+    q = query[0].transpose(0, 1)  # [tokens, heads, dim]
+    k = key[0].transpose(0, 1)    # [tokens, kv_heads, dim]
+    v = value[0].transpose(0, 1)
+    cache.write(module.layer_idx, ctx.slots, k, v)
+    return (q, k, v, *cache.layer(module.layer_idx))
 
 
 def attend_segments(q, k, v, k_cache, v_cache, ctx: AttentionContext, out: torch.Tensor, scaling) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .attention import AttentionContext, attend_segments, sdpa_attention_forward
+from .attention import AttentionContext, attend_segments, paged_attention, store_new_kv
 
 logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("paged_decode.cpp")
@@ -50,8 +50,10 @@ def kernel():
     return module
 
 
+@functools.cache
 def available() -> bool:
-    """Whether the kernel builds and loads here (it is tried once per process)."""
+    """Whether the kernel builds and loads here (tried once per process: a failed build is not
+    retried, nor warned about again, at every wrap)."""
     try:
         kernel()
         return True
@@ -68,18 +70,12 @@ def build(batch, block_size: int, device: torch.device | str = "cpu") -> Attenti
 
 
 def paged_cpu_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The ``AttentionInterface`` function of ``paged-cpu`` (see ``attention.paged_attention``)."""
+    """The ``AttentionInterface`` function of ``paged-cpu`` (see ``attention.paged_attention``,
+    which serves plain ``forward`` calls and stages on other devices: the kernel reads host memory)."""
     ctx: AttentionContext | None = kwargs.get("tdpipe_ctx")
     if ctx is None or query.device.type != "cpu":
-        return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                      dropout=dropout, scaling=scaling, **kwargs)
-    cache = kwargs["tdpipe_kv"]
-    layer = module.layer_idx
-    q = query[0].transpose(0, 1)  # [tokens, heads, dim]
-    k = key[0].transpose(0, 1)
-    v = value[0].transpose(0, 1)
-    cache.write(layer, ctx.slots, k, v)
-    k_cache, v_cache = cache.layer(layer)
+        return paged_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    q, k, v, k_cache, v_cache = store_new_kv(module, query, key, value, ctx, kwargs["tdpipe_kv"])
     out = q.new_empty(q.shape)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     for group in ctx.decode_groups:
