@@ -137,8 +137,9 @@ def test_hung_worker_is_reported_and_killed():
         engine.run(requests, on_token=freeze_once)
     # the executor's own bookkeeping: it reports a hang only once the silence passed the timeout
     # (how soon after is a timing, measured in the note, not asserted here)
+    # (the message rounds to 0.1 s, so a silence of 5.04 s reads "5.0s")
     silent = float(re.search(r"no heartbeat for ([\d.]+)s", str(error.value)).group(1))
-    assert silent > HEARTBEAT_TIMEOUT
+    assert silent >= HEARTBEAT_TIMEOUT
     assert not any(p.is_alive() for p in procs)
     tdpipe_hf.unwrap(model)
 
