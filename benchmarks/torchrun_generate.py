@@ -3,7 +3,8 @@
     torchrun --nproc-per-node 2 benchmarks/torchrun_generate.py --num-prompts 16 --max-new-tokens 32
     torchrun --nproc-per-node 2 benchmarks/torchrun_generate.py --devices cuda --dtype bfloat16  # a GPU per rank
     accelerate launch --multi_gpu --num_processes 2 benchmarks/torchrun_generate.py
-    # two machines: torchrun --nnodes 2 --nproc-per-node 1 --node-rank R --master-addr HOST --master-port 29500 ...
+    # two machines (R = 0 on HOST, 1 on the other; tested with HOST = 127.0.0.1):
+    torchrun --nnodes 2 --nproc-per-node 1 --node-rank R --master-addr HOST --master-port 29500 benchmarks/torchrun_generate.py
 
 Every rank loads the model and keeps only its own stage; rank 0 runs the controller and prints
 the results. Ranks other than 0 never return from ``wrap``: they serve their stage and exit when
@@ -53,6 +54,7 @@ def main() -> int:
         prompts = chat_token_ids(tokenizer, load_prompts(limit=args.num_prompts))
     model = tdpipe_hf.wrap(model, num_stages=world, executor="distributed", **options)
     # from here on, only rank 0 runs
+    print(f"generating {len(prompts)} requests over {world} stage processes", flush=True)
     start = time.perf_counter()
     outputs = model.generate_batch(prompts, max_new_tokens=args.max_new_tokens)
     seconds = time.perf_counter() - start

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from conftest import hf_generate, left_padded, random_prompts, tiny_model
 import tdpipe_hf
 from tdpipe_hf.controller import Request
 from tdpipe_hf.runtime.local import StageError
-from tdpipe_hf.runtime.spawn import HEARTBEAT_TIMEOUT
+from tdpipe_hf.runtime.spawn import HEARTBEAT_TIMEOUT, free_port
 
 
 @pytest.mark.parametrize("num_stages", [2, 3])
@@ -88,35 +91,99 @@ def test_close_and_context_manager_stop_workers():
     tdpipe_hf.unwrap(model)
 
 
-def test_torchrun_launch_matches_hf(tmp_path):
-    """`torchrun --nproc-per-node 2 script`: ranks become stages, rank 0 runs the controller."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN_SCRIPT = [str(REPO / "benchmarks" / "torchrun_generate.py"), "--tiny", "7"]
 
-    repo = Path(__file__).resolve().parents[1]
-    output = tmp_path / "out.json"
-    from tdpipe_hf.runtime.spawn import free_port
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-               str(repo / "benchmarks" / "torchrun_generate.py"), "--tiny", "7", "--num-prompts", "6",
-               "--max-new-tokens", "10", "--kv-blocks", "10", "--output", str(output)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=repo)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "over 2 stage processes" in done.stdout
-    actual = json.loads(output.read_text())
+def torchrun(*launch: str, args=(), **popen):
+    """``python -m torch.distributed.run LAUNCH benchmarks/torchrun_generate.py --tiny 7 ARGS``."""
+    command = [sys.executable, "-m", "torch.distributed.run", *launch, "--master-addr", "127.0.0.1",
+               *TORCHRUN_SCRIPT, *args]
+    return subprocess.Popen(command, cwd=REPO, text=True, **popen)
 
+
+def node(rank: int, port: int, args=(), **popen):
+    """One of two single-stage "machines" meeting at a rendezvous on 127.0.0.1."""
+    return torchrun("--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+                    "--master-port", str(port), args=args, **popen)
+
+
+def torchrun_expected(num_prompts: int, max_new_tokens: int) -> list[list[int]]:
+    """HF generate's greedy answers to the prompts torchrun_generate.py --tiny 7 makes."""
     model = tiny_model("llama", seed=7)
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 97, (int(n),), generator=gen).tolist()
-               for n in torch.randint(1, 30, (6,), generator=gen)]
+               for n in torch.randint(1, 30, (num_prompts,), generator=gen)]
     expected = []
     for prompt in prompts:
-        out = hf_generate(model, torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
+        out = hf_generate(model, torch.tensor([prompt]), max_new_tokens=max_new_tokens,
+                          do_sample=False)[0, len(prompt):].tolist()
         expected.append(out[:out.index(2) + 1] if 2 in out else out)
-    assert actual == expected
+    return expected
+
+
+def test_torchrun_launch_matches_hf(tmp_path):
+    """`torchrun --nproc-per-node 2 script`: ranks become stages, rank 0 runs the controller."""
+    output = tmp_path / "out.json"
+    launch = torchrun("--nproc-per-node", "2", "--master-port", str(free_port()),
+                      args=["--num-prompts", "6", "--max-new-tokens", "10", "--kv-blocks", "10",
+                            "--output", str(output)],
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = launch.communicate(timeout=240)
+    assert launch.returncode == 0, stderr[-3000:]
+    assert "over 2 stage processes" in stdout
+    assert json.loads(output.read_text()) == torchrun_expected(6, 10)
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_match_hf(tmp_path):
+    """The README's two-machine commands, both "machines" on this one: a stage each."""
+    output = tmp_path / "out.json"
+    port = free_port()
+    args = ["--num-prompts", "6", "--max-new-tokens", "10", "--kv-blocks", "10"]
+    nodes = [node(0, port, args + ["--output", str(output)], stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+             node(1, port, args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
+    outs = [n.communicate(timeout=240) for n in nodes]
+    for rank, (n, (_, stderr)) in enumerate(zip(nodes, outs)):
+        assert n.returncode == 0, f"node {rank}: {stderr[-3000:]}"
+    assert "over 2 stage processes" in outs[0][0]
+    assert json.loads(output.read_text()) == torchrun_expected(6, 10)
+
+
+def worker_pids(launcher: subprocess.Popen) -> list[int]:
+    """The stage processes a torchrun launcher started (its children)."""
+    with open(f"/proc/{launcher.pid}/task/{launcher.pid}/children") as children:
+        return [int(pid) for pid in children.read().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim, survivor_says", [
+    (1, r"StageError: rank 0 lost its link to rank 1 \(stage 1, layers 2-3\): .*relaunch the job"),
+    (0, r"tdpipe_hf: stage 1 \(layers 2-3, rank 1\) lost its link to the pipeline: .*Exiting\."),
+])
+def test_the_death_of_either_node_is_reported_by_the_other(tmp_path, victim, survivor_says):
+    port = free_port()
+    args = ["--num-prompts", "32", "--max-new-tokens", "2000"]  # far longer than the kill takes to come
+    logs = [open(tmp_path / f"node{rank}.err", "w+") for rank in (0, 1)]
+    nodes = [node(0, port, args, stdout=subprocess.PIPE, stderr=logs[0]),
+             node(1, port, args, stdout=subprocess.DEVNULL, stderr=logs[1])]
+    try:
+        assert nodes[0].stdout.readline().startswith("generating 32 requests over 2 stage processes")
+        time.sleep(0.5)
+        workers = worker_pids(nodes[0]) + worker_pids(nodes[1])
+        os.kill(worker_pids(nodes[victim])[0], signal.SIGKILL)
+        killed = time.monotonic()
+        for n in nodes:
+            n.wait(timeout=120)  # a hang would end here, not pass
+        print(f"both nodes exited {time.monotonic() - killed:.1f}s after the kill")
+    finally:
+        for n in nodes:
+            n.kill()
+    survivor = 1 - victim
+    assert nodes[survivor].returncode != 0 and nodes[victim].returncode != 0
+    logs[survivor].seek(0)
+    assert re.search(survivor_says, logs[survivor].read())
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "stage processes left behind"
 
 
 def test_hung_worker_is_reported_and_killed():
@@ -188,3 +255,21 @@ def test_only_unguarded_scripts_skip_the_main_import(tmp_path, monkeypatch):
         assert main_is_guarded() is guarded
     del fake.__file__  # a notebook or `python -c`: nothing to re-run
     assert main_is_guarded()
+
+
+def test_a_failed_torchrun_pipeline_refuses_new_work_at_once():
+    """Its ranks cannot be restarted: after a lost link, submit raises instead of waiting forever."""
+    import queue
+
+    from tdpipe_hf.plan import MicroBatch
+    from tdpipe_hf.runtime.torchrun import TorchrunExecutor
+
+    executor = TorchrunExecutor.__new__(TorchrunExecutor)  # the queues only: no process group here
+    executor._plans, executor._results = queue.Queue(), queue.Queue()
+    executor._in_flight, executor._closed, executor._failure = 0, False, None
+    executor.submit(MicroBatch(0, "decode", []))
+    executor._results.put(StageError("rank 0 lost its link to rank 1"))
+    with pytest.raises(StageError, match="lost its link to rank 1"):
+        executor.collect()
+    with pytest.raises(StageError, match="the torchrun pipeline is down: rank 0 lost its link to rank 1"):
+        executor.submit(MicroBatch(1, "decode", []))

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import queue
 import socket
+import sys
 import threading
 from datetime import timedelta
 
@@ -68,9 +69,25 @@ def join_torchrun_pipeline(stages: list[Stage], setup: StageSetup, threads: int,
     worker = StageWorker(rank, world, stage, setup.block_size, backend, None, None, attention=setup.attention)
     if worker.is_last:
         worker.deliver, worker.on_shutdown = worker.send_result, worker.send_result_shutdown
-    worker.loop()
+    try:
+        worker.loop()
+    except Exception as exc:  # a peer's process or machine went away: say so and leave (SystemExit
+        # is not an Exception, so `wrap` does not dress it up as a failed build)
+        print(f"tdpipe_hf: stage {rank} ({_layers(stage)}, rank {rank}) lost its link to the pipeline: "
+              f"{_short(exc)}. Rank 0 (the controller) or a neighbouring rank stopped; see its log. Exiting.",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     dist.destroy_process_group()
     raise SystemExit(0)
+
+
+def _layers(stage: Stage) -> str:
+    return f"layers {stage.index_range.start}-{stage.index_range.stop - 1}"
+
+
+def _short(exc: Exception) -> str:
+    """gloo's message without its generic advice."""
+    return f"{type(exc).__name__}: {str(exc).split('. This is typically')[0]}"
 
 
 class TorchrunExecutor:
@@ -85,24 +102,30 @@ class TorchrunExecutor:
         self._results: queue.Queue = queue.Queue()
         worker = StageWorker(0, self.num_stages, stages[0], block_size, backend, self._plans, None,
                              attention=attention)
-        self._threads = [threading.Thread(target=self._guard, args=(worker.loop,), name="tdpipe-stage-0", daemon=True),
-                         threading.Thread(target=self._guard, args=(self._receive_results,), name="tdpipe-results",
-                                          daemon=True)]
+        last = self.num_stages - 1
+        self._threads = [threading.Thread(target=self._guard, args=(worker.loop, 1), name="tdpipe-stage-0",
+                                          daemon=True),
+                         threading.Thread(target=self._guard, args=(self._receive_results, last),
+                                          name="tdpipe-results", daemon=True)]
         for thread in self._threads:
             thread.start()
         self._in_flight = 0
         self._closed = False
+        self._failure: StageError | None = None
 
     @property
     def running(self) -> bool:
         return not self._closed
 
-    def _guard(self, fn) -> None:
+    def _guard(self, fn, peer: int) -> None:
+        """Run ``fn`` (which talks to rank ``peer``); a failure becomes the next collected result."""
         try:
             fn()
         except Exception as exc:
-            self._results.put(StageError(f"torchrun pipeline failed on rank 0 ({type(exc).__name__}: {exc}); "
-                                         "see the other ranks' logs"))
+            self._results.put(StageError(
+                f"rank 0 lost its link to rank {peer} (stage {peer}, {_layers(self.stages[peer])}): {_short(exc)}. "
+                f"That rank, or one after it, stopped; see its log. A torchrun pipeline cannot restart its "
+                f"ranks: relaunch the job"))
 
     def _receive_results(self) -> None:
         last = self.num_stages - 1
@@ -113,6 +136,8 @@ class TorchrunExecutor:
             self._results.put(recv_object(header, last))
 
     def submit(self, batch: MicroBatch) -> None:
+        if self._failure is not None:
+            raise StageError(f"the torchrun pipeline is down: {self._failure}")
         if self._closed:
             raise RuntimeError("the torchrun pipeline is closed")
         self._plans.put(batch)
@@ -123,6 +148,8 @@ class TorchrunExecutor:
             raise RuntimeError("collect() called with no micro-batch in flight")
         result = self._results.get()
         if isinstance(result, Exception):
+            self._failure = result
+            self._in_flight = 0
             raise result
         self._in_flight -= 1
         return result
@@ -133,8 +160,8 @@ class TorchrunExecutor:
             return
         self._closed = True
         self._plans.put(None)
-        for thread in self._threads:
-            thread.join(timeout=30)
+        for thread in self._threads:  # after a failure the peers are gone: do not wait on them
+            thread.join(timeout=30 if self._failure is None else 1)
         self.stages[0].release()
         if dist.is_initialized():
             dist.destroy_process_group()
