@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -273,3 +274,57 @@ def test_a_failed_torchrun_pipeline_refuses_new_work_at_once():
         executor.collect()
     with pytest.raises(StageError, match="the torchrun pipeline is down: rank 0 lost its link to rank 1"):
         executor.submit(MicroBatch(1, "decode", []))
+
+
+FAULT_POINTS = {  # (phase of the micro-batch, phase of the one before it (None: the first), matches to let by)
+    "first prefill": ("prefill", None, 0),
+    "decode": ("decode", "decode", 4),
+    "switch to decode": ("decode", "prefill", 1),
+    "switch to prefill": ("prefill", "decode", 0),
+}
+
+
+@pytest.mark.slow
+def test_faults_at_random_points_are_named_and_leave_nothing_behind():
+    """A stage process killed or frozen as a chosen kind of micro-batch goes in: a StageError
+    naming it, every worker gone, and the next call answers exactly as before."""
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=49), num_stages=2, executor="distributed",
+                           block_size=4, kv_blocks=40)  # small: the run switches phase many times
+    engine = model.tdpipe_engine
+    prompts = random_prompts(24, low=2, high=30, seed=50)
+    expected = model.generate_batch(prompts, max_new_tokens=40)
+    chooser = random.Random(51)
+    submit = engine.executor.submit
+    try:
+        for point, (phase, before, skip) in FAULT_POINTS.items():
+            for fault in ("kill", "freeze"):
+                victim = chooser.randrange(2)
+                injected, previous = [], [None]
+
+                def submit_and_inject(batch):
+                    nonlocal skip_left
+                    submit(batch)
+                    if not injected and batch.phase == phase and previous[0] == before:
+                        if skip_left == 0:
+                            proc = engine.executor._procs[victim]
+                            os.kill(proc.pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+                            injected.append((proc, time.monotonic()))
+                        skip_left -= 1
+                    previous[0] = batch.phase
+
+                skip_left = skip
+                engine.executor.submit = submit_and_inject
+                requests = [Request(i, p, 40) for i, p in enumerate(prompts)]
+                said = (rf"stage {victim} \(layers \d-\d, pid \d+\) "
+                        + ("died with exit code -9" if fault == "kill" else "is not responding: no heartbeat"))
+                with pytest.raises(StageError, match=said):
+                    engine.run(requests, on_token=None)
+                assert injected, f"no {point} micro-batch was submitted"
+                proc, at = injected[0]
+                print(f"{fault} stage {victim} at {point}: StageError after {time.monotonic() - at:.1f}s")
+                assert not proc.is_alive() and not engine.executor.running, "worker processes left behind"
+                engine.executor.submit = submit
+                assert model.generate_batch(prompts, max_new_tokens=40) == expected
+    finally:
+        engine.executor.submit = submit
+        tdpipe_hf.unwrap(model)
