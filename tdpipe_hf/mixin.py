@@ -26,6 +26,16 @@ _UNSUPPORTED_CONFIG = {
     "output_logits": bool,
     "token_healing": bool,
 }
+_INTEGER_OPTIONS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "top_k",
+                    "num_return_sequences")
+
+
+def _check_integer_options(options: dict) -> None:
+    """HF compares these with ints deep inside its checks; a string there gets a clear message here."""
+    for name in _INTEGER_OPTIONS:
+        value = options.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
 
 
 class TDPipeGenerationMixin:
@@ -47,6 +57,7 @@ class TDPipeGenerationMixin:
             generation_config is None or generation_config.max_length is None) and self.generation_config.max_length is None
         has_default_min_length = kwargs.get("min_length") is None and (
             generation_config is None or generation_config.min_length is None) and self.generation_config.min_length is None
+        _check_integer_options(kwargs)
         config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
         attention_mask = model_kwargs.pop("attention_mask", None)
@@ -113,6 +124,7 @@ class TDPipeGenerationMixin:
         """Throughput mode: unpadded prompts in, every request's generated ids out, in order."""
         if not isinstance(inputs, (list, tuple)):
             raise TypeError(f"generate_batch expects a list of token-id lists, got {type(inputs).__name__}")
+        _check_integer_options(kwargs)
         config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         if model_kwargs:
             raise ValueError(f"tdpipe_hf generate_batch() does not support the argument(s) {sorted(model_kwargs)}")

@@ -32,6 +32,9 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path) if path is not None else default_model_file()
+    if not path.exists():
+        raise FileNotFoundError(f"model {path} does not exist: give an HF model directory or a .gguf file "
+                                "(nothing is downloaded)")
     kwargs = {}
     if path.suffix == ".gguf":
         kwargs["gguf_file"] = path.name

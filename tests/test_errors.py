@@ -113,7 +113,11 @@ def test_generate_batch_input_types(model):
     with pytest.raises(TypeError, match="prompt 0 must be a list of token ids"):
         model.generate_batch([["a", "b"]])
     assert model.generate_batch([]) == []
+    with pytest.raises(TypeError, match="max_new_tokens must be an integer, got '4'"):
+        model.generate_batch([[5, 6]], max_new_tokens="4")
     ids, mask = left_padded([[5, 6], [7]])
+    with pytest.raises(TypeError, match="top_k must be an integer, got 2.5"):
+        model.generate(ids, attention_mask=mask, do_sample=True, top_k=2.5)
     assert model.generate(ids, attention_mask=mask, max_new_tokens=2).shape == (2, 4)
 
 

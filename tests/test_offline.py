@@ -93,6 +93,27 @@ def test_bad_messages_lines_are_reported_and_the_rest_answered(tiny, tmp_path):
     assert "only text parts" in errors[4]
 
 
+def test_undecodable_and_huge_lines_are_reported_and_the_rest_answered(tiny, tmp_path):
+    model, tokenizer = tiny
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b'{"id": "before", "prompt": "hello"}\n'
+                       b'{"id": "latin-1", "prompt": "caf\xe9"}\n'  # not UTF-8
+                       b'\xff\xfe{"id": "bom16"}\n'
+                       b'{"id": "lone-surrogate", "prompt": "a\\ud800b"}\n'  # valid JSON, not encodable text
+                       + json.dumps({"id": "huge", "prompt": "word " * 200_000}).encode() + b"\n"
+                       b'{"id": "after", "prompt": "still answered"}\n')
+    summary = run_batch(model, tokenizer, source, tmp_path / "out.jsonl", max_new_tokens=4, progress=False)
+    answers = {r["id"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert answers == {"before", "after"}
+    errors = {e["line"]: e["error"] for e in
+              map(json.loads, (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines())}
+    assert summary.errors == 4 and set(errors) == {2, 3, 4, 5}
+    assert errors[2] == "not valid UTF-8: byte 0xe9 at column 33"
+    assert errors[3] == "not valid UTF-8: byte 0xff at column 1"
+    assert errors[4].startswith("could not tokenize")
+    assert "more than the model's context of 256" in errors[5]
+
+
 def test_parse_line_rejects_nonsense():
     with pytest.raises(ValueError, match="positive integer"):
         parse_line(json.dumps({"prompt": "a", "max_new_tokens": 0}), 1)
@@ -180,6 +201,33 @@ def test_cli_names_a_missing_input(tmp_path, capsys):
     assert "none.jsonl does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["bench", "--stages", "0"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--model", "/no/such/model"], "model /no/such/model does not exist"),
+    (["generate", "  "], "empty prompt"),
+    (["serve", "--port", "99999"], "a port is at most 65535, got 99999"),
+    (["serve", "--port", "abc"], "expected a positive integer, got abc"),
+    (["run", "--kv-blocks", "1.5"], "expected a positive integer, got 1.5"),
+])
+def test_cli_refuses_bad_arguments_with_the_reason(argv, message, capsys):
+    from tdpipe_hf.apps import cli
+
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit:  # argparse's own refusals
+        code = exit.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_predictor_names_an_undecodable_line(tmp_path, capsys):
+    from tdpipe_hf.apps import cli
+
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_bytes(b'{"prompt": "hello", "output_tokens": 3}\n{"prompt": "caf\xe9", "output_tokens": 3}\n')
+    assert cli.main(["eval-predictor", str(labelled)]) == 2
+    assert "labelled.jsonl line 2: not valid UTF-8: byte 0xe9 at column 16" in capsys.readouterr().err
 
 
 def test_cli_places_stages_and_names_a_missing_gpu(tmp_path, capsys):

@@ -186,6 +186,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": "ten"}, "'max_tokens' must be"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 0}, "'max_tokens' must be"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 100_000}, "context"),
+    ("/v1/completions", {"model": NAME, "prompt": "word " * 20_000}, "context"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 7000}, "KV budget"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "temperature": 5}, "'temperature' must be"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "n": 0}, "'n' must be"),

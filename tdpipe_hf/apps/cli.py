@@ -20,9 +20,19 @@ def _stage_list(text: str) -> tuple[int, ...]:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {text}")
     return value
 
 
@@ -122,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("model_path", nargs="?", metavar="MODEL",
                        help="HF model directory or .gguf file (default: the shipped SmolLM2)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=_positive, default=8000, help="port (default 8000)")
+    serve.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     serve.add_argument("--served-model-name", help="the model name clients send (default: the model's name)")
     serve.add_argument("--max-tokens", type=_positive, default=1024,
                        help="tokens generated for requests that set no max_tokens (default 1024)")
@@ -217,7 +227,7 @@ def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     """The demo's options, for ``tdpipe demo`` and ``python -m tdpipe_hf.apps.demo`` alike."""
     demo.add_argument("--model", help="HF model directory or .gguf file (default: the shipped SmolLM2)")
     demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    demo.add_argument("--port", type=_positive, default=None, help="port (default: gradio's, 7860 or the next free)")
+    demo.add_argument("--port", type=_port, default=None, help="port (default: gradio's, 7860 or the next free)")
     demo.add_argument("--stages", type=_positive, default=1, help="pipeline stages of the chat engine (default 1)")
     demo.add_argument("--kv-blocks", type=_positive, default=None, help="KV budget in blocks (default: from free memory)")
     demo.add_argument("--max-new-tokens", type=_positive, default=128, help="default answer length (default 128)")
@@ -231,6 +241,8 @@ def _generate(args) -> int:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    if not args.prompt.strip():
+        raise ValueError("empty prompt: give the text to answer")
     print("loading model ...", file=sys.stderr)
     model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, executor=args.executor,
                                                  **_placement(args))
@@ -335,6 +347,8 @@ def _train_predictor(args) -> int:
 
     input_path = _input_path(args.input)
     executor = "distributed" if args.stages > 1 else "local"
+    if not args.prompt.strip():
+        raise ValueError("empty prompt: give the text to answer")
     print("loading model ...", file=sys.stderr)
     model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, executor=executor,
                                                  admission="fits", **_placement(args))

@@ -108,13 +108,21 @@ def parse_line(text: str, line: int) -> Job:
 def read_jobs(input_path: str | Path) -> Iterator[tuple[int, Job | BadLine]]:
     """Every non-blank line of a job file with its line number: a Job, or the BadLine saying what
     is wrong with it."""
-    with open(input_path, encoding="utf-8") as lines:
-        for number, text in enumerate(lines, 1):
-            if text.strip():
+    with open(input_path, "rb") as lines:  # bytes: one badly encoded line must not stop the job
+        for number, raw in enumerate(lines, 1):
+            if raw.strip():
                 try:
-                    yield number, parse_line(text, number)
+                    yield number, parse_line(decode_line(raw), number)
                 except BadLine as exc:
                     yield number, exc
+
+
+def decode_line(raw: bytes) -> str:
+    """A job file's line as text; ``BadLine`` names the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadLine(f"not valid UTF-8: byte 0x{raw[exc.start]:02x} at column {exc.start + 1}") from None
 
 
 def answer_lengths(output: str | Path) -> dict[str, int]:
@@ -180,7 +188,7 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
     engine = model.tdpipe_engine
     input_path, output_path = Path(input_path), Path(output_path)
     errors_path = Path(errors_path) if errors_path else output_path.with_name(output_path.name + ".errors.jsonl")
-    with open(input_path, encoding="utf-8") as handle:
+    with open(input_path, "rb") as handle:
         total_lines = sum(1 for line in handle if line.strip())
     finished = done_ids(output_path)
     summary = JobSummary(skipped=len(finished))

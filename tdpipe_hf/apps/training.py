@@ -101,15 +101,16 @@ def read_lengths_file(path: str | Path, tokenizer, chat_template: bool = True) -
     lines, tokenized as ``tdpipe run`` tokenizes them; a ValueError names the first bad line."""
     import json
 
-    from .offline import BadLine, parse_line
+    from .offline import BadLine, decode_line, parse_line
 
     use_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
     prompts, lengths = [], []
-    with open(path, encoding="utf-8") as lines:
-        for number, text in enumerate(lines, 1):
-            if not text.strip():
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
                 continue
             try:
+                text = decode_line(raw)
                 job = parse_line(text, number)
                 length = json.loads(text).get("output_tokens")
             except BadLine as exc:
