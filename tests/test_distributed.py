@@ -328,3 +328,27 @@ def test_faults_at_random_points_are_named_and_leave_nothing_behind():
     finally:
         engine.executor.submit = submit
         tdpipe_hf.unwrap(model)
+
+
+@pytest.mark.parametrize("executor", ["local", "distributed"])
+def test_ctrl_c_mid_run_leaves_the_engine_answering_exactly(executor):
+    """A KeyboardInterrupt with micro-batches still in the pipeline: the next call must not get
+    the interrupted run's results (it once failed with a KeyError on a stale batch id)."""
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=52), num_stages=2, executor=executor,
+                           block_size=4, kv_blocks=40)
+    engine = model.tdpipe_engine
+    prompts = random_prompts(12, low=2, high=30, seed=53)
+    expected = model.generate_batch(prompts, max_new_tokens=30)
+    tokens = []
+
+    def ctrl_c(request, token):
+        tokens.append(token)
+        if len(tokens) == 50:
+            raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            engine.run([Request(i, p, 30) for i, p in enumerate(prompts)], on_token=ctrl_c)
+        assert model.generate_batch(prompts, max_new_tokens=30) == expected
+    finally:
+        tdpipe_hf.unwrap(model)

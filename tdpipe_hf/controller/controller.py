@@ -52,12 +52,27 @@ class Controller:
         the scheduler at a time and more are drawn as they are admitted, so memory stays bounded
         however long the stream is."""
         source = iter(requests)
-        exhausted = self._refill(source, lookahead)
-        while self.scheduler.has_work:
-            self.step()
-            if not exhausted:
-                exhausted = self._refill(source, lookahead)
+        try:
+            exhausted = self._refill(source, lookahead)
+            while self.scheduler.has_work:
+                self.step()
+                if not exhausted:
+                    exhausted = self._refill(source, lookahead)
+        except BaseException:  # Ctrl-C, a callback's or a stage's error: leave the executor clean
+            self.drain()
+            raise
         return self.finish_stats()
+
+    def drain(self) -> None:
+        """Collect and drop what is still in the pipeline, so that the next run on this executor
+        does not receive an interrupted run's results. If that fails too (the executor broke, or
+        a second Ctrl-C), close the executor: it starts afresh on the next submit."""
+        try:
+            while self._in_flight:
+                self._in_flight.pop(self.executor.collect().batch_id, None)
+        except BaseException:
+            self._in_flight.clear()
+            self.executor.close()
 
     def add(self, request: Request) -> None:
         """Queue ``request``; it is planned from the next step on."""
