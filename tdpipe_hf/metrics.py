@@ -66,6 +66,42 @@ def bubble_ratios(timeline: list[tuple]) -> dict[str, dict[int, float]]:
     return ratios
 
 
+BUBBLE_CAUSES = ("fill and drain", "phase switch", "stage 0 waits for the controller", "waits on an upstream stage")
+
+
+def bubble_causes(timeline: list[tuple]) -> dict[str, float]:
+    """Where the stages' idle time goes, as shares of all stage time (stages x run span); they add
+    up to the mean of ``bubble_ratios(...)["all"]``. Each gap on a stage is charged to one cause:
+
+    - fill and drain: before the stage's first micro-batch and after its last;
+    - phase switch: the micro-batch after the gap is of another phase than the one before it;
+    - stage 0 waits for the controller: stage 0 had nothing to run (every slot in flight, or no
+      admissible work: the KV budget or the request stream ran dry);
+    - waits on an upstream stage: a later stage waited for its input (micro-batches of unequal
+      cost, or stages of unequal speed)."""
+    busy = sorted((e for e in timeline if e[1] in BUSY), key=lambda e: (e[0], e[4]))
+    if not busy:
+        return {}
+    begin, end = min(e[4] for e in busy), max(e[5] for e in busy)
+    stages = sorted({e[0] for e in busy})
+    idle = dict.fromkeys(BUBBLE_CAUSES, 0.0)
+    for stage in stages:
+        mine = [e for e in busy if e[0] == stage]
+        idle["fill and drain"] += (mine[0][4] - begin) + (end - max(e[5] for e in mine))
+        for before, after in zip(mine, mine[1:]):
+            gap = after[4] - before[5]
+            if gap <= 0:
+                continue
+            if after[3] != before[3]:
+                idle["phase switch"] += gap
+            elif stage == stages[0]:
+                idle["stage 0 waits for the controller"] += gap
+            else:
+                idle["waits on an upstream stage"] += gap
+    total = (end - begin) * len(stages)
+    return {cause: seconds / total for cause, seconds in idle.items()} if total > 0 else {}
+
+
 def format_bubbles(ratios: dict[str, dict[int, float]]) -> str:
     parts = []
     for scope, per_stage in ratios.items():

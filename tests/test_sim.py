@@ -4,6 +4,7 @@ every real policy finishing every request under a tight simulated KV budget."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -36,6 +37,24 @@ def test_executor_pipelines_batches_on_a_virtual_clock():
     assert first.tokens == {0: NOT_EOS} and second.tokens == {1: EOS}
     executor.submit(batch(2, "decode", (0, 1, 4)))  # enters stage 0 at the clock, not earlier
     assert [e[4] for e in executor.collect().events if e[1] == "compute"] == [5.5, 7.0]
+
+
+@pytest.mark.parametrize("measure_host", [False, True])
+def test_the_controllers_own_time_moves_the_clock_only_when_measured(measure_host):
+    """The wall time spent between getting a result and the next submit (here a sleep standing in
+    for a slow scheduler) is on the critical path with ``measure_host``; never otherwise."""
+    executor = SimExecutor(1, lambda seqs: [0.001], measure_host=measure_host)
+    executor.expect(0, prompt_len=4, output_len=3)
+    executor.submit(batch(0, "prefill", (0, 4, 0)))
+    executor.collect()
+    time.sleep(0.05)  # "planning" the next micro-batch
+    executor.submit(batch(1, "decode", (0, 1, 4)))
+    time.sleep(0.05)  # host work while the micro-batch runs: it outlasts it
+    executor.collect()
+    if measure_host:
+        assert executor.now >= 0.001 + 0.05 + 0.05 and executor.host_seconds >= 0.1
+    else:
+        assert executor.now == pytest.approx(0.002) and executor.host_seconds == 0.0
 
 
 def test_decode_step_matches_the_roofline_by_hand():
@@ -123,4 +142,29 @@ def test_cli_simulate_writes_rows(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 and 0 <= r["bubble_ratio"] < 1 for r in rows)
     assert (tmp_path / "plots" / "throughput.png").exists() and (tmp_path / "plots" / "timeline-tdpipe.png").exists()
     assert "| tdpipe | pp |" in capsys.readouterr().out
+    assert all(r["host_ms_per_micro_batch"] > 0 for r in rows)  # the default: the scheduler's time counts
     assert main(["simulate", "--policies", "nope", "--requests", "2"]) == 2
+    assert main(["simulate", "--host-cost", "soon", "--requests", "2"]) == 2
+    assert "--host-cost takes 'measured', 'none' or seconds >= 0, got 'soon'" in capsys.readouterr().err
+
+
+def test_bubble_causes_split_each_gap_and_add_up_to_the_bubble():
+    from tdpipe_hf.metrics import bubble_causes, bubble_ratios
+
+    timeline = [(0, "compute", 0, "prefill", 0.0, 1.0), (1, "compute", 0, "prefill", 1.0, 2.0),
+                (0, "compute", 1, "decode", 2.0, 3.0), (1, "compute", 1, "decode", 3.0, 4.0),  # 1 s switch each
+                (0, "compute", 2, "decode", 3.5, 4.0), (1, "compute", 2, "decode", 4.5, 5.0)]  # 0.5 s waits
+    causes = bubble_causes(timeline)
+    assert causes == pytest.approx({"fill and drain": 0.2, "phase switch": 0.2,
+                                    "stage 0 waits for the controller": 0.05, "waits on an upstream stage": 0.05})
+    assert sum(causes.values()) == pytest.approx(sum(bubble_ratios(timeline)["all"].values()) / 2)
+
+
+def test_simulated_rows_break_their_bubble_down():
+    setup = SimSetup.named("llama2-13b", "a100-pcie", 4)
+    workload = sharegpt_like(200, seed=2)
+    for policy in ("tdpipe", "vllm-v0-pp", "hybrid"):
+        row = simulate(setup, policy, workload)
+        assert sum(row["bubble_causes"].values()) == pytest.approx(row["bubble_ratio"])
+        if policy == "tdpipe":  # prefill then decode phases: it pays for switching
+            assert row["bubble_causes"]["phase switch"] > 0

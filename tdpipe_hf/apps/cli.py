@@ -211,6 +211,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--prediction-error", default=None,
                      help="BIAS:SIGMA[,BIAS:SIGMA...]: the log-normal error of the realistic length predictor "
                           "(default: the shipped predictor's measured 0.617:1.173); several levels sweep it")
+    sim.add_argument("--host-cost", default="measured",
+                     help="the controller's time on the critical path: 'measured' (default: the real "
+                          "scheduler's wall time per step, as it runs here), 'none', or fixed SECONDS per micro-batch")
     sim.add_argument("--out", default="tdpipe-sim", help="directory for the plots (default ./tdpipe-sim)")
     sim.add_argument("--no-plots", action="store_true")
     sim.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
@@ -389,15 +392,27 @@ def _eval_predictor(args) -> int:
     return 0
 
 
+def _host_cost(text: str) -> dict:
+    if text in ("measured", "none"):
+        return {"measure_host": text == "measured"}
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"--host-cost takes 'measured', 'none' or seconds >= 0, got {text!r}")
+    return {"dispatch_overhead": seconds}
+
+
 def _simulate(args) -> int:
     from ..sim import SimSetup, sharegpt_like, simulate
-    from ..sim.report import format_table, write_json, write_plots
+    from ..sim.report import format_causes, format_table, write_json, write_plots
     from ..variants import variant
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for policy in policies:
         variant(policy)  # unknown names fail before anything runs
-    setup = SimSetup.named(args.model, args.gpu, args.gpus)
+    setup = SimSetup.named(args.model, args.gpu, args.gpus, **_host_cost(args.host_cost))
     workload = sharegpt_like(args.requests, seed=args.seed)
     title = f"{setup.model.name} on {args.gpus} x {setup.gpu.name}"
     print(f"simulating {title}: {len(workload)} requests", file=sys.stderr)
@@ -421,6 +436,8 @@ def _simulate(args) -> int:
             print(f"  {row['policy']}: {row['tokens_per_s']:.0f} tokens/s, bubble {row['bubble_ratio']:.1%} "
                   f"({row['sim_wall_s']:.0f} s to simulate)", file=sys.stderr)
     print(format_table(rows))
+    print()
+    print(format_causes(rows))
     if not args.no_plots:
         for path in write_plots(rows, args.out, title):
             print(f"wrote {path}", file=sys.stderr)

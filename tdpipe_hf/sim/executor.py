@@ -10,6 +10,7 @@ clock to its finish. There is no model: each request has a predetermined output 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -25,14 +26,22 @@ StageTimes = Callable[[list[SeqShape]], list[float]]
 class SimExecutor:
     """``stage_times(seqs)`` gives each stage's compute seconds for a micro-batch;
     ``transfer(tokens)`` the seconds to pass its activations to the next stage;
-    ``dispatch_overhead`` the controller's seconds between a collect and the next submit."""
+    ``dispatch_overhead`` fixed seconds added before every micro-batch enters stage 0.
+
+    With ``measure_host``, the real scheduler's own work is on the critical path too: the wall
+    seconds the controller spends between getting a result and submitting (absorbing the result,
+    planning the next micro-batch) move the virtual clock, as the one host thread of a real
+    engine would. What this executor itself computes is not counted."""
 
     def __init__(self, num_stages: int, stage_times: StageTimes, transfer: Callable[[int], float] | None = None,
-                 dispatch_overhead: float = 0.0):
+                 dispatch_overhead: float = 0.0, measure_host: bool = False):
         self.num_stages = num_stages
         self.stage_times = stage_times
         self.transfer = transfer or (lambda tokens: 0.0)
         self.dispatch_overhead = dispatch_overhead
+        self.measure_host = measure_host
+        self.host_seconds = 0.0  # the controller's measured work, in total
+        self._host_mark: float | None = None  # wall clock when control last went back to it
         self.now = 0.0
         self._free = [0.0] * num_stages
         self._queue: deque[tuple[float, StepResult]] = deque()
@@ -48,6 +57,7 @@ class SimExecutor:
         return self.now
 
     def submit(self, batch: MicroBatch) -> None:
+        self._charge_host()
         seqs = [SeqShape(len(s.token_ids), s.context_len, s.sample) for s in batch.seqs]
         times = self.stage_times(seqs)
         if len(times) != self.num_stages:
@@ -67,6 +77,7 @@ class SimExecutor:
                 ready = end
         result = StepResult(batch.batch_id, self._tokens(batch), events)
         self._queue.append((ready, result))
+        self._host_mark = time.perf_counter()
 
     def _tokens(self, batch: MicroBatch) -> dict[int, int]:
         tokens = {}
@@ -81,9 +92,18 @@ class SimExecutor:
     def collect(self) -> StepResult:
         if not self._queue:
             raise RuntimeError("collect() called with no micro-batch in flight")
+        self._charge_host()
         finish, result = self._queue.popleft()
         self.now = max(self.now, finish)
+        self._host_mark = time.perf_counter()
         return result
+
+    def _charge_host(self) -> None:
+        """Move the clock by the controller's wall time since control last came back to it."""
+        if self.measure_host and self._host_mark is not None:
+            spent = time.perf_counter() - self._host_mark
+            self.host_seconds += spent
+            self.now += spent
 
     def close(self) -> None:
         self._queue.clear()

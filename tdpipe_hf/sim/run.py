@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import TDPipeConfig
 from ..controller import Controller, Status
-from ..metrics import bubble_ratios, mean_kv_utilisation
+from ..metrics import bubble_causes, bubble_ratios, mean_kv_utilisation
 from ..predictors import ConstantPredictor, OraclePredictor
 from ..predictors.oracle import NoisyOraclePredictor
 from ..scheduling import build_scheduler
@@ -44,7 +44,8 @@ class SimSetup:
     num_gpus: int
     efficiency: Efficiency = Efficiency()
     block_size: int = 16
-    dispatch_overhead: float = 0.0  # controller seconds between a collect and the next submit
+    dispatch_overhead: float = 0.0  # fixed seconds before each micro-batch enters stage 0
+    measure_host: bool = False  # put the real scheduler's measured wall time on the critical path
     kv_blocks: int | None = None  # override the budget derived from memory
     max_seqs_per_batch: int = MAX_SEQS_PER_BATCH
 
@@ -67,7 +68,7 @@ def make_executor(setup: SimSetup, parallel: str) -> tuple[SimExecutor, int]:
     if parallel == "tp":
         blocks = cost.kv_blocks([setup.model.num_layers], setup.block_size, devices_per_stage=setup.num_gpus)
         executor = SimExecutor(1, lambda seqs: [cost.tp_time(seqs, setup.num_gpus)],
-                               dispatch_overhead=setup.dispatch_overhead)
+                               dispatch_overhead=setup.dispatch_overhead, measure_host=setup.measure_host)
     else:
         layers = even_split(setup.model.num_layers, setup.num_gpus)
         blocks = cost.kv_blocks(layers, setup.block_size)
@@ -78,7 +79,8 @@ def make_executor(setup: SimSetup, parallel: str) -> tuple[SimExecutor, int]:
             times[-1] += cost.head_time(seqs) + setup.efficiency.step_overhead
             return times
 
-        executor = SimExecutor(len(layers), stage_times, cost.transfer_time, setup.dispatch_overhead)
+        executor = SimExecutor(len(layers), stage_times, cost.transfer_time, setup.dispatch_overhead,
+                               setup.measure_host)
     return executor, setup.kv_blocks or blocks
 
 
@@ -134,10 +136,13 @@ def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tok
         "generated_tokens": stats.generated_tokens, "seconds": executor.now,
         "tokens_per_s": stats.generated_tokens / executor.now if executor.now > 0 else 0.0,
         "bubble_ratio": mean("all"), "prefill_bubble": mean("prefill"), "decode_bubble": mean("decode"),
-        "bubble_per_stage": bubbles.get("all", {}), "preemptions": stats.preemptions,
+        "bubble_per_stage": bubbles.get("all", {}), "bubble_causes": bubble_causes(stats.timeline),
+        "preemptions": stats.preemptions,
         "phase_switches": stats.phase_switches, "kv_blocks": num_blocks,
         "kv_utilisation": mean_kv_utilisation(stats.kv_used, num_blocks),
         "micro_batches": dict(stats.micro_batches), "sim_wall_s": wall,
+        "host_ms_per_micro_batch": (1e3 * executor.host_seconds / max(1, sum(stats.micro_batches.values()))
+                                    if setup.measure_host else None),
     }
     if keep_timeline:
         row["timeline"] = stats.timeline
