@@ -81,6 +81,15 @@ def vllm_v1_capped_scheduler(config: TDPipeConfig, blocks: BlockManager, num_sta
                            prefill_chunk_tokens=config.prefill_chunk_tokens, max_num_seqs=config.max_num_seqs)
 
 
+def throttled_hybrid_scheduler(config: TDPipeConfig, blocks: BlockManager, num_stages: int,
+                               predictor=None) -> HybridScheduler:
+    """One KV pool, any request not in flight may join, and each micro-batch throttled to 1 / pp
+    of the decodes and of the pending prompt tokens (see ``controller/hybrid.py``)."""
+    return HybridScheduler(blocks, num_stages, build_admission(config, name="fits"), pinned_lanes=False,
+                           throttle=True, prefill_chunk_tokens=config.prefill_chunk_tokens,
+                           max_num_seqs=config.max_num_seqs)
+
+
 def build_scheduler(config: TDPipeConfig, num_blocks: int, in_flight: int, predictor=None):
     """A fresh scheduler of ``config.policy`` for one run over ``num_blocks`` KV blocks and
     ``in_flight`` micro-batches."""

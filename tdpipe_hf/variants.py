@@ -73,6 +73,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             {"policy": "vllm-v1-pp"}, sim_chunk_tokens=2048),
     Variant("vllm-v1-pp-capped", "vllm-v1-pp with vLLM's fix for uneven micro-batches: at most max_num_seqs / pp "
                                  "sequences per micro-batch.", {"policy": "vllm-v1-pp-capped"}, sim_chunk_tokens=2048),
+    Variant("hybrid-throttled", "Baseline, the strongest hybrid we know (after gLLM's token throttling): one KV "
+                                "pool, each micro-batch takes 1/pp of the decoding requests and 1/pp of the "
+                                "pending prompt tokens, scaled by the free KV share.",
+            {"policy": "hybrid-throttled"}, sim_chunk_tokens=2048),
     Variant("naive", "Baseline: static groups; a group is prefilled, decoded until all its requests finish, "
                      "then the next group starts.", {"policy": "naive", "prefill_packing": "fcfs"}, sim_chunk_tokens=2048),
     Variant("tp", "Baseline (simulator only): tensor parallelism over all GPUs with hybrid batches.",

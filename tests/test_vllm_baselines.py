@@ -15,7 +15,7 @@ from tdpipe_hf.controller import Controller, Request, Status
 from tdpipe_hf.predictors import ConstantPredictor
 from tdpipe_hf.scheduling import build_scheduler
 
-KINDS = ["vllm-v0-pp", "vllm-v1-pp", "vllm-v1-pp-capped"]
+KINDS = ["vllm-v0-pp", "vllm-v1-pp", "vllm-v1-pp-capped", "hybrid-throttled"]
 EVERY_KIND = ["tdpipe", "hybrid", "naive", *KINDS]
 
 
@@ -148,3 +148,15 @@ def test_v1_lets_any_idle_request_join_and_the_cap_limits_a_micro_batch():
     _, _, capped = run("vllm-v1-pp-capped", prompts, 10, num_stages=2, num_blocks=120, chunk=64, max_num_seqs=12)
     assert max(len(ids) for _, ids in free.batches) == 12  # vllm#28270: everything in one micro-batch
     assert max(len(ids) for _, ids in capped.batches) <= 6  # PR #28286: max_num_seqs / pp
+
+
+def test_throttling_spreads_decodes_and_prefill_evenly_over_the_micro_batches():
+    prompts = [[i % 40 + 1] * 20 for i in range(12)]
+    _, _, free = run("vllm-v1-pp", prompts, 10, num_stages=3, num_blocks=200, chunk=512)
+    _, _, throttled = run("hybrid-throttled", prompts, 10, num_stages=3, num_blocks=200, chunk=512)
+    decode_rows = lambda p: [len(ids) for phase, ids in p.batches if phase == "decode"]  # noqa: E731
+    assert max(decode_rows(free)) >= 8  # v1: whatever is not in flight joins one micro-batch
+    assert max(decode_rows(throttled)) <= 4  # about a third of the 12 decoding requests each
+    # prefill: 240 prompt tokens over 3 stages, at most 80 (a third) per micro-batch, not 512 at once
+    first = throttled.batches[0][1]
+    assert len(first) * 20 <= 80 and len(free.batches[0][1]) == 12

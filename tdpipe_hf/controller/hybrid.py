@@ -10,6 +10,12 @@ No phases: every micro-batch is decodes plus chunks of prefills and of newly adm
   scheduler.py``). ``max_batch_seqs`` caps the sequences of one micro-batch: vLLM's fix
   (PR #28286) for all ``max_num_seqs`` landing in one micro-batch (issue #28270) caps it at
   ``max_num_seqs / pp``.
+- ``hybrid-throttled`` (``throttle=True``, lanes not pinned): the best hybrid we know, after
+  gLLM's token throttling (SC'25, arXiv 2504.14775) in spirit, with our own rule: each micro-batch
+  takes about 1 / pp of the decoding requests (so decode work is even across the micro-batches in
+  flight) and a prefill budget of 1 / pp of the prompt tokens still to compute, scaled by the
+  share of KV blocks free (less admission as memory fills), within [``MIN_PREFILL_TOKENS``,
+  ``prefill_chunk_tokens``].
 """
 
 from __future__ import annotations
@@ -21,17 +27,22 @@ from .base import BaseScheduler
 from .request import Request, Status
 
 
+MIN_PREFILL_TOKENS = 32  # a throttled micro-batch still makes prefill progress
+
+
 class HybridScheduler(BaseScheduler):
-    def __init__(self, *args, pinned_lanes: bool = True, max_batch_seqs: int | None = None, **kwargs):
+    def __init__(self, *args, pinned_lanes: bool = True, max_batch_seqs: int | None = None, throttle: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.pinned_lanes = pinned_lanes
+        self.throttle = throttle
         self.max_batch_seqs = max_batch_seqs or self.max_num_seqs
         self._lane: dict[int, int] = {}
         self._lanes = itertools.cycle(range(self.num_stages))
 
     def schedule(self) -> MicroBatch | None:
         if not self.pinned_lanes:
-            return self._lane_batch(None, [r for r in self.running if not r.in_flight])
+            return self._lane_batch(None, [r for r in self.running if not r.in_flight], *self._throttled())
         for _ in range(self.num_stages):
             lane = next(self._lanes)
             members = [r for r in self.running if self._lane.get(r.request_id) == lane]
@@ -45,13 +56,25 @@ class HybridScheduler(BaseScheduler):
     def on_leave(self, request: Request) -> None:
         self._lane.pop(request.request_id, None)
 
-    def _lane_batch(self, lane: int | None, members: list[Request]) -> MicroBatch | None:
+    def _throttled(self) -> tuple[int | None, int | None]:
+        """(decode rows, prefill tokens) for the next micro-batch under ``throttle``, else (None, None)."""
+        if not self.throttle:
+            return None, None
+        decoding = sum(r.status is Status.DECODING for r in self.running)
+        pending = (sum(len(r.pending_ids) for r in self.running if r.status is Status.PREFILLING)
+                   + sum(r.num_tokens for r in self.waiting))
+        free = self.blocks.num_free / max(1, self.blocks.num_blocks)
+        prefill = int(-(-pending // self.num_stages) * free)
+        return -(-decoding // self.num_stages), max(MIN_PREFILL_TOKENS, min(prefill, self.prefill_chunk_tokens))
+
+    def _lane_batch(self, lane: int | None, members: list[Request], decode_rows: int | None = None,
+                    prefill_tokens: int | None = None) -> MicroBatch | None:
         """One lane's decodes, then chunks of its prefills and of newly admitted requests, within
-        ``prefill_chunk_tokens``. Plans are written last: making room may preempt a request
-        chosen earlier in the loop."""
+        ``prefill_chunk_tokens`` (or the throttled ``decode_rows`` and ``prefill_tokens``). Plans
+        are written last: making room may preempt a request chosen earlier in the loop."""
         cap = self.max_batch_seqs
-        decodes = self.take_decodes([r for r in members if r.status is Status.DECODING][:cap])
-        budget = self.prefill_chunk_tokens - len(decodes)
+        decodes = self.take_decodes([r for r in members if r.status is Status.DECODING][:min(cap, decode_rows or cap)])
+        budget = self.prefill_chunk_tokens - len(decodes) if prefill_tokens is None else prefill_tokens
         chunks: list[tuple[Request, int]] = []
         for request in [r for r in members if r.status is Status.PREFILLING and r.block_table]:
             if len(decodes) + len(chunks) >= cap:
