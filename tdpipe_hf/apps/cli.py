@@ -350,8 +350,6 @@ def _train_predictor(args) -> int:
 
     input_path = _input_path(args.input)
     executor = "distributed" if args.stages > 1 else "local"
-    if not args.prompt.strip():
-        raise ValueError("empty prompt: give the text to answer")
     print("loading model ...", file=sys.stderr)
     model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, executor=executor,
                                                  admission="fits", **_placement(args))
