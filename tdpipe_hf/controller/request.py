@@ -57,7 +57,10 @@ class Request:
     def pending_ids(self) -> list[int]:
         """Tokens whose KV is not in the cache yet: the whole sequence after a (re)admission,
         the last sampled token in decode."""
-        return self.all_ids[self.num_cached:]
+        prompt = len(self.prompt_ids)
+        if self.num_cached >= prompt:  # decode: no copy of the whole sequence per step
+            return self.output_ids[self.num_cached - prompt:]
+        return self.prompt_ids[self.num_cached:] + self.output_ids
 
     @property
     def history(self) -> list[int]:

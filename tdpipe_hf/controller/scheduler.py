@@ -158,12 +158,12 @@ class Scheduler(BaseScheduler):
         return self.new_batch(PREFILL, [self.plan(r) for r in chosen]) if chosen else None
 
     def _decode_batch(self) -> MicroBatch | None:
-        ready = [r for r in self.running if r.status is Status.DECODING and not r.in_flight]
+        decoding = [r for r in self.running if r.status is Status.DECODING]
+        ready = [r for r in decoding if not r.in_flight]
         if not ready:
             return None
-        decoding = [r for r in self.running if r.status is Status.DECODING]
         self._peak_decoding = max(self._peak_decoding, len(decoding))
-        context = sum(r.num_tokens for r in decoding)
+        context = sum(len(r.prompt_ids) + len(r.output_ids) for r in decoding)
         chosen = self.take_decodes(self.batcher.select(ready, len(decoding), self.num_stages, cost=self.cost,
                                                        context=context))
         if not chosen:
