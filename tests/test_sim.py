@@ -168,3 +168,23 @@ def test_simulated_rows_break_their_bubble_down():
         assert sum(row["bubble_causes"].values()) == pytest.approx(row["bubble_ratio"])
         if policy == "tdpipe":  # prefill then decode phases: it pays for switching
             assert row["bubble_causes"]["phase switch"] > 0
+
+
+def test_the_readme_tables_come_from_the_saved_rows(tmp_path):
+    """benchmarks/sim_tables.py renders what `tdpipe simulate --json` wrote, ratios included."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tdpipe_hf.sim.report import write_json
+
+    setup, workload = SimSetup.named("llama2-13b", "l20", 4), sharegpt_like(60, seed=4)
+    rows = [simulate(setup, policy, workload) for policy in ("tdpipe", "vllm-v0-pp", "hybrid", "hybrid-throttled", "tp")]
+    write_json(rows, tmp_path / "l20-llama2-13b.json")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sim_tables.py"
+    printed = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    speed = {r["policy"]: r["tokens_per_s"] for r in rows}
+    ratio = speed["tdpipe"] / speed["vllm-v0-pp"]
+    line = next(line for line in printed.splitlines() if line.startswith("| L20, Llama-2-13b |"))
+    assert f"{speed['tdpipe']:.0f}" in line and f"{ratio:.2f}x" in line
+    assert "| L20, Llama-2-13b | tdpipe |" in printed  # the bubble-causes table
