@@ -74,7 +74,8 @@ def bubble_causes(timeline: list[tuple]) -> dict[str, float]:
     up to the mean of ``bubble_ratios(...)["all"]``. Each gap on a stage is charged to one cause:
 
     - fill and drain: before the stage's first micro-batch and after its last;
-    - phase switch: the micro-batch after the gap is of another phase than the one before it;
+    - phase switch: the micro-batch after the gap is of another kind (prefill, decode, mixed) than
+      the one before it;
     - stage 0 waits for the controller: stage 0 had nothing to run (every slot in flight, or no
       admissible work: the KV budget or the request stream ran dry);
     - waits on an upstream stage: a later stage waited for its input (micro-batches of unequal

@@ -163,7 +163,7 @@ class Scheduler(BaseScheduler):
         if not ready:
             return None
         self._peak_decoding = max(self._peak_decoding, len(decoding))
-        context = sum(len(r.prompt_ids) + len(r.output_ids) for r in decoding)
+        context = sum(r.num_tokens for r in decoding)
         chosen = self.take_decodes(self.batcher.select(ready, len(decoding), self.num_stages, cost=self.cost,
                                                        context=context))
         if not chosen:

@@ -235,22 +235,18 @@ class DistributedExecutor:
         failed = {rank for rank, _ in errors}
         for rank, proc in enumerate(self._procs):
             if not proc.is_alive() and rank not in failed:
-                return (f"stage {rank} ({self._layers(rank)}, pid {proc.pid}) died with exit code "
-                        f"{proc.exitcode}")
+                return (f"stage {rank} ({self.stages[rank].layers_label}, pid {proc.pid}) died with exit "
+                        f"code {proc.exitcode}")
         if errors:
             rank, message = errors[0]
-            return f"stage {rank} ({self._layers(rank)}) failed: {message}"
+            return f"stage {rank} ({self.stages[rank].layers_label}) failed: {message}"
         now = time.monotonic()
         for rank, proc in enumerate(self._procs if check_heartbeats else []):  # imports take a while at start
             silent = now - self._beats[rank]
             if silent > HEARTBEAT_TIMEOUT:
-                return (f"stage {rank} ({self._layers(rank)}, pid {proc.pid}) is not responding: no heartbeat "
-                        f"for {silent:.1f}s")
+                return (f"stage {rank} ({self.stages[rank].layers_label}, pid {proc.pid}) is not responding: "
+                        f"no heartbeat for {silent:.1f}s")
         return None
-
-    def _layers(self, rank: int) -> str:
-        layers = self.stages[rank].index_range
-        return f"layers {layers.start}-{layers.stop - 1}"
 
 
 def main_is_guarded() -> bool:

@@ -32,6 +32,11 @@ class Stage:
         self._homes = [_device_of(module) for module in self._owned()]  # where the model keeps its layers
 
     @property
+    def layers_label(self) -> str:
+        """``layers 2-3``: how error messages name the stage's share of the model."""
+        return f"layers {self.index_range.start}-{self.index_range.stop - 1}"
+
+    @property
     def device(self) -> torch.device:
         return _device_of(self.layers[0])
 

@@ -73,16 +73,12 @@ def join_torchrun_pipeline(stages: list[Stage], setup: StageSetup, threads: int,
         worker.loop()
     except Exception as exc:  # a peer's process or machine went away: say so and leave (SystemExit
         # is not an Exception, so `wrap` does not dress it up as a failed build)
-        print(f"tdpipe_hf: stage {rank} ({_layers(stage)}, rank {rank}) lost its link to the pipeline: "
+        print(f"tdpipe_hf: stage {rank} ({stage.layers_label}, rank {rank}) lost its link to the pipeline: "
               f"{_short(exc)}. Rank 0 (the controller) or a neighbouring rank stopped; see its log. Exiting.",
               file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     dist.destroy_process_group()
     raise SystemExit(0)
-
-
-def _layers(stage: Stage) -> str:
-    return f"layers {stage.index_range.start}-{stage.index_range.stop - 1}"
 
 
 def _short(exc: Exception) -> str:
@@ -123,8 +119,8 @@ class TorchrunExecutor:
             fn()
         except Exception as exc:
             self._results.put(StageError(
-                f"rank 0 lost its link to rank {peer} (stage {peer}, {_layers(self.stages[peer])}): {_short(exc)}. "
-                f"That rank, or one after it, stopped; see its log. A torchrun pipeline cannot restart its "
+                f"rank 0 lost its link to rank {peer} (stage {peer}, {self.stages[peer].layers_label}): "
+                f"{_short(exc)}. That rank, or one after it, stopped; see its log. A torchrun pipeline cannot restart its "
                 f"ranks: relaunch the job"))
 
     def _receive_results(self) -> None:
