@@ -8,10 +8,10 @@ from typing import Any
 
 from . import plugins
 from .controller.scheduler import PREFILL_PACKINGS
+from .runtime.attention import AUTO
 from .runtime.placement import parse_devices
 
 LENGTH_PLANNING = ("distribution", "point")
-AUTO = "auto"  # attention_backend: the fastest built-in for the stages' devices (runtime.attention.resolve)
 
 
 @dataclass
@@ -67,7 +67,7 @@ class TDPipeConfig:
     threads_per_stage: int | None = None
     micro_batches: int | None = None
     pack_weights: bool = False
-    attention_backend: str = "auto"
+    attention_backend: str = AUTO
     devices: tuple[str, ...] | str | None = None
 
     def __post_init__(self) -> None:

@@ -4,7 +4,6 @@ every real policy finishing every request under a tight simulated KV budget."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -41,18 +40,19 @@ def test_executor_pipelines_batches_on_a_virtual_clock():
 
 @pytest.mark.parametrize("measure_host", [False, True])
 def test_the_controllers_own_time_moves_the_clock_only_when_measured(measure_host):
-    """The wall time spent between getting a result and the next submit (here a sleep standing in
-    for a slow scheduler) is on the critical path with ``measure_host``; never otherwise."""
-    executor = SimExecutor(1, lambda seqs: [0.001], measure_host=measure_host)
+    """The wall time spent between getting a result and the next submit (here a fake clock that
+    "spends" 50 ms planning) is on the critical path with ``measure_host``; never otherwise."""
+    wall = [100.0]
+    executor = SimExecutor(1, lambda seqs: [0.001], measure_host=measure_host, wall_clock=lambda: wall[0])
     executor.expect(0, prompt_len=4, output_len=3)
     executor.submit(batch(0, "prefill", (0, 4, 0)))
     executor.collect()
-    time.sleep(0.05)  # "planning" the next micro-batch
+    wall[0] += 0.05  # "planning" the next micro-batch
     executor.submit(batch(1, "decode", (0, 1, 4)))
-    time.sleep(0.05)  # host work while the micro-batch runs: it outlasts it
+    wall[0] += 0.05  # host work while the micro-batch runs: it outlasts it
     executor.collect()
     if measure_host:
-        assert executor.now >= 0.001 + 0.05 + 0.05 and executor.host_seconds >= 0.1
+        assert executor.now == pytest.approx(0.001 + 0.05 + 0.05) and executor.host_seconds == pytest.approx(0.1)
     else:
         assert executor.now == pytest.approx(0.002) and executor.host_seconds == 0.0
 

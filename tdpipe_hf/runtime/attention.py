@@ -197,6 +197,7 @@ class PagedSDPA:
 
 
 DEFAULT_BACKEND = "paged-sdpa"
+AUTO = "auto"  # the fastest built-in for the stages' devices (see resolve)
 _BACKENDS: dict[str, object] = {}
 
 
@@ -213,7 +214,7 @@ def resolve(name: str, devices) -> str:
     """The backend ``auto`` means for stages on ``devices`` (device names; None: the CPU):
     ``paged-cpu`` when all are CPUs and its kernel builds here, else ``paged-sdpa``. Any other
     name is returned as it is."""
-    if name != "auto":
+    if name != AUTO:
         return name
     if all(torch.device(d).type == "cpu" for d in (devices or ("cpu",))):
         from .cpu_attention import available

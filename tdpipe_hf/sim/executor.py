@@ -31,15 +31,17 @@ class SimExecutor:
     With ``measure_host``, the real scheduler's own work is on the critical path too: the wall
     seconds the controller spends between getting a result and submitting (absorbing the result,
     planning the next micro-batch) move the virtual clock, as the one host thread of a real
-    engine would. What this executor itself computes is not counted."""
+    engine would (read from ``wall_clock``). What this executor itself computes is not counted."""
 
     def __init__(self, num_stages: int, stage_times: StageTimes, transfer: Callable[[int], float] | None = None,
-                 dispatch_overhead: float = 0.0, measure_host: bool = False):
+                 dispatch_overhead: float = 0.0, measure_host: bool = False,
+                 wall_clock: Callable[[], float] = time.perf_counter):
         self.num_stages = num_stages
         self.stage_times = stage_times
         self.transfer = transfer or (lambda tokens: 0.0)
         self.dispatch_overhead = dispatch_overhead
         self.measure_host = measure_host
+        self.wall_clock = wall_clock
         self.host_seconds = 0.0  # the controller's measured work, in total
         self._host_mark: float | None = None  # wall clock when control last went back to it
         self.now = 0.0
@@ -77,7 +79,7 @@ class SimExecutor:
                 ready = end
         result = StepResult(batch.batch_id, self._tokens(batch), events)
         self._queue.append((ready, result))
-        self._host_mark = time.perf_counter()
+        self._host_mark = self.wall_clock()
 
     def _tokens(self, batch: MicroBatch) -> dict[int, int]:
         tokens = {}
@@ -95,13 +97,13 @@ class SimExecutor:
         self._charge_host()
         finish, result = self._queue.popleft()
         self.now = max(self.now, finish)
-        self._host_mark = time.perf_counter()
+        self._host_mark = self.wall_clock()
         return result
 
     def _charge_host(self) -> None:
         """Move the clock by the controller's wall time since control last came back to it."""
         if self.measure_host and self._host_mark is not None:
-            spent = time.perf_counter() - self._host_mark
+            spent = self.wall_clock() - self._host_mark
             self.host_seconds += spent
             self.now += spent
 
