@@ -1,28 +1,30 @@
 """Prefill admission policies side by side on the real prompt workload (one run, same engine).
 
-    python benchmarks/admission.py [--requests 512] [--max-new-tokens 512] [--stages 2]
+    python benchmarks/admission.py [--requests 129] [--max-new-tokens 512] [--stages 2] [--kv-blocks N]
 
-Runs the first N prompts of shared/data/prompts.jsonl with: greedy prefill + the shipped predictor
-planning with its length distribution (``greedy``, the default) or with one length per request
-(``greedy-point``, as the paper), the baseline "admit while the KV fits now" (``fits``), and greedy
-prefill + an oracle that knows every answer's length (``oracle``; from
-benchmarks/data/*.lengths.jsonl, the model's own greedy answers). Prints tokens/s,
-preemptions and mean KV utilisation per policy.
+By default the workload is the held-out part of the split ``tdpipe train-predictor`` trained the
+shipped predictor and probe on (test fraction 0.2, seed 0: 129 of shared/data/prompts.jsonl), so
+every figure is out of sample; ``--in-sample`` takes the first N prompts of the file instead.
+Policies: greedy prefill with the shipped predictor and, after each prefill, the shipped length
+probe (``greedy``, the default), the same without the probe (``greedy-prompt-only``), with one
+length per request (``greedy-point``, as the paper), the baseline "admit while the KV fits now"
+(``fits``), and greedy prefill with an oracle that knows every answer's length (``oracle``; from
+benchmarks/data/*.lengths.jsonl, the model's own greedy answers). Prints tokens/s, preemptions
+and mean KV utilisation per policy.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import tempfile
 from pathlib import Path
 
 import tdpipe_hf
-from tdpipe_hf.models import load_model_and_tokenizer
 from tdpipe_hf.apps.offline import answer_lengths, run_batch
+from tdpipe_hf.apps.training import read_labels, split
+from tdpipe_hf.models import load_model_and_tokenizer
 from tdpipe_hf.predictors import OraclePredictor
-from tdpipe_hf.apps.training import read_labels
 
 HERE = Path(__file__).resolve().parent
 WORKLOAD = HERE.parent.parent / "shared" / "data" / "prompts.jsonl"
@@ -32,22 +34,26 @@ LENGTHS = HERE / "data" / "prompts.SmolLM2-135M-Instruct.lengths.jsonl"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", default=str(WORKLOAD))
-    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--requests", type=int, default=None, help="default: the whole held-out split")
+    parser.add_argument("--in-sample", action="store_true", help="the first N prompts, not the held-out split")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--kv-blocks", type=int, default=None)
-    parser.add_argument("--policies", default="greedy,greedy-point,fits,oracle")
+    parser.add_argument("--policies", default="greedy,greedy-prompt-only,fits,oracle")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tdpipe-admission-"))
     source = work / "prompts.jsonl"
-    with open(args.prompts) as lines:
-        source.write_text("".join(itertools.islice(lines, args.requests)))
+    with open(args.prompts) as handle:
+        lines = [line for line in handle if line.strip()]
+    chosen = range(len(lines)) if args.in_sample else split(len(lines), 0.2, 0)[1]
+    source.write_text("".join(lines[i] for i in list(chosen)[:args.requests]))
     model, tokenizer = load_model_and_tokenizer()
     prompts, lengths = read_labels(args.prompts, LENGTHS, tokenizer)
     oracle = OraclePredictor().fit(prompts, lengths)
     settings = {"greedy": {"admission": "greedy"}, "fits": {"admission": "fits"},
-                "greedy-point": {"admission": "greedy", "length_planning": "point"},
+                "greedy-prompt-only": {"admission": "greedy", "length_probe": False},
+                "greedy-point": {"admission": "greedy", "length_planning": "point", "length_probe": False},
                 "oracle": {"admission": "greedy", "predictor": oracle}}
     rows = []
     for name in args.policies.split(","):
@@ -66,9 +72,9 @@ def main() -> None:
                "kv_utilisation": round(summary.kv_utilisation, 3), "kv_blocks": blocks}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{'policy':<13} {'tok/s':>7} {'preempt':>8} {'KV use':>7}")
+    print(f"\n{'policy':<19} {'tok/s':>7} {'preempt':>8} {'KV use':>7}")
     for row in rows:
-        print(f"{row['policy']:<13} {row['tokens_per_s']:>7} {row['preemptions']:>8} {100 * row['kv_utilisation']:>6.1f}%")
+        print(f"{row['policy']:<19} {row['tokens_per_s']:>7} {row['preemptions']:>8} {100 * row['kv_utilisation']:>6.1f}%")
     same = {name: answer_lengths(work / f"{name}.jsonl") for name in (r["policy"] for r in rows)}
     reference = next(iter(same.values()))
     print("identical output lengths across policies:", all(v == reference for v in same.values()))

@@ -3,7 +3,10 @@
     python benchmarks/predictor_choices.py PROMPTS.jsonl LABELS.jsonl
 
 LABELS is a `tdpipe run` / `tdpipe train-predictor` answers file of the served model. Prints MAE
-and bucket accuracy per design; the shipped `sklearn` predictor is the design chosen from this.
+and bucket accuracy per design, and each design's MAE as a multiple of the best constant's (the
+training folds' median); the shipped `sklearn` predictor is the prompt-only design chosen from
+this. The "probe" rows are the after-prefill length probe (`predictors/probe.py`) on the model's
+hidden state of the last prompt token after that many layers.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold
 
 from tdpipe_hf.models import load_model_and_tokenizer
-from tdpipe_hf.predictors import ConstantPredictor, LearnedLengthPredictor
-from tdpipe_hf.apps.training import evaluate, read_labels
+from tdpipe_hf.predictors import ConstantPredictor, HiddenStateProbe, LearnedLengthPredictor
+from tdpipe_hf.predictors.probe import last_token_states
+from tdpipe_hf.apps.training import FixedGuess, evaluate, read_labels
 
 
 class RidgeOn:
@@ -52,14 +56,36 @@ def main(prompts_path: str, labels_path: str) -> None:
     def embedding_and_length(batch):
         return np.hstack([mean_embedding(batch), np.log1p([[len(p)] for p in batch])])
 
+    class OnStates:
+        """A design fitted on per-prompt feature rows (hidden states), looked up by prompt."""
+
+        def __init__(self, rows, make):
+            self.rows, self.make = rows, make
+
+        def fit(self, batch, lengths):
+            self.model = self.make().fit(self.rows[[index[tuple(p)] for p in batch]], np.asarray(lengths))
+            return self
+
+        def predict(self, batch):
+            return self.model.predict(self.rows[[index[tuple(p)] for p in batch]])
+
+    index = {tuple(p): i for i, p in enumerate(prompts)}
+    layers = [10, 15, 20, 26] if model.config.num_hidden_layers > 26 else [model.config.num_hidden_layers // 2]
+    states = last_token_states(model, prompts, layers, progress=True)
     designs = {
+        "median (the best constant)": FixedGuess,
         "mean": ConstantPredictor,
         "sklearn (hashed n-grams, SGD)": LearnedLengthPredictor,
         "hashed n-grams, Ridge": lambda: RidgeOn(hashed_features, alpha=1.0),
         "prompt length only, Ridge": lambda: RidgeOn(lambda b: np.log1p([[len(p)] for p in b])),
         "mean token embedding, Ridge": lambda: RidgeOn(embedding_and_length, alpha=10.0),
+        **{f"probe after {layer} layers (after prefill)": (lambda layer=layer: OnStates(
+            states[layer], lambda: HiddenStateProbe(layer))) for layer in layers},
     }
     folds = KFold(5, shuffle=True, random_state=0)
+    constant = []
+    for train, test in folds.split(prompts):
+        constant.append(np.mean(np.abs(np.median(lengths_arr[train]) - lengths_arr[test])))
     for name, make in designs.items():
         mae, acc = [], []
         for train, test in folds.split(prompts):
@@ -67,7 +93,8 @@ def main(prompts_path: str, labels_path: str) -> None:
             result = evaluate(name, predictor, [prompts[i] for i in test], [lengths[i] for i in test])
             mae.append(result.mae)
             acc.append(result.bucket_accuracy)
-        print(f"{name:<32} MAE {np.mean(mae):6.1f} ± {np.std(mae):4.1f}   bucket accuracy {100 * np.mean(acc):5.1f} %")
+        print(f"{name:<44} MAE {np.mean(mae):6.1f} ± {np.std(mae):4.1f} ({np.mean(mae) / np.mean(constant):.2f}x "
+              f"the best constant)   bucket accuracy {100 * np.mean(acc):5.1f} %")
 
 
 if __name__ == "__main__":

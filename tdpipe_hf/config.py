@@ -35,7 +35,11 @@ class TDPipeConfig:
     lists them; ``attention_backend="auto"`` picks ``paged-cpu`` when every stage runs on a CPU and
     its kernel builds, else ``paged-sdpa``. ``predictor``: None for the one shipped for the model, an
     entry-point name, a ``.npz`` path, or a predictor object. ``online_learning`` feeds finished
-    requests' lengths back to the predictor.
+    requests' lengths back to the predictor. ``length_probe`` (greedy admission): once a request
+    is prefilled, a probe on the model's hidden state of its last prompt token replaces the
+    prompt-only prediction (``predictors.probe``); None: the one that comes with the predictor (shipped
+    beside the shipped one, or ``P.probe.npz`` beside a predictor file ``P.npz``), False: none, or a
+    ``.npz`` path / ``HiddenStateProbe``.
 
     The KV budget is given either in blocks (``kv_blocks``) or in bytes (``kv_cache_bytes``);
     with neither, it is sized from free memory when the engine starts, on every stage's device.
@@ -57,6 +61,7 @@ class TDPipeConfig:
     prefill_packing: str | None = None
     admission: str = "greedy"
     predictor: Any = None
+    length_probe: Any = None
     kv_threshold: float = 0.9
     length_scale: float = 1.0
     length_planning: str = "distribution"
@@ -116,6 +121,11 @@ class TDPipeConfig:
                 and not callable(getattr(self.predictor, "predict", None)):
             raise ValueError(f"TDPipeConfig.predictor must be a name, a .npz path or an object with "
                              f"predict(prompts), got {self.predictor!r}")
+        probe = self.length_probe
+        if not (probe is None or probe is False or isinstance(probe, str)
+                or (isinstance(getattr(probe, "layer", None), int) and callable(getattr(probe, "predict", None)))):
+            raise ValueError(f"TDPipeConfig.length_probe must be None (the shipped one), False (none), a .npz path "
+                             f"or a probe object with .layer and predict(states), got {probe!r}")
         if not isinstance(self.paper_rules, bool):
             raise ValueError(f"TDPipeConfig.paper_rules must be True or False, got {self.paper_rules!r}")
         if not isinstance(self.pack_weights, bool):

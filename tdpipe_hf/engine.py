@@ -15,9 +15,9 @@ from .config import TDPipeConfig
 from .controller import Controller, Request
 from .controller.controller import RunStats
 from .models import model_name
-from .predictors import ConstantPredictor, check_predictor, load_predictor, shipped_name_for
+from .predictors import ConstantPredictor, check_predictor, load_predictor, load_probe, shipped_name_for
 from .predictors.base import Trainable
-from .protocols import SchedulerPolicy
+from .protocols import RefinesAfterPrefill, SchedulerPolicy
 from .runtime.kv_budget import available_memory, kv_blocks_on_devices
 from .runtime.placement import stage_devices, torchrun_device
 from .runtime.stage import build_stages
@@ -48,6 +48,8 @@ class TDPipeEngine:
         self.model_name = model_name(model)
         self.predictor_name = shipped_name_for(model)  # the shipped predictor's name, found by weights too
         self.predictor = self._make_predictor(config) if config.admission == "greedy" else None
+        self.probe = load_probe(config.length_probe, self.predictor_name, model.config.num_hidden_layers,
+                                config.predictor) if config.admission == "greedy" else None
         # a broken plugin fails here, naming itself, not mid-run
         self.request_capacity_tokens = self._scheduler().max_request_tokens
         self.executor = plugins.build(plugins.EXECUTORS, config.executor, self, model, stages)
@@ -83,7 +85,10 @@ class TDPipeEngine:
 
     def _scheduler(self) -> SchedulerPolicy:
         """A fresh scheduler for one run: the configured policy's parts."""
-        return build_scheduler(self.config, self.num_blocks, self.in_flight, self.predictor)
+        scheduler = build_scheduler(self.config, self.num_blocks, self.in_flight, self.predictor)
+        if self.probe is not None and isinstance(scheduler.admission, RefinesAfterPrefill):
+            scheduler.admission.use_probe(self.probe)
+        return scheduler
 
     @property
     def stage_layers(self) -> list[range]:

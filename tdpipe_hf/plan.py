@@ -50,6 +50,7 @@ class SequencePlan:
     sample: bool = True
     sampling: SamplingSpec = GREEDY
     history: list[int] | None = None  # the ids HF's logits processors would see (only when needed)
+    probe: bool = False  # send back the hidden state of the last token (see MicroBatch.probe_layer)
 
     @property
     def context_len(self) -> int:
@@ -61,6 +62,9 @@ class MicroBatch:
     batch_id: int
     phase: str  # one of PHASES
     seqs: list[SequencePlan]
+    # the stage running decoder layer ``probe_layer - 1`` sends back its output at the last token
+    # of every ``probe`` row (HF's ``hidden_states[probe_layer]``): a length probe's input
+    probe_layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -69,6 +73,16 @@ class MicroBatch:
     @property
     def num_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.seqs)
+
+    def probe_rows(self) -> tuple[list[int], list[int]]:
+        """(request ids, packed row of their last token) of the rows whose hidden state is asked for."""
+        ids, rows, end = [], [], 0
+        for seq in self.seqs:
+            end += len(seq.token_ids)
+            if seq.probe:
+                ids.append(seq.request_id)
+                rows.append(end - 1)
+        return ids, rows
 
 
 @dataclass
@@ -80,6 +94,8 @@ class StepResult:
     # timeline: (stage, "recv" | "compute" | "sample" | "send", batch_id, phase, start, end), perf_counter
     # seconds; see tdpipe_hf.metrics
     events: list[tuple] = field(default_factory=list)
+    # request id -> hidden state (float32 numpy vector) of each ``probe`` row, when the plan asked
+    states: dict[int, Any] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -29,6 +29,21 @@ class AdmissionPolicy(Protocol):
 
 
 @runtime_checkable
+class RefinesAfterPrefill(Protocol):
+    """Optional for an admission policy: plan with a length probe once a request's prefill ends.
+    The scheduler asks the pipeline for the hidden states of layer ``probe_layer`` (None: none)
+    and hands them to ``refine``."""
+
+    probe_layer: int | None
+
+    def use_probe(self, probe: Any) -> None: ...
+
+    def refine(self, states: dict) -> None:
+        """``states``: request id -> hidden state of its last prompt token."""
+        ...
+
+
+@runtime_checkable
 class DecodeBatcher(Protocol):
     """Chooses which ready decoding requests ride in the next decode micro-batch."""
 

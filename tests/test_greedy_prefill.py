@@ -17,6 +17,7 @@ from tdpipe_hf.policies import GreedyPrefill
 from tdpipe_hf.policies.prefill import simulated_peak_blocks
 from tdpipe_hf.predictors import (
     ConstantPredictor,
+    HiddenStateProbe,
     LearnedLengthPredictor,
     OraclePredictor,
     load_predictor,
@@ -199,13 +200,16 @@ def test_train_predictor_cli_labels_fits_reports_and_saves(tmp_path, capsys):
             str(model_dir), "--max-new-tokens", "12"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "held-out split: 6 prompts (trained on 24)" in printed and "sklearn" in printed and "mean" in printed
+    assert "held-out split: 6 prompts (trained on 24)" in printed and "sklearn" in printed and "median" in printed
+    assert "length probe after prefill: layer" in printed
     lengths = answer_lengths(labels)
     assert len(lengths) == 30 and all(1 <= n <= 12 for n in lengths.values())
     predictor = load_predictor(str(output))
     assert isinstance(predictor, LearnedLengthPredictor)
     model = tdpipe_hf.from_pretrained(str(model_dir), predictor=str(output))[0]
     assert model.tdpipe_engine.predictor.predict([[5, 6, 7]]) == predictor.predict([[5, 6, 7]])
+    probe = HiddenStateProbe.load(tmp_path / "predictor.probe.npz")  # beside the predictor: used with it
+    assert model.tdpipe_engine.probe.layer == probe.layer and 1 <= probe.layer < model.config.num_hidden_layers
     before = labels.read_text()
     assert cli.main(argv) == 0
     assert labels.read_text() == before, "a rerun must reuse the labels, not regenerate them"

@@ -153,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--stages", type=_positive, default=1, help="pipeline stages for labelling")
     train.add_argument("--test-fraction", type=float, default=0.2, help="held-out share (default 0.2)")
     train.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    train.add_argument("--no-probe", action="store_true", help="skip the length probe on the model's hidden "
+                                                               "states (saved as OUTPUT.probe.npz)")
     _add_placement(train)
 
     ev = commands.add_parser("eval-predictor", help="a predictor's MAE on your labelled prompts, against the "
@@ -161,6 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="HF model directory or .gguf file whose tokenizer (and shipped predictor) "
                                     "to use (default: the shipped SmolLM2)")
     ev.add_argument("--predictor", help="entry-point name or .npz file (default: the one shipped for the model)")
+    ev.add_argument("--probe", help="length probe .npz to judge after prefill (default: the one beside the "
+                                    "predictor file, or shipped with the shipped predictor)")
     ev.add_argument("--no-chat-template", action="store_true", help="tokenize 'prompt' lines as plain text")
 
     bench = commands.add_parser("bench", help="HF generate vs HF generate_batch vs tdpipe_hf on chat prompts")
@@ -346,7 +350,7 @@ def _train_predictor(args) -> int:
 
     from ..models import model_name
     from .offline import run_batch
-    from .training import fit_and_report, read_labels
+    from .training import fit_and_report, fit_probe_and_report, read_labels
 
     input_path = _input_path(args.input)
     executor = "distributed" if args.stages > 1 else "local"
@@ -374,19 +378,33 @@ def _train_predictor(args) -> int:
     signature = report.path.with_name(f"{report.path.stem}.signature.json")
     signature.write_text(json.dumps(weight_signature(model)) + "\n")
     print(report.format())
+    if not args.no_probe:
+        from ..predictors import PROBE_SUFFIX
+
+        probe = fit_probe_and_report(model, prompts, lengths, report.path.with_name(report.path.stem + PROBE_SUFFIX),
+                                     test_fraction=args.test_fraction, seed=args.seed)
+        print(probe.format())
     return 0
 
 
 def _eval_predictor(args) -> int:
     from ..models import load_model_and_tokenizer
-    from ..predictors import load_predictor, shipped_name_for
+    from ..predictors import load_predictor, load_probe, shipped_name_for
+    from ..predictors.probe import last_token_states
     from .training import compare_with_constant, read_lengths_file
 
     path = _input_path(args.input)
     model, tokenizer = load_model_and_tokenizer(args.model)
-    predictor = load_predictor(args.predictor, shipped_name_for(model))
+    name = shipped_name_for(model)
+    predictor = load_predictor(args.predictor, name)
     prompts, lengths = read_lengths_file(path, tokenizer, chat_template=not args.no_chat_template)
+    print("before prefill (prompt only, what admission plans with):")
     print(compare_with_constant(args.predictor or "shipped", predictor, prompts, lengths))
+    probe = load_probe(args.probe, name, model.config.num_hidden_layers, args.predictor)
+    if probe is not None:
+        print(f"after prefill (the length probe on layer {probe.layer}'s hidden state):")
+        states = last_token_states(model, prompts, [probe.layer], progress=True)[probe.layer]
+        print(compare_with_constant("probe", probe, states, lengths))
     return 0
 
 

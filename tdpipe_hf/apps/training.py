@@ -1,6 +1,7 @@
 """``tdpipe train-predictor``: label prompts with the served model's own output lengths, fit an
-output-length predictor, report its accuracy on a held-out split against the mean-length
-baseline, and save it under the model's name.
+output-length predictor, report its accuracy on a held-out split against the best constant
+guess, and save it under the model's name; with the model at hand, also fit a length probe on its
+hidden states (``predictors.probe``), saved beside it.
 
 Labels come from ``run_batch`` (the engine itself, greedy, natural EOS, a ``max_new_tokens`` cap),
 so labelling is resumable like any ``tdpipe run`` job and its tokens are HF ``generate``'s tokens.
@@ -33,6 +34,21 @@ class Accuracy:
 
     def format(self) -> str:
         return f"{self.name:<10} MAE {self.mae:7.1f} tokens   bucket accuracy {100 * self.bucket_accuracy:5.1f} %"
+
+
+class FixedGuess:
+    """One length for every prompt: the median of the training lengths is the best constant for
+    the mean absolute error, the bar a predictor must clear."""
+
+    def __init__(self, length: float = 0.0):
+        self.length = float(length)
+
+    def fit(self, prompts, lengths) -> "FixedGuess":
+        self.length = float(np.median(lengths))
+        return self
+
+    def predict(self, batch) -> list[float]:
+        return [self.length] * len(batch)
 
 
 def evaluate(name: str, predictor, prompts: list[list[int]], lengths: list[int]) -> Accuracy:
@@ -77,7 +93,7 @@ class TrainingReport:
 
 def fit_and_report(prompts: list[list[int]], lengths: list[int], output: str | Path, kind: str = "sklearn",
                    test_fraction: float = 0.2, seed: int = 0) -> TrainingReport:
-    """Fit ``kind`` on the train split, compare with the mean on the test split, save it."""
+    """Fit ``kind`` on the train split, compare with the best constant on the test split, save it."""
     if len(prompts) < 10:
         raise ValueError(f"need at least 10 labelled prompts to train and test a predictor, got {len(prompts)}")
     if not 0.0 < test_fraction < 1.0:
@@ -88,12 +104,70 @@ def fit_and_report(prompts: list[list[int]], lengths: list[int], output: str | P
         return [items[i] for i in index]
 
     learned = plugins.load(plugins.PREDICTORS, kind)().fit(pick(prompts, train), pick(lengths, train))
-    mean = plugins.load(plugins.PREDICTORS, "constant")().fit(pick(prompts, train), pick(lengths, train))
+    median = FixedGuess(np.median(pick(lengths, train)))
     report = TrainingReport(len(train), len(test),
                             evaluate(kind, learned, pick(prompts, test), pick(lengths, test)),
-                            evaluate("mean", mean, pick(prompts, test), pick(lengths, test)), Path(output))
+                            evaluate("median", median, pick(prompts, test), pick(lengths, test)), Path(output))
     report.path = learned.save(output)
     return report
+
+
+def probe_layers(num_layers: int) -> list[int]:
+    """Candidate layers for a length probe: from a third of the depth to the last but one (on
+    SmolLM2 the middle of the network predicts best, the final layers worse)."""
+    return sorted({max(1, min(num_layers - 1, round(num_layers * f))) for f in (0.33, 0.5, 0.6, 0.67, 0.75, 0.85)})
+
+
+def cross_validated_mae(make, features: np.ndarray, lengths: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Mean absolute error of ``make().fit`` over ``folds`` folds of (features, lengths)."""
+    from sklearn.model_selection import KFold
+
+    errors = []
+    for train, test in KFold(folds, shuffle=True, random_state=seed).split(features):
+        predicted = make().fit(features[train], lengths[train]).predict(features[test])
+        errors.append(np.mean(np.abs(np.asarray(predicted) - lengths[test])))
+    return float(np.mean(errors))
+
+
+PROBE_REGULARISATION = (0.001, 0.003, 0.01, 0.03)  # the cap classifier's C, searched with the layer
+
+
+@dataclass
+class ProbeReport:
+    layer: int
+    C: float
+    layer_errors: dict[int, float]  # cross-validated MAE on the train split, per layer (at its best C)
+    probe: Accuracy
+    baseline: Accuracy
+    path: Path
+
+    def format(self) -> str:
+        tried = ", ".join(f"{layer}: {mae:.1f}" for layer, mae in self.layer_errors.items())
+        return (f"length probe after prefill: layer {self.layer}, C {self.C} (5-fold MAE on the train split by "
+                f"layer: {tried})\n  {self.probe.format()}\n  {self.baseline.format()}\nsaved {self.path}")
+
+
+def fit_probe_and_report(model, prompts: list[list[int]], lengths: list[int], output: str | Path,
+                         test_fraction: float = 0.2, seed: int = 0, progress: bool = True) -> ProbeReport:
+    """Fit a hidden-state length probe on the train split of the same split ``fit_and_report``
+    uses, its layer and regularisation chosen by cross-validation inside the train split, report
+    it on the test split against the best constant (the train split's median) and save it."""
+    from ..predictors.probe import HiddenStateProbe, last_token_states
+
+    train, test = split(len(prompts), test_fraction, seed)
+    candidates = probe_layers(model.config.num_hidden_layers)
+    states = last_token_states(model, prompts, candidates, progress=progress)
+    target = np.asarray(lengths, dtype=np.float64)
+    grid = {(layer, C): cross_validated_mae(lambda layer=layer, C=C: HiddenStateProbe(layer, C=C),
+                                            states[layer][train], target[train], seed=seed)
+            for layer in candidates for C in PROBE_REGULARISATION}
+    layer, C = min(grid, key=grid.get)
+    errors = {n: min(mae for (m, _), mae in grid.items() if m == n) for n in candidates}
+    probe = HiddenStateProbe(layer, C=C).fit(states[layer][train], target[train])
+    test_states, test_lengths = states[layer][test], target[test].tolist()
+    return ProbeReport(layer, C, errors, evaluate("probe", probe, test_states, test_lengths),
+                       evaluate("median", FixedGuess(np.median(target[train])), test_states, test_lengths),
+                       probe.save(output))
 
 
 def read_lengths_file(path: str | Path, tokenizer, chat_template: bool = True) -> tuple[list[list[int]], list[int]]:
@@ -128,12 +202,7 @@ def compare_with_constant(name: str, predictor, prompts: list[list[int]], length
     """The predictor's MAE and bucket accuracy next to the best constant's (the median of these
     very lengths: in-sample for the constant, so a fair bar for the predictor)."""
     learned = evaluate(name, predictor, prompts, lengths)
-    median = float(np.median(lengths))
-
-    class Median:
-        def predict(self, batch):
-            return [median] * len(batch)
-
-    constant = evaluate("median", Median(), prompts, lengths)
+    median = FixedGuess(np.median(lengths))
+    constant = evaluate("median", median, prompts, lengths)
     return (f"{len(lengths)} labelled prompts\n  {learned.format()}\n  {constant.format()}   (the best constant, "
-            f"{median:.0f} tokens)\n  ratio {learned.mae / max(constant.mae, 1e-9):.2f}x the best constant's error")
+            f"{median.length:.0f} tokens)\n  ratio {learned.mae / max(constant.mae, 1e-9):.2f}x the best constant's error")

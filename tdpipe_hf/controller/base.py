@@ -122,6 +122,8 @@ class BaseScheduler:
         """Apply one micro-batch's result: the only place a step's outcome changes request state.
         Sampled tokens are appended, stop conditions decided and finished requests retired."""
         output = StepOutput()
+        if result.states:  # prefill ended for these: a length probe refines their predictions first
+            self.admission.refine(result.states)  # only a policy with probe_layer asks for states
         requests = {r.request_id: r for r in self.running}
         for seq in batch.seqs:
             request = requests[seq.request_id]
@@ -158,6 +160,12 @@ class BaseScheduler:
     def kv_peers(self, request: Request) -> list[Request]:
         """The running requests that share ``request``'s pool: the candidates to preempt for it."""
         return self.running
+
+    @property
+    def probe_layer(self) -> int | None:
+        """The layer whose hidden state a request's last prompt token sends back (for an admission
+        policy with a length probe; see ``GreedyPrefill.use_probe``), or None."""
+        return getattr(self.admission, "probe_layer", None)
 
     # ---- parts for ``schedule`` -----------------------------------------------------------
     def admissible(self) -> int:
@@ -231,15 +239,19 @@ class BaseScheduler:
         request.in_flight = True
         pending = request.pending_ids
         chunk = pending if max_tokens is None else pending[:max_tokens]
+        sample = len(chunk) == len(pending)
         return SequencePlan(
             request_id=request.request_id,
             token_ids=chunk,
             start=request.num_cached,
-            sample=len(chunk) == len(pending),
+            sample=sample,
             block_table=list(request.block_table),
             sampling=request.sampling,
             history=request.history if request.sampling.needs_history else None,
+            # the prompt's last token, the first time through: what a length probe reads
+            probe=sample and not request.output_ids and self.probe_layer is not None,
         )
 
     def new_batch(self, phase: str, seqs: list[SequencePlan]) -> MicroBatch:
-        return MicroBatch(next(self._batch_ids), phase, seqs)
+        probing = self.probe_layer is not None and any(seq.probe for seq in seqs)
+        return MicroBatch(next(self._batch_ids), phase, seqs, probe_layer=self.probe_layer if probing else None)

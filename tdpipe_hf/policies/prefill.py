@@ -90,6 +90,10 @@ class GreedyPrefill:
 
     With ``online``, finished requests' true lengths go to ``predictor.update`` every
     ``update_every`` finishes (and cached predictions are refreshed).
+
+    With a length probe (``use_probe``, beyond the paper), a request's prompt-only prediction is
+    replaced by the probe's as soon as its prefill ends: the pipeline sends back the hidden state
+    the probe reads, and every later simulation plans the request with the better guess.
     """
 
     def __init__(self, predictor, kv_threshold: float = 0.9, length_scale: float = 1.0,
@@ -102,7 +106,32 @@ class GreedyPrefill:
         self.name = name or type(predictor).__name__
         self.use_outcomes = planning == "distribution" and isinstance(predictor, PredictsOutcomes)
         self._predicted: dict[int, list[tuple[float, float]]] = {}
+        self._refined: dict[int, list[tuple[float, float]]] = {}  # the probe's, after prefill: preferred
         self._finished: list[tuple[list[int], int]] = []
+        self.probe = None
+        self.num_refined = 0
+
+    def use_probe(self, probe) -> None:
+        """Refine predictions after prefill with ``probe`` (see ``predictors.probe``)."""
+        self.probe = probe
+
+    @property
+    def probe_layer(self) -> int | None:
+        """The layer whose hidden state the scheduler asks the pipeline for, or None."""
+        return self.probe.layer if self.probe is not None else None
+
+    def refine(self, states: dict) -> None:
+        """Prefill ended for these requests (request id -> hidden state): plan them with the probe."""
+        if self.probe is None or not states:
+            return
+        ids = list(states)
+        matrix = np.stack([np.asarray(states[i], dtype=np.float32) for i in ids])
+        if self.use_outcomes:
+            values = checked_outcomes(self.probe, matrix, "length probe")
+        else:
+            values = [[(length, 1.0)] for length in checked_predictions(self.probe, matrix, "length probe")]
+        self._refined.update(zip(ids, values))
+        self.num_refined += len(ids)
 
     @classmethod
     def from_config(cls, config, predictor) -> "GreedyPrefill":
@@ -113,7 +142,7 @@ class GreedyPrefill:
 
     def _outcomes(self, requests: Sequence[Request]) -> list[list[tuple[float, float]]]:
         """Each request's (length, probability) outcomes; one sure outcome for point planning."""
-        missing = [r for r in requests if r.request_id not in self._predicted]
+        missing = [r for r in requests if r.request_id not in self._predicted and r.request_id not in self._refined]
         if missing:
             prompts = [r.prompt_ids for r in missing]
             if self.use_outcomes:
@@ -121,7 +150,7 @@ class GreedyPrefill:
             else:
                 values = [[(length, 1.0)] for length in checked_predictions(self.predictor, prompts, self.name)]
             self._predicted.update((r.request_id, v) for r, v in zip(missing, values))
-        return [self._predicted[r.request_id] for r in requests]
+        return [self._refined.get(r.request_id) or self._predicted[r.request_id] for r in requests]
 
     def _state(self, requests: Sequence[Request], block_size: int) -> tuple[np.ndarray, ...]:
         """One row per (request, outcome): tokens held now, tokens still to generate, probability,
@@ -183,6 +212,7 @@ class GreedyPrefill:
     def observe(self, request: Request) -> None:
         """A request finished: its true length is a training label."""
         self._predicted.pop(request.request_id, None)
+        self._refined.pop(request.request_id, None)
         if not self.online:
             return
         self._finished.append((request.prompt_ids, len(request.output_ids)))

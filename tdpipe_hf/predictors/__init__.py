@@ -17,8 +17,10 @@ from .base import Predictor, check_predictor, checked_predictions, read_arrays
 from .constant import ConstantPredictor
 from .learned import LearnedLengthPredictor
 from .oracle import OraclePredictor
+from .probe import HiddenStateProbe
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "predictors"
+PROBE_SUFFIX = ".probe.npz"  # a model's length probe ships beside its predictor
 
 
 def shipped_predictor_path(model_name: str) -> Path:
@@ -26,7 +28,42 @@ def shipped_predictor_path(model_name: str) -> Path:
 
 
 def shipped_models() -> list[str]:
-    return sorted(p.stem for p in SHIPPED_DIR.glob("*.npz"))
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.npz") if not p.name.endswith(PROBE_SUFFIX))
+
+
+def shipped_probe_path(model_name: str) -> Path:
+    return SHIPPED_DIR / f"{model_name}{PROBE_SUFFIX}"
+
+
+def load_probe(probe, model_name: str, num_layers: int, predictor=None):
+    """The length probe that refines predictions after prefill (``TDPipeConfig.length_probe``):
+    False for none, a ``.npz`` path, or a probe object. None: the one that belongs with the
+    predictor: shipped for ``model_name`` beside the shipped predictor, or ``P.probe.npz`` beside
+    a predictor file ``P.npz`` (``train-predictor`` writes both); a predictor given by name or as
+    an object (an oracle, a plugin) plans alone. A probe must read a layer the model has."""
+    if probe is False:
+        return None
+    if probe is None:
+        if predictor is None or predictor == "default":
+            path = shipped_probe_path(model_name)
+        elif isinstance(predictor, str) and predictor.endswith(".npz"):
+            path = Path(predictor[:-len(".npz")] + PROBE_SUFFIX)
+        else:
+            return None
+        if not path.exists():
+            return None
+        probe = str(path)
+    if isinstance(probe, str):
+        if not Path(probe).exists():
+            raise FileNotFoundError(f"length probe file {probe} does not exist")
+        probe = HiddenStateProbe.load(probe)
+    if not getattr(probe, "is_trained", True):
+        raise ValueError("the length probe is not trained: fit(states, lengths) it or train one with "
+                         "`tdpipe train-predictor`")
+    if not 1 <= probe.layer < num_layers:
+        raise ValueError(f"the length probe reads layer {probe.layer}, but the model has {num_layers} decoder "
+                         f"layers: a probe must read one of layers 1-{num_layers - 1}")
+    return probe
 
 
 def signature_path(model_name: str) -> Path:
@@ -88,6 +125,6 @@ def load_predictor(name: str | None = None, model_name: str = DEFAULT_MODEL_NAME
     return check_predictor(predictor, name)
 
 
-__all__ = ["ConstantPredictor", "LearnedLengthPredictor", "OraclePredictor", "Predictor", "check_predictor",
-           "checked_predictions", "load_predictor", "load_predictor_file", "shipped_models", "shipped_name_for",
-           "shipped_predictor_path"]
+__all__ = ["PROBE_SUFFIX", "ConstantPredictor", "HiddenStateProbe", "LearnedLengthPredictor", "OraclePredictor", "Predictor", "check_predictor",
+           "checked_predictions", "load_predictor", "load_predictor_file", "load_probe", "shipped_models", "shipped_name_for",
+           "shipped_predictor_path", "shipped_probe_path"]

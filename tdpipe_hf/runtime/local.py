@@ -10,7 +10,7 @@ import torch
 from ..plan import MicroBatch, StepResult
 from .attention import AttentionContext, backend
 from .sampler import sample_batch
-from .stage import Stage, StageSetup
+from .stage import Probe, Stage, StageSetup
 
 
 class StageError(RuntimeError):
@@ -57,6 +57,7 @@ class LocalExecutor:
         contexts: dict[torch.device, AttentionContext] = {}  # one per device the stages run on
         hidden = None
         events = []
+        probe = Probe.of(batch)
         for index, stage in enumerate(self.stages):
             start = time.perf_counter()
             device = stage.kv.keys.device
@@ -65,14 +66,14 @@ class LocalExecutor:
             try:
                 if hidden is not None:
                     hidden = hidden.to(device)
-                hidden = stage.forward(hidden, contexts[device])
+                hidden = stage.forward(hidden, contexts[device], probe)
             except Exception as exc:
                 self._queue.clear()
                 raise StageError(f"stage {index} (layers {stage.index_range.start}-{stage.index_range.stop - 1}) "
                                  f"failed on {batch.phase} micro-batch {batch.batch_id}: {exc}") from exc
             end = time.perf_counter()
             events.append((index, "compute", batch.batch_id, batch.phase, start, end))
-        return StepResult(batch.batch_id, sample_batch(hidden, batch), events)
+        return StepResult(batch.batch_id, sample_batch(hidden, batch), events, probe.states if probe else {})
 
     def close(self) -> None:
         """Drop queued work and the KV cache, and give the model's modules back their own weights

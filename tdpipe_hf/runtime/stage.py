@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 import itertools
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ..plan import MicroBatch
 from .attention import ATTENTION_NAME, AttentionContext
 from .kv_cache import PagedKVCache
 from .packed_linear import PackedLinears
@@ -106,33 +107,60 @@ class Stage:
         return self.__dict__
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor | None, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor | None, ctx: AttentionContext, probe: Probe | None = None) -> torch.Tensor:
         """``hidden`` is ``[1, tokens, hidden]`` (None on the first stage); returns the next stage's
-        input, or ``[sampled rows, vocab]`` logits on the last stage."""
+        input, or ``[sampled rows, vocab]`` logits on the last stage. ``probe`` keeps the hidden
+        states the micro-batch asked for, if its layer is one of this stage's."""
         with self.weights():
-            return self._forward(hidden, ctx)
+            return self._forward(hidden, ctx, probe)
 
     def weights(self):
         """Context in which the stage's linear layers compute with its packed weights, if any."""
         return self.packed.active() if self.packed is not None else nullcontext()
 
-    def _forward(self, hidden: torch.Tensor | None, ctx: AttentionContext) -> torch.Tensor:
+    def _forward(self, hidden: torch.Tensor | None, ctx: AttentionContext, probe: Probe | None = None) -> torch.Tensor:
         if self.embed is not None:
             hidden = self.embed(ctx.input_ids[None])
-        hidden = self.run_layers(hidden, ctx)
+        hidden = self.run_layers(hidden, ctx, probe)
         if self.lm_head is None:
             return hidden
         return self.lm_head(self.norm(hidden[0, ctx.logits_rows]))
 
-    def run_layers(self, hidden: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def run_layers(self, hidden: torch.Tensor, ctx: AttentionContext, probe: Probe | None = None) -> torch.Tensor:
         """The stage's decoder layers alone, on ``[1, tokens, hidden]`` (no embedding, no head)."""
         positions = ctx.positions[None]
         rope = self.rotary(hidden, positions)
-        for layer in self.layers:
+        for index, layer in zip(self.index_range, self.layers):
             out = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rope,
                         tdpipe_ctx=ctx, tdpipe_kv=self.kv)
             hidden = out[0] if isinstance(out, tuple) else out
+            if probe is not None and index == probe.layer - 1:
+                probe.capture(hidden)
         return hidden
+
+
+@dataclass
+class Probe:
+    """The hidden states a micro-batch asks for (``MicroBatch.probe_layer``, ``SequencePlan.probe``):
+    built once per micro-batch, filled by the stage that runs that layer, and carried to the
+    controller in the ``StepResult``."""
+
+    layer: int
+    request_ids: list[int]
+    rows: list[int]
+    states: dict = field(default_factory=dict)  # request id -> float32 vector
+
+    @classmethod
+    def of(cls, batch: MicroBatch, states: dict | None = None) -> "Probe | None":
+        """The batch's probe (with ``states`` already captured upstream), or None if it asks for none."""
+        if batch.probe_layer is None:
+            return None
+        ids, rows = batch.probe_rows()
+        return cls(batch.probe_layer, ids, rows, dict(states or {})) if ids else None
+
+    def capture(self, hidden: torch.Tensor) -> None:
+        rows = hidden[0, self.rows].float().cpu().numpy()
+        self.states.update(zip(self.request_ids, rows))
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

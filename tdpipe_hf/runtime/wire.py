@@ -1,7 +1,8 @@
 """The stage worker and its wire protocol: how a micro-batch travels between stage processes.
 
 Between stages each micro-batch travels as three point-to-point ``torch.distributed`` messages
-(a header ``[byte count, *hidden shape]``, the pickled plan with its timeline so far, the hidden
+(a header ``[byte count, *hidden shape]``, the pickled plan with its timeline so far and any hidden
+states a length probe asked for, the hidden
 states), so every stage knows what it computes without asking the controller. Sends are
 asynchronous: a stage starts its next micro-batch while the previous one is on its way
 downstream. A header whose count is ``SHUTDOWN`` ends the stream. The spawn and torchrun
@@ -22,7 +23,7 @@ from .attention import backend as attention_backend
 from .attention import register as register_attention
 from .placement import wire_device
 from .sampler import sample_batch
-from .stage import Stage, StageSetup
+from .stage import Probe, Stage, StageSetup
 
 SHUTDOWN = -1
 
@@ -82,7 +83,7 @@ class StageWorker:
             torch.cuda.set_device(self.device)
         while True:
             t0 = time.perf_counter()
-            batch, events, hidden = self._receive()
+            batch, events, hidden, states = self._receive()
             t1 = time.perf_counter()
             if batch is None:
                 if not self.is_last:
@@ -93,34 +94,36 @@ class StageWorker:
                 return
             events.append((self.rank, "recv", batch.batch_id, batch.phase, t0, t1))
             ctx = self.attention.build(batch, self.block_size, self.device)
-            out = self.stage.forward(hidden, ctx)
+            probe = Probe.of(batch, states)
+            out = self.stage.forward(hidden, ctx, probe)
+            states = probe.states if probe else {}
             t2 = time.perf_counter()
             events.append((self.rank, "compute", batch.batch_id, batch.phase, t1, t2))
             if self.is_last:
                 tokens = sample_batch(out, batch)
                 events.append((self.rank, "sample", batch.batch_id, batch.phase, t2, time.perf_counter()))
-                self.deliver(StepResult(batch.batch_id, tokens, events))
+                self.deliver(StepResult(batch.batch_id, tokens, events, states))
             else:
-                self._send(batch, events, out)
+                self._send(batch, events, out, states)
 
     def _receive(self):
         if self.rank == 0:
             batch = self.plans.get()
-            return batch, [], None
+            return batch, [], None, {}
         header = recv_header(self.rank - 1)
         if header is None:
-            return None, None, None
-        batch, events, dtype = recv_object(header, self.rank - 1)
+            return None, None, None, None
+        batch, events, dtype, states = recv_object(header, self.rank - 1)
         hidden = torch.empty((1, int(header[1]), int(header[2])), dtype=dtype, device=self.wire)
         dist.recv(hidden, src=self.rank - 1)
-        return batch, events, hidden.to(self.device)
+        return batch, events, hidden.to(self.device), states
 
-    def _send(self, batch, events, hidden) -> None:
+    def _send(self, batch, events, hidden, states) -> None:
         t0 = time.perf_counter()
         self._drain()  # the previous micro-batch must have left before this one goes
         events = events + [(self.rank, "send", batch.batch_id, batch.phase, t0, time.perf_counter())]
         hidden = hidden.contiguous().to(self.wire)  # NCCL sends GPU tensors; gloo, host copies
-        self._pending += isend_object((batch, events, hidden.dtype), self.rank + 1, hidden.shape[1:])
+        self._pending += isend_object((batch, events, hidden.dtype, states), self.rank + 1, hidden.shape[1:])
         self._pending.append((dist.isend(hidden, dst=self.rank + 1), hidden))
 
     def _send_shutdown(self, dst: int | None = None) -> None:
