@@ -9,10 +9,10 @@ sends that one vector back with the micro-batch's tokens, and the engine replace
 prompt-only prediction with the probe's for every later plan (the rest of the prefill phase's KV
 simulation, and every admission after it).
 
-Measured with ``benchmarks/predictor_choices.py`` (5-fold, 645 AlpacaEval prompts, SmolLM2, cap
-512): a probe after 20 of the 30 layers has 0.75-0.78x the best constant's MAE, the prompt-only
-hashed n-grams ~1.0x; the final layer is worse (0.88x): the middle of the network carries more
-about the answer's plan than the layer shaped to predict the next token.
+Measured for SmolLM2 (README, *After prefill: a length probe*; AlpacaEval prompts, cap 512): on
+the 129 held-out prompts of ``train-predictor``'s split the shipped probe (after 20 of 30
+layers) has 0.91x the best constant's MAE, the prompt-only predictor 0.95x; inside the training
+split, 5-fold, 0.74x. Middle layers beat the last ones, which are shaped for the next token.
 """
 
 from __future__ import annotations
