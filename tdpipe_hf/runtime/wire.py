@@ -1,9 +1,9 @@
 """The stage worker and its wire protocol: how a micro-batch travels between stage processes.
 
 Between stages each micro-batch travels as three point-to-point ``torch.distributed`` messages
-(a header ``[byte count, *hidden shape]``, the pickled plan with its timeline so far and any hidden
-states a length probe asked for, the hidden
-states), so every stage knows what it computes without asking the controller. Sends are
+(a header ``[byte count, *hidden shape]``; the pickled plan with its timeline so far and the
+vectors a length probe asked for, if any; the hidden states), so every stage knows what it
+computes without asking the controller. Sends are
 asynchronous: a stage starts its next micro-batch while the previous one is on its way
 downstream. A header whose count is ``SHUTDOWN`` ends the stream. The spawn and torchrun
 executors both run this worker.
