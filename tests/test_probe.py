@@ -120,3 +120,25 @@ def test_a_refined_prediction_changes_what_admission_lets_in():
     assert after < before
     policy.observe(running[0])
     assert policy._refined == {}
+
+
+def test_a_probe_with_point_predictions_only_plans_under_distribution_planning():
+    """A plugin probe need not give a distribution: its point prediction is one sure outcome."""
+
+    class PointProbe:
+        layer = 1
+
+        def predict(self, states):
+            return [300.0] * len(states)
+
+    class TwoOutcomes:  # the predictor gives distributions, so distribution planning is on
+        def predict(self, prompts):
+            return [4.0] * len(prompts)
+
+        def predict_outcomes(self, prompts):
+            return [[(4.0, 0.5), (8.0, 0.5)] for _ in prompts]
+
+    policy = GreedyPrefill(TwoOutcomes())
+    policy.use_probe(PointProbe())
+    policy.refine({7: np.zeros(3)})
+    assert policy._outcomes([Request(7, [1, 2], 400)]) == [[(300.0, 1.0)]]

@@ -104,7 +104,7 @@ class GreedyPrefill:
         self.online = online and isinstance(predictor, LearnsOnline)
         self.update_every = update_every
         self.name = name or type(predictor).__name__
-        self.use_outcomes = planning == "distribution" and isinstance(predictor, PredictsOutcomes)
+        self.planning = planning
         self._predicted: dict[int, list[tuple[float, float]]] = {}
         self._refined: dict[int, list[tuple[float, float]]] = {}  # the probe's, after prefill: preferred
         self._finished: list[tuple[list[int], int]] = []
@@ -126,12 +126,16 @@ class GreedyPrefill:
             return
         ids = list(states)
         matrix = np.stack([np.asarray(states[i], dtype=np.float32) for i in ids])
-        if self.use_outcomes:
-            values = checked_outcomes(self.probe, matrix, "length probe")
-        else:
-            values = [[(length, 1.0)] for length in checked_predictions(self.probe, matrix, "length probe")]
-        self._refined.update(zip(ids, values))
+        self._refined.update(zip(ids, self._ask(self.probe, matrix, "length probe")))
         self.num_refined += len(ids)
+
+    def _ask(self, model, inputs, name: str) -> list[list[tuple[float, float]]]:
+        """``model``'s (length, probability) outcomes for each input (prompts for the predictor,
+        hidden states for the probe): its distribution when planning with distributions and it
+        has one, else one sure outcome at its point prediction."""
+        if self.planning == "distribution" and isinstance(model, PredictsOutcomes):
+            return checked_outcomes(model, inputs, name)
+        return [[(length, 1.0)] for length in checked_predictions(model, inputs, name)]
 
     @classmethod
     def from_config(cls, config, predictor) -> "GreedyPrefill":
@@ -144,11 +148,7 @@ class GreedyPrefill:
         """Each request's (length, probability) outcomes; one sure outcome for point planning."""
         missing = [r for r in requests if r.request_id not in self._predicted and r.request_id not in self._refined]
         if missing:
-            prompts = [r.prompt_ids for r in missing]
-            if self.use_outcomes:
-                values = checked_outcomes(self.predictor, prompts, self.name)
-            else:
-                values = [[(length, 1.0)] for length in checked_predictions(self.predictor, prompts, self.name)]
+            values = self._ask(self.predictor, [r.prompt_ids for r in missing], self.name)
             self._predicted.update((r.request_id, v) for r, v in zip(missing, values))
         return [self._refined.get(r.request_id) or self._predicted[r.request_id] for r in requests]
 
