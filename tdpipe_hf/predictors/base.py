@@ -103,6 +103,17 @@ def checked_outcomes(predictor, prompts: list[list[int]], name: str = "") -> lis
     return out
 
 
+def likelier_outcome(at_cap: np.ndarray, short: np.ndarray, cap: float) -> list[float]:
+    """For a two-part predictor (probability of running to ``cap``, length if it stops earlier):
+    the more likely of the two outcomes per request, the lower absolute error."""
+    return np.where(at_cap > 0.5, cap, short).tolist()
+
+
+def two_outcomes(at_cap: np.ndarray, short: np.ndarray, cap: float) -> list[list[tuple[float, float]]]:
+    """For a two-part predictor: both outcomes with their probabilities, per request."""
+    return [[(cap, float(p)), (float(s), 1.0 - float(p))] for p, s in zip(at_cap, short)]
+
+
 def save_arrays(path: str | os.PathLike, kind: str, meta: dict, **arrays: np.ndarray) -> Path:
     """One ``.npz`` per predictor: arrays plus JSON metadata naming the kind that reads it back.
     No pickles, so loading a predictor file never runs code from it."""

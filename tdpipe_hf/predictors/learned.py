@@ -19,7 +19,7 @@ from scipy import sparse
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import SGDClassifier, SGDRegressor
 
-from .base import read_arrays, save_arrays
+from .base import likelier_outcome, read_arrays, save_arrays, two_outcomes
 
 
 def token_ngrams(ids: list[int]) -> list[str]:
@@ -97,8 +97,7 @@ class LearnedLengthPredictor:
         """The more likely of the two outcomes (the lower error per request)."""
         if not prompts:
             return []
-        at_cap, short = self._parts(prompts)
-        return np.where(at_cap > 0.5, self.max_length, short).tolist()
+        return likelier_outcome(*self._parts(prompts), self.max_length)
 
     def predict_outcomes(self, prompts: list[list[int]]) -> list[list[tuple[float, float]]]:
         """Both outcomes with their probabilities: planning with the whole distribution keeps the
@@ -106,8 +105,7 @@ class LearnedLengthPredictor:
         "probably at the cap" and most of them stop early)."""
         if not prompts:
             return []
-        at_cap, short = self._parts(prompts)
-        return [[(self.max_length, float(p)), (float(s), 1.0 - float(p))] for p, s in zip(at_cap, short)]
+        return two_outcomes(*self._parts(prompts), self.max_length)
 
     @property
     def is_trained(self) -> bool:

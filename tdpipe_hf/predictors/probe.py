@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import read_arrays, save_arrays
+from .base import likelier_outcome, read_arrays, save_arrays, two_outcomes
 
 KIND = "probe"
 
@@ -88,13 +88,11 @@ class HiddenStateProbe:
 
     def predict(self, states) -> list[float]:
         """The more likely outcome per state (the lower absolute error)."""
-        at_cap, short = self._parts(states)
-        return np.where(at_cap > 0.5, self.max_length, short).tolist()
+        return likelier_outcome(*self._parts(states), self.max_length)
 
     def predict_outcomes(self, states) -> list[list[tuple[float, float]]]:
         """(length, probability) of "runs to the cap" and "stops earlier" per state."""
-        at_cap, short = self._parts(states)
-        return [[(self.max_length, float(p)), (float(s), 1.0 - float(p))] for p, s in zip(at_cap, short)]
+        return two_outcomes(*self._parts(states), self.max_length)
 
     def save(self, path):
         if not self.is_trained:
