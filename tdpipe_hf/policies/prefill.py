@@ -65,15 +65,34 @@ def simulated_peak_blocks(tokens: np.ndarray, remaining: np.ndarray, block_size:
     request's finish step is exact, where the paper's code samples fixed steps (5, 8, 16, ..., 4096)
     and can miss a peak between two of them. With ``weights`` each row is one possible outcome of
     a request, counted with its probability: the result is the peak of the *expected* usage.
+
+    Admission calls this for every candidate prefix, so it runs in O(rows x block_size) rather
+    than rows x steps: at step t = T * block_size + u a live row with ceil((tokens + block_size
+    - 1) / block_size) = q and remainder r holds q + T blocks, plus one if r >= block_size - u;
+    with rows sorted by finish step, the live rows are a suffix, and suffix sums of the weights,
+    of q and of a histogram of r give every step's usage at once.
     """
     if tokens.size == 0:
         return 0
-    steps = np.unique(np.concatenate(([0], remaining)))
-    alive = remaining[:, None] >= steps[None, :]
-    held = -(-(tokens[:, None] + np.minimum(steps[None, :], remaining[:, None])) // block_size) * alive
-    if weights is not None:
-        return float((held * weights[:, None]).sum(axis=0).max())
-    return int(held.sum(axis=0).max())
+    order = np.argsort(remaining, kind="stable")
+    finish = remaining[order]
+    weight = np.ones(len(order), dtype=np.int64) if weights is None else weights[order]
+    whole, part = np.divmod(tokens[order] + block_size - 1, block_size)
+
+    def suffix_sums(values: np.ndarray) -> np.ndarray:  # row s: the sum over rows s.. (zero past the end)
+        return np.concatenate([np.cumsum(values[::-1], axis=0)[::-1], np.zeros_like(values[:1])])
+
+    live_weight = suffix_sums(weight)
+    live_whole = suffix_sums(weight * whole)
+    by_part = np.zeros((len(order), block_size + 1), dtype=weight.dtype)
+    by_part[np.arange(len(order)), part] = weight
+    live_at_least = suffix_sums(np.cumsum(by_part[:, ::-1], axis=1)[:, ::-1])  # [s, r]: live rows with part >= r
+    steps = np.unique(np.concatenate(([0], finish)))
+    first_live = np.searchsorted(finish, steps, side="left")
+    laps, offset = np.divmod(steps, block_size)
+    usage = (live_whole[first_live] + live_weight[first_live] * laps
+             + live_at_least[first_live, block_size - offset])
+    return float(usage.max()) if weights is not None else int(usage.max())
 
 
 class GreedyPrefill:
