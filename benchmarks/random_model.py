@@ -8,10 +8,13 @@ top logits, so in bfloat16 their greedy tokens match HF ``generate`` less often 
 weights would: read its tokens/s, not its answers.
 
     python benchmarks/random_model.py /tmp/smollm2-shape
+    python benchmarks/random_model.py /tmp/llama-1b-shape --shape llama-1b
     tdpipe bench --model /tmp/smollm2-shape --devices cuda:0 ...
 """
 
 import argparse
+
+import torch
 
 from tdpipe_hf.models import byte_tokenizer, tiny_random_model
 
@@ -22,13 +25,23 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 
 
+# Llama-3.2-1B's shape (its config.json): the GPU check's larger model.
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+SHAPES = {"smollm2-135m": SMOLLM2_135M, "llama-1b": LLAMA_1B}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", help="directory to write")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    model = tiny_random_model("llama", seed=args.seed, **SMOLLM2_135M)
-    model.save_pretrained(args.output)
+    # initialised on the GPU where there is one: a billion random numbers take seconds there
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = tiny_random_model("llama", seed=args.seed, **SHAPES[args.shape])
+    model.to(torch.bfloat16).save_pretrained(args.output)  # loaded in either dtype; half the bytes
     byte_tokenizer(chat_template=True).save_pretrained(args.output)
     print(f"wrote {args.output}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, random")
 

@@ -61,7 +61,8 @@ BUILTINS = {
     EXECUTORS: {"local": "tdpipe_hf.runtime.executors:local_executor",
                 "distributed": "tdpipe_hf.runtime.executors:distributed_executor"},
     ATTENTION_BACKENDS: {"paged-sdpa": "tdpipe_hf.runtime.attention:PagedSDPA",
-                         "paged-cpu": "tdpipe_hf.runtime.cpu_attention:PagedCPU"},
+                         "paged-cpu": "tdpipe_hf.runtime.cpu_attention:PagedCPU",
+                         "paged-batched": "tdpipe_hf.runtime.batched_attention:PagedBatched"},
 }
 _REGISTERED: dict[str, dict[str, Callable]] = {group: {} for group in BUILTINS}
 

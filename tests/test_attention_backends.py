@@ -89,10 +89,11 @@ def test_every_backend_matches_hf(backend, model_type, num_stages, kv_blocks):
         assert stats.preemptions > 0, "the tight budget should force recompute through the backend"
 
 
-def test_auto_picks_the_kernel_on_cpus_and_sdpa_elsewhere(monkeypatch):
+def test_auto_picks_the_kernel_on_cpus_and_one_call_per_layer_with_a_gpu(monkeypatch):
     kernel_here = cpu_attention.available()
     assert attention.resolve("auto", ("cpu", "cpu")) == ("paged-cpu" if kernel_here else "paged-sdpa")
-    assert attention.resolve("auto", ("cpu", "cuda:0")) == "paged-sdpa"
+    assert attention.resolve("auto", ("cpu", "cuda:0")) == "paged-batched"
+    assert attention.resolve("auto", ("cuda:0",)) == "paged-batched"
     assert attention.resolve("paged-sdpa", ("cpu",)) == "paged-sdpa"
     monkeypatch.setattr(cpu_attention, "available", lambda: False)
     assert attention.resolve("auto", None) == "paged-sdpa"

@@ -61,9 +61,11 @@ def check_against_hf(outputs, references) -> int:
 @pytest.mark.parametrize("num_stages, executor, pack, backend", [
     (1, "local", False, "auto"), (2, "local", False, "auto"), (3, "local", False, "auto"),
     (2, "distributed", False, "auto"), (2, "distributed", True, "auto"),
-    (1, "local", False, "paged-sdpa"), (2, "distributed", False, "paged-sdpa")])
+    (1, "local", False, "paged-sdpa"), (2, "distributed", False, "paged-sdpa"),
+    (1, "local", False, "paged-batched"), (2, "distributed", False, "paged-batched")])
 def test_matches_hf_generate_with_preemption(workload, num_stages, executor, pack, backend):
-    """``auto`` is the paged-cpu kernel on this CPU (where it builds); paged-sdpa is checked too."""
+    """``auto`` is the paged-cpu kernel on this CPU (where it builds); paged-sdpa and paged-batched
+    (auto's choice on GPUs) are checked too."""
     model, ids, references = workload
     longest = max(len(p) for p in ids) + MAX_NEW
     kv_blocks = -(-longest // 16) * 3  # about three requests' worth: forces preemption

@@ -37,9 +37,10 @@ def _same_tokens_as_hf(model_device: str, executor: str, num_stages: int, **opti
     return backend, devices
 
 
+@pytest.mark.parametrize("attention", ["paged-sdpa", "paged-batched"])
 @pytest.mark.parametrize("executor", ["local", "distributed"])
-def test_two_stages_on_one_gpu_match_hf(executor):
-    backend, _ = _same_tokens_as_hf("cuda:0", executor, 2, devices="cuda:0")
+def test_two_stages_on_one_gpu_match_hf(executor, attention):
+    backend, _ = _same_tokens_as_hf("cuda:0", executor, 2, devices="cuda:0", attention_backend=attention)
     assert backend in (None, GLOO)  # one GPU: activations go through the host
 
 

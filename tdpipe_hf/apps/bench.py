@@ -18,6 +18,7 @@ import torch
 
 from ..mixin import eos_token_ids
 from ..models import chat_prompt_ids
+from ..runtime import attention
 from ..variants import variant
 
 SAMPLE_PROMPTS = "sample_prompts.jsonl"
@@ -38,6 +39,10 @@ class BenchRow:
     decode_imbalance: float | None = None  # mean (max - min) / mean rows of decode batches in flight together
     decode_bubble: list[float] | None = None  # per stage, idle share of the decode phase
     bubble: list[float] | None = None  # per stage, idle share of the whole run
+    backend: str | None = None  # tdpipe rows: the attention backend that ran
+    # mean share of each request's tokens, from the start, equal to HF generate's: 1.0 when all are
+    # the same; below 1 it says how early answers part (in bfloat16, batch shape alone can part them)
+    matching_prefix: float | None = None
 
 
 def sample_prompts_path() -> Path:
@@ -121,13 +126,15 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
                   tdpipe_options: dict | None = None, dist_stages: tuple[int, ...] = (2,),
                   local_threads: tuple[int, ...] = (), trace: str | None = None,
                   policies: tuple[str, ...] = ("tdpipe",), vllm_python: str | None = None,
-                  log=print) -> list[BenchRow]:
+                  backends: tuple[str, ...] = ("auto",), log=print) -> list[BenchRow]:
     """Run ``systems`` one after the other on the same prompts, tdpipe once per policy variant
     (names in ``tdpipe_hf.variants``). ``trace``: write the last distributed run's timeline as a Chrome trace
     (``trace``) and a PNG (``trace`` + ``.png``); with several policies, one of each per policy
-    (``trace`` with ``-POLICY`` before its suffix). ``vllm``: vLLM's CPU build under ``vllm_python``
+    (``trace`` with ``-POLICY`` before its suffix; likewise ``-BACKEND`` with several backends). ``vllm``: vLLM's CPU build under ``vllm_python``
     (see ``vllm_peer``); ``gemm-bound``: the tokens/s the machine's dense matrix products alone allow
-    (:func:`gemm_bound`), measured in the same run."""
+    (:func:`gemm_bound`), measured in the same run. ``backends``: tdpipe runs once per attention
+    backend named (``auto``: the one chosen for the devices). HF ``generate`` runs once untimed first,
+    so that neither side pays the device's first-use costs in its figure."""
     import tdpipe_hf
     from tdpipe_hf import metrics
     from tdpipe_hf.runtime.placement import parse_devices
@@ -140,13 +147,16 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
     reference = None
 
     def add(system: str, n_stages: int, outputs: list[list[int]], seconds: float, stats=None,
-            threads: int | None = None, policy: str = "-") -> None:
+            threads: int | None = None, policy: str = "-", backend: str | None = None) -> None:
         generated = sum(len(o) for o in outputs)
         same = None if reference is None else sum(a == b for a, b in zip(outputs, reference))
         row = BenchRow(system, n_stages, len(outputs), generated, round(seconds, 3),
-                       round(generated / seconds, 2), threads or torch.get_num_threads(), same, policy)
-        line = (f"  {system:<20} {policy:<16} stages={n_stages} {generated} tokens in {seconds:.1f}s -> "
-                f"{row.tokens_per_s:.1f} tok/s")
+                       round(generated / seconds, 2), threads or torch.get_num_threads(), same, policy,
+                       backend=backend)
+        if reference is not None:
+            row.matching_prefix = round(matching_prefix(outputs, reference), 4)
+        line = (f"  {system:<20} {policy:<16} {backend or '-':<14} stages={n_stages} {generated} tokens in "
+                f"{seconds:.1f}s -> {row.tokens_per_s:.1f} tok/s")
         if stats is not None:
             row.preemptions = stats.preemptions
             row.kv_utilisation = round(metrics.mean_kv_utilisation(stats.kv_used, stats.kv_blocks), 4)
@@ -159,11 +169,12 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
         log(line)
 
     def run_tdpipe(system: str, n_stages: int, threads: int | None = None, policy: str = "tdpipe",
-                   **options) -> None:
+                   backend: str = "auto", **options) -> None:
         options = {**(tdpipe_options or {}), **variant(policy, engine=True).options, **options}
         devices = parse_devices(options.get("devices"))
         if devices is not None and len(devices) > n_stages:  # each row runs on the first devices listed
             options["devices"] = devices[:n_stages]
+        options["attention_backend"] = backend = attention.resolve(backend, options.get("devices"))
         tdpipe_hf.wrap(model, num_stages=n_stages, **options)
         default_threads = torch.get_num_threads()
         if threads and options.get("executor") != "distributed":
@@ -178,16 +189,18 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
         finally:
             tdpipe_hf.unwrap(model)
             torch.set_num_threads(default_threads)
-        add(system, n_stages, outputs, seconds, stats, threads, policy)
+        add(system, n_stages, outputs, seconds, stats, threads, policy, backend)
         if trace and options.get("executor") == "distributed":
             path = Path(trace)
-            if len(policies) > 1:
-                path = path.with_name(f"{path.stem}-{policy}{path.suffix}")
+            tags = ([policy] if len(policies) > 1 else []) + ([backend] if len(backends) > 1 else [])
+            if tags:
+                path = path.with_name(f"{path.stem}-{'-'.join(tags)}{path.suffix}")
             metrics.write_chrome_trace(stats.timeline, path)
             metrics.plot_timeline(stats.timeline, f"{path}.png", f"{system} {policy}, {n_stages} stages")
 
     if "hf-generate" in systems:
         tdpipe_hf.unwrap(model)
+        run_hf_generate(model, ids[:2], 2, hf_batch_size, pad_id, eos)  # warm-up, untimed
         outputs, seconds = _timed(lambda: run_hf_generate(model, ids, max_new_tokens, hf_batch_size, pad_id, eos))
         reference = outputs
         add("hf-generate", 1, outputs, seconds)
@@ -219,15 +232,26 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
     for policy in policies:
         variant(policy, engine=True)  # unknown names fail before anything runs
     for policy in policies:
-        if "tdpipe" in systems:
-            for n_stages in stages:
-                run_tdpipe("tdpipe-local", n_stages, policy=policy)
-                for threads in local_threads:
-                    run_tdpipe("tdpipe-local", n_stages, threads=threads, policy=policy)
-        if "tdpipe-dist" in systems:
-            for n_stages in dist_stages:
-                run_tdpipe("tdpipe-distributed", n_stages, policy=policy, executor="distributed")
+        for backend in backends:
+            if "tdpipe" in systems:
+                for n_stages in stages:
+                    run_tdpipe("tdpipe-local", n_stages, policy=policy, backend=backend)
+                    for threads in local_threads:
+                        run_tdpipe("tdpipe-local", n_stages, threads=threads, policy=policy, backend=backend)
+            if "tdpipe-dist" in systems:
+                for n_stages in dist_stages:
+                    run_tdpipe("tdpipe-distributed", n_stages, policy=policy, backend=backend,
+                               executor="distributed")
     return rows
+
+
+def matching_prefix(outputs: list[list[int]], reference: list[list[int]]) -> float:
+    """Mean over requests of the leading tokens equal to ``reference``'s, as a share of the longer answer."""
+    shares = []
+    for mine, theirs in zip(outputs, reference):
+        common = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+        shares.append(common / max(len(mine), len(theirs), 1))
+    return sum(shares) / max(len(shares), 1)
 
 
 def gemm_bound(model, rows: int = 64, repeats: int = 20) -> tuple[float, float]:
@@ -253,9 +277,10 @@ def gemm_bound(model, rows: int = 64, repeats: int = 20) -> tuple[float, float]:
 def format_table(rows: list[BenchRow]) -> str:
     base = next((r.tokens_per_s for r in rows if r.system == "hf-generate"), None)
     peer = next((r.tokens_per_s for r in rows if r.system == "vllm"), None)
-    lines = ["| system | policy | stages | threads | requests | generated tokens | seconds | tokens/s | vs HF generate "
-             "| vs vLLM | same tokens as HF | preemptions | KV use | decode imbalance | decode bubble per stage |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| system | policy | backend | stages | threads | requests | generated tokens | seconds | tokens/s "
+             "| vs HF generate | vs vLLM | same tokens as HF | preemptions | KV use | decode imbalance "
+             "| decode bubble per stage |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def share(value):
         return "-" if value is None else f"{value:.1%}"
@@ -266,7 +291,7 @@ def format_table(rows: list[BenchRow]) -> str:
         same = "-" if r.same_as_hf is None else f"{r.same_as_hf}/{r.requests}"
         bubble = " / ".join(f"{b:.1%}" for b in r.decode_bubble) if r.decode_bubble else "-"
         preempt = "-" if r.preemptions is None else r.preemptions
-        lines.append(f"| {r.system} | {r.policy} | {r.stages} | {r.threads} | {r.requests} | {r.generated_tokens} | "
+        lines.append(f"| {r.system} | {r.policy} | {r.backend or '-'} | {r.stages} | {r.threads} | {r.requests} | {r.generated_tokens} | "
                      f"{r.seconds:.1f} | {r.tokens_per_s:.1f} | {ratio} | {versus_peer} | {same} | {preempt} | "
                      f"{share(r.kv_utilisation)} | {share(r.decode_imbalance)} | {bubble} |")
     return "\n".join(lines)

@@ -196,7 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--kv-blocks", type=_positive, default=None, help="tdpipe KV budget in blocks")
     bench.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
     bench.add_argument("--attention-backend", default="auto",
-                       help="tdpipe rows: auto (paged-cpu on CPUs), paged-cpu, paged-sdpa or a plugin's name")
+                       help="tdpipe rows, comma-separated (each runs): auto (the built-in chosen for the devices), "
+                            "paged-cpu, paged-sdpa, paged-batched or a plugin's name")
     bench.add_argument("--vllm-python", help="the Python of a vLLM CPU environment, for --systems ...,vllm "
                        "(benchmarks/vllm_peer.sh builds one)")
     _add_placement(bench)
@@ -273,12 +274,17 @@ def _generate(args) -> int:
     return 0
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated option as a tuple of names."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def _bench(args) -> int:
     from ..models import load_model_and_tokenizer
     from ..runtime.placement import parse_devices
     from . import bench
 
-    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    systems = _names(args.systems)
     unknown = sorted(set(systems) - set(bench.SYSTEMS))
     if unknown:
         raise SystemExit(f"tdpipe bench: unknown system(s) {unknown}; choose from {', '.join(bench.SYSTEMS)}")
@@ -294,11 +300,11 @@ def _bench(args) -> int:
         options["threads_per_stage"] = args.threads_per_stage
     if args.pack_weights:
         options["pack_weights"] = True
-    options["attention_backend"] = args.attention_backend
     rows = bench.run_benchmark(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stages=args.stages,
                                hf_batch_size=args.hf_batch_size, systems=systems, tdpipe_options=options,
                                dist_stages=args.dist_stages, local_threads=args.local_threads,
-                               trace=args.trace, vllm_python=args.vllm_python, policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
+                               trace=args.trace, vllm_python=args.vllm_python, backends=_names(args.attention_backend),
+                               policies=_names(args.policies),
                                log=lambda line: print(line, file=sys.stderr))
     print(bench.format_table(rows))
     if args.json_path:
@@ -425,7 +431,7 @@ def _simulate(args) -> int:
     from ..sim.report import format_causes, format_table, write_json, write_plots
     from ..variants import variant
 
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    policies = list(_names(args.policies))
     for policy in policies:
         variant(policy)  # unknown names fail before anything runs
     setup = SimSetup.named(args.model, args.gpu, args.gpus, **_host_cost(args.host_cost))
