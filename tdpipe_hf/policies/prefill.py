@@ -7,7 +7,6 @@ budget. ``AdmitWhileFits`` is the baseline that only looks at the KV free now (v
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -172,24 +171,30 @@ class GreedyPrefill:
         return [self._refined.get(r.request_id) or self._predicted[r.request_id] for r in requests]
 
     def _state(self, requests: Sequence[Request], block_size: int) -> tuple[np.ndarray, ...]:
-        """One row per (request, outcome): tokens held now, tokens still to generate, probability,
-        and the request's index."""
-        tokens, remaining, weights, owner = [], [], [], []
-        for index, (request, outcomes) in enumerate(zip(requests, self._outcomes(requests))):
-            generated = len(request.output_ids)
-            cap = max(request.max_new_tokens - generated, 1)
-            left = [(math.ceil(length * self.length_scale) - generated, prob) for length, prob in outcomes]
-            possible = [(n, q) for n, q in left if n > 0 and q > 0]
-            if not possible:  # it outlived every predicted outcome: expect at least one more block
-                possible = [(block_size, 1.0)]
-            total = sum(q for _, q in possible)
-            for n, q in possible:
-                tokens.append(request.num_tokens)
-                remaining.append(min(n, cap))  # n > 0 by the filter above
-                weights.append(q / total)
-                owner.append(index)
-        return (np.array(tokens, dtype=np.int64), np.array(remaining, dtype=np.int64),
-                np.array(weights, dtype=np.float64), np.array(owner, dtype=np.int64))
+        """One row per (request, outcome), grouped by request in order: tokens held now, tokens
+        still to generate, probability, and the request's index. Outcomes a request has outlived
+        are dropped and the rest renormalised; a request that outlived all of them is expected to
+        need one more block. Vectorised: admission builds this for every running request."""
+        count = len(requests)
+        outcomes = self._outcomes(requests)
+        per_request = np.fromiter(map(len, outcomes), dtype=np.int64, count=count)
+        pairs = np.array([pair for request_outcomes in outcomes for pair in request_outcomes],
+                         dtype=np.float64).reshape(-1, 2)
+        owner = np.repeat(np.arange(count), per_request)
+        generated = np.fromiter((len(r.output_ids) for r in requests), dtype=np.int64, count=count)
+        held = np.fromiter((r.num_tokens for r in requests), dtype=np.int64, count=count)
+        cap = np.maximum(np.fromiter((r.max_new_tokens for r in requests), dtype=np.int64, count=count)
+                         - generated, 1)
+        left = np.ceil(pairs[:, 0] * self.length_scale).astype(np.int64) - generated[owner]
+        possible = (left > 0) & (pairs[:, 1] > 0)
+        outlived = np.flatnonzero(np.bincount(owner[possible], minlength=count) == 0)
+        owner = np.concatenate([owner[possible], outlived])
+        left = np.concatenate([left[possible], np.full(len(outlived), block_size, dtype=np.int64)])
+        prob = np.concatenate([pairs[possible, 1], np.ones(len(outlived))])
+        order = np.argsort(owner, kind="stable")  # grouped by request, outcomes in their order
+        owner, left, prob = owner[order], left[order], prob[order]
+        weights = prob / np.bincount(owner, weights=prob, minlength=count)[owner]
+        return held[owner], np.minimum(left, cap[owner]), weights, owner
 
     def admit(self, waiting: Sequence[Request], running: Sequence[Request], blocks: BlockManager,
               max_running: int) -> int:
