@@ -89,6 +89,26 @@ def test_every_backend_matches_hf(backend, model_type, num_stages, kv_blocks):
         assert stats.preemptions > 0, "the tight budget should force recompute through the backend"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_serves_mixed_micro_batches_of_chunks_and_decodes(backend):
+    """The hybrid schedule with small chunks: prompts are prefilled in pieces on top of their
+    cached context, in the same micro-batches as other requests' decode rows."""
+    if backend == "paged-cpu" and not cpu_attention.available():
+        pytest.skip("no C++ compiler for the paged-cpu kernel")
+    model = tiny_model("llama", seed=73)
+    ids, mask = left_padded(random_prompts(10, low=5, high=50, seed=74))
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, attention_backend=backend, policy="hybrid",
+                   prefill_chunk_tokens=24)
+    try:
+        actual = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+        batches = model.tdpipe_engine.last_stats.micro_batches
+    finally:
+        tdpipe_hf.unwrap(model)
+    assert torch.equal(actual, expected)
+    assert batches.get("mixed", 0) > 0, f"no micro-batch mixed chunks with decodes: {dict(batches)}"
+
+
 def test_auto_picks_the_kernel_on_cpus_and_one_call_per_layer_with_a_gpu(monkeypatch):
     kernel_here = cpu_attention.available()
     assert attention.resolve("auto", ("cpu", "cpu")) == ("paged-cpu" if kernel_here else "paged-sdpa")

@@ -32,3 +32,23 @@ def test_gemm_bound_counts_every_linear_layer_once():
     _, flops = bench.gemm_bound(model, rows=4, repeats=1)
     assert flops == sum(2 * m.in_features * m.out_features for m in linears)
     assert any(m is model.lm_head for m in linears), "the LM head is part of a token's cost"
+
+
+def test_bench_runs_tdpipe_once_per_backend_and_names_it():
+    tokenizer = byte_tokenizer(chat_template=True)
+    model = tiny_model("llama", seed=83, vocab_size=len(tokenizer))
+    rows = bench.run_benchmark(model, tokenizer, ["hello there", "a longer prompt about pipelines"],
+                               max_new_tokens=6, stages=(1,), systems=("hf-generate", "tdpipe"),
+                               backends=("paged-sdpa", "paged-batched"), log=lambda line: None)
+    assert [(row.system, row.backend) for row in rows] == [
+        ("hf-generate", None), ("tdpipe-local", "paged-sdpa"), ("tdpipe-local", "paged-batched")]
+    for row in rows[1:]:
+        assert row.same_as_hf == 2 and row.matching_prefix == 1.0
+    assert "| paged-batched |" in bench.format_table(rows)
+
+
+def test_matching_prefix_measures_how_early_answers_part():
+    reference = [[1, 2, 3, 4], [5, 6], [7]]
+    assert bench.matching_prefix(reference, reference) == 1.0
+    # parts at the third token of 4; at the first of 2; stops early (1 of 2 tokens: the longer counts)
+    assert bench.matching_prefix([[1, 2, 9, 4], [0, 6], [7, 8]], reference) == (0.5 + 0.0 + 0.5) / 3

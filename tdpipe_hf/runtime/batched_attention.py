@@ -7,6 +7,9 @@ instead: the micro-batch's queries become ``[rows, longest new span]``, each row
 gathered from its block table to ``[rows, longest context]``, and one masked SDPA (causal within
 the new span, nothing past a row's length) serves prefill, recompute and decode rows together.
 Its per-micro-batch metadata crosses to the device as one tensor, so a step costs one host copy.
+The price is transient memory: each layer gathers ``rows x longest context`` keys and values,
+where ``paged-sdpa`` gathers about the sum of the contexts; a kernel that reads the block table
+in place (flash-attn's varlen with paging) would need neither.
 """
 
 from __future__ import annotations
