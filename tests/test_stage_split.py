@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import tdpipe_hf
 from tdpipe_hf.controller.cost import REFIT_EVERY, StageTimeModel
-from tdpipe_hf.runtime import spawn
+from tdpipe_hf.runtime import attention, spawn
 from tdpipe_hf.runtime.kv_budget import kv_geometry
 from tdpipe_hf.runtime.packed_linear import PackedLinears, available
 from tdpipe_hf.runtime.split import StageCosts, probe_stage, size_costs, split_layers
@@ -58,19 +58,28 @@ def test_size_costs_weigh_layers_and_head_by_bytes():
     assert costs.head == model.lm_head.weight.numel() * model.lm_head.weight.element_size()
 
 
-def test_probe_times_a_stage_with_its_own_cache():
+@pytest.mark.parametrize("backend", ["paged-sdpa", "paged-batched"])
+def test_probe_times_a_stage_with_its_own_cache(backend):
+    """Timed with the metadata of the attention backend the stage will serve with."""
     model = tiny_model("llama", seed=4)
-    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=20)  # registers the paged attention
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=20, attention_backend=backend)
     setup = StageSetup(20, 4, *kv_geometry(model), pack_weights=True)
     first, last = build_stages(model, 2)
+    built = []
+
+    def build(*args):
+        built.append(attention.backend(backend).build(*args))
+        return built[-1]
+
     try:
         for stage in (first, last):
             setup.apply(stage)
-        per_layer, head = probe_stage(first)
+        per_layer, head = probe_stage(first, build)
         assert per_layer > 0 and head is None
-        per_layer, head = probe_stage(last)
+        per_layer, head = probe_stage(last, build)
         assert per_layer > 0 and head > 0
         assert not last.kv.keys.any() and not last.kv.values.any()  # the scratch use leaves no trace
+        assert len(built) == 2 and all(type(ctx) is type(built[0]) for ctx in built)
     finally:
         for stage in (first, last):
             stage.release()

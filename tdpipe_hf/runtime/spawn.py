@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..plan import MicroBatch, StepResult
+from .attention import backend as attention_backend
 from .local import StageError
 from .malloc import tune_glibc_malloc
 from .placement import activation_backend
@@ -322,7 +323,7 @@ def _worker_main(rank, world, port, stage, setup, threads, device, backend, rest
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(minutes=30))
         if restage is not None:  # time the stage, then serve the one the executor picks
-            control.put(("probe", rank, probe_stage(stage)))
+            control.put(("probe", rank, probe_stage(stage, attention_backend(setup.attention).build)))
             replacement = restage.get()
             if replacement is not None:
                 stage.drop()  # the spawn arguments keep the old stage object alive: free what it holds

@@ -61,11 +61,12 @@ def measured_costs(num_layers: int, probes: list[tuple[float, float | None]]) ->
     return StageCosts(tuple(per_layer for _ in range(num_layers)), probes[-1][1] or 0.0, "measured")
 
 
-def probe_stage(stage) -> tuple[float, float | None]:
+def probe_stage(stage, build=AttentionContext.build) -> tuple[float, float | None]:
     """(seconds per layer, seconds for norm + head + greedy pick, or None) of ``stage`` on a
     decode micro-batch of up to ``PROBE_ROWS`` rows at ``PROBE_CONTEXT`` tokens, timed in this
     process as it will run: its threads, packed weights, all its layers in a row (so weights
-    stream from memory as in a real pass) and its own KV cache, still unused, as scratch."""
+    stream from memory as in a real pass), its attention backend's metadata (``build``) and its
+    own KV cache, still unused, as scratch."""
     kv = stage.kv
     block_size = kv.block_size
     num_blocks = kv.keys.shape[1]
@@ -75,7 +76,7 @@ def probe_stage(stage) -> tuple[float, float | None]:
     seqs = [SequencePlan(row, [3], context, list(range(row * blocks_per_row, (row + 1) * blocks_per_row)))
             for row in range(rows)]
     weight = next(stage.layers[0].parameters())
-    ctx = AttentionContext.build(MicroBatch(-1, "decode", seqs), block_size, weight.device)
+    ctx = build(MicroBatch(-1, "decode", seqs), block_size, weight.device)
     hidden = torch.randn(1, rows, weight.shape[-1], dtype=weight.dtype, device=weight.device)
     with torch.inference_mode(), stage.weights():
         per_layer = _seconds(lambda: stage.run_layers(hidden, ctx), weight.device) / len(stage.layers)
