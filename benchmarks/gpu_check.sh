@@ -15,7 +15,8 @@
 # (2) SmolLM2 shape, bfloat16: HF generate (one static batch of 64) vs tdpipe in one process vs 2
 # stage processes sharing the GPU, once per attention backend ($BACKENDS, default
 # paged-sdpa,paged-batched), with the pipeline's timeline; (3) Llama-1B shape, bfloat16;
-# (4) SmolLM2 shape, float32 (identity on a full-size model). Each step has its own time limit, the
+# (4) a torch.profiler breakdown of the Llama-1B run (benchmarks/profile_step.py: top CUDA
+# kernels, device-busy share); (5) SmolLM2 shape, float32 (identity on a full-size model). Each step has its own time limit, the
 # whole run under 8 minutes (on 2026-12-04 the first workload, which pays the GPU's first use in
 # each process, outran 110 s; it has 150 now); one table at the end.
 # Everything goes to $OUT (default ./gpu-check): check.log, bench-*.json, trace-*.
@@ -57,7 +58,7 @@ step() {  # step SECONDS NAME COMMAND...: run it under a time limit, log it, go 
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s" | tee -a "$LOG"
 }
 
-step 90 tests python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py ${GPU_TESTS_EXTRA-}
+step 70 tests python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py ${GPU_TESTS_EXTRA-}
 wait "$WRITER"; cat /tmp/random-models.log >> "$LOG"
 # tdpipe in one process and in 2 stage processes sharing the GPU, once per attention backend
 BENCH=(python3 -m tdpipe_hf.apps.cli bench --devices cuda:0 --num-prompts 64 --max-new-tokens 128
@@ -66,6 +67,8 @@ BENCH=(python3 -m tdpipe_hf.apps.cli bench --devices cuda:0 --num-prompts 64 --m
 step 150 smollm2-bf16 "${BENCH[@]}" --model /tmp/smollm2-shape --dtype bfloat16 \
   --json "$OUT/bench-smollm2-bf16.json" --trace "$OUT/trace-smollm2-bf16.json"
 step 110 llama1b-bf16 "${BENCH[@]}" --model /tmp/llama-1b-shape --dtype bfloat16 --json "$OUT/bench-llama1b-bf16.json"
+step 50 profile python3 benchmarks/profile_step.py --model /tmp/llama-1b-shape --device cuda:0 --dtype bfloat16 \
+  --num-prompts 64 --max-new-tokens 32
 step 100 smollm2-fp32 "${BENCH[@]}" --model /tmp/smollm2-shape --dtype float32 --json "$OUT/bench-smollm2-fp32.json"
 python3 benchmarks/gpu_table.py "SmolLM2 bf16=$OUT/bench-smollm2-bf16.json" \
   "Llama-1B bf16=$OUT/bench-llama1b-bf16.json" "SmolLM2 fp32=$OUT/bench-smollm2-fp32.json" | tee -a "$LOG"
