@@ -35,11 +35,15 @@ def test_gemm_bound_counts_every_linear_layer_once():
 
 
 def test_bench_runs_tdpipe_once_per_backend_and_names_it():
+    """... and hands over the rows so far after each one (the CLI rewrites its JSON then)."""
     tokenizer = byte_tokenizer(chat_template=True)
     model = tiny_model("llama", seed=83, vocab_size=len(tokenizer))
+    seen: list[int] = []
     rows = bench.run_benchmark(model, tokenizer, ["hello there", "a longer prompt about pipelines"],
                                max_new_tokens=6, stages=(1,), systems=("hf-generate", "tdpipe"),
-                               backends=("paged-sdpa", "paged-batched"), log=lambda line: None)
+                               backends=("paged-sdpa", "paged-batched"), log=lambda line: None,
+                               on_row=lambda so_far: seen.append(len(so_far)))
+    assert seen == [1, 2, 3]
     assert [(row.system, row.backend) for row in rows] == [
         ("hf-generate", None), ("tdpipe-local", "paged-sdpa"), ("tdpipe-local", "paged-batched")]
     for row in rows[1:]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -126,7 +127,8 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
                   tdpipe_options: dict | None = None, dist_stages: tuple[int, ...] = (2,),
                   local_threads: tuple[int, ...] = (), trace: str | None = None,
                   policies: tuple[str, ...] = ("tdpipe",), vllm_python: str | None = None,
-                  backends: tuple[str, ...] = ("auto",), log=print) -> list[BenchRow]:
+                  backends: tuple[str, ...] = ("auto",), log=print,
+                  on_row: Callable[[list[BenchRow]], None] | None = None) -> list[BenchRow]:
     """Run ``systems`` one after the other on the same prompts, tdpipe once per policy variant
     (names in ``tdpipe_hf.variants``). ``trace``: write the last distributed run's timeline as a Chrome trace
     (``trace``) and a PNG (``trace`` + ``.png``); with several policies, one of each per policy
@@ -134,7 +136,8 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
     (see ``vllm_peer``); ``gemm-bound``: the tokens/s the machine's dense matrix products alone allow
     (:func:`gemm_bound`), measured in the same run. ``backends``: tdpipe runs once per attention
     backend named (``auto``: the one chosen for the devices). HF ``generate`` runs once untimed first,
-    so that neither side pays the device's first-use costs in its figure."""
+    so that neither side pays the device's first-use costs in its figure. ``on_row`` gets the rows
+    so far after each one, so a run cut short keeps what it measured."""
     import tdpipe_hf
     from tdpipe_hf import metrics
     from tdpipe_hf.runtime.placement import parse_devices
@@ -167,6 +170,8 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
             line += f"; {metrics.format_bubbles(bubbles)}"
         rows.append(row)
         log(line)
+        if on_row is not None:
+            on_row(rows)
 
     def run_tdpipe(system: str, n_stages: int, threads: int | None = None, policy: str = "tdpipe",
                    backend: str = "auto", **options) -> None:
@@ -229,6 +234,8 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
         rows.append(BenchRow("gemm-bound", 1, 0, 0, 0.0, round(rate, 2), torch.get_num_threads()))
         log(f"  gemm-bound: {per_token / 1e9:.3f} GFLOP a token in dense products -> {rate:.1f} tok/s "
             f"at the measured rate")
+        if on_row is not None:
+            on_row(rows)
     for policy in policies:
         variant(policy, engine=True)  # unknown names fail before anything runs
     for policy in policies:

@@ -194,7 +194,8 @@ def _parser() -> argparse.ArgumentParser:
                             "lists them; default tdpipe)")
     bench.add_argument("--hf-batch-size", type=_positive, default=16, help="static batch size for HF generate")
     bench.add_argument("--kv-blocks", type=_positive, default=None, help="tdpipe KV budget in blocks")
-    bench.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
+    bench.add_argument("--json", dest="json_path", help="write the result rows to this JSON file (rewritten "
+                                                          "after each row, so an interrupted run keeps its rows)")
     bench.add_argument("--attention-backend", default="auto",
                        help="tdpipe rows, comma-separated (each runs): auto (the built-in chosen for the devices), "
                             "paged-cpu, paged-sdpa, paged-batched or a plugin's name")
@@ -304,8 +305,8 @@ def _bench(args) -> int:
                                hf_batch_size=args.hf_batch_size, systems=systems, tdpipe_options=options,
                                dist_stages=args.dist_stages, local_threads=args.local_threads,
                                trace=args.trace, vllm_python=args.vllm_python, backends=_names(args.attention_backend),
-                               policies=_names(args.policies),
-                               log=lambda line: print(line, file=sys.stderr))
+                               policies=_names(args.policies), log=lambda line: print(line, file=sys.stderr),
+                               on_row=(lambda so_far: bench.write_json(so_far, args.json_path)) if args.json_path else None)
     print(bench.format_table(rows))
     if args.json_path:
         bench.write_json(rows, args.json_path)
