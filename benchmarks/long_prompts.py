@@ -32,21 +32,24 @@ def main() -> None:
     _, tokenizer = load_model_and_tokenizer(args.model)
     pool = load_prompts(args.source)
     rng = random.Random(args.seed)
+
+    def compose(items: list[str]) -> tuple[str, int]:  # the prompt and its chat-templated length
+        text = HEADER + "\n\n".join(f"{i + 1}. {item}" for i, item in enumerate(items))
+        return text, len(chat_token_ids(tokenizer, [text])[0])
+
     cursor, lines, lengths = 0, [], []
     for _ in range(args.count):
         target, items = rng.randint(args.low, args.high), []
         while True:
             items.append(pool[cursor % len(pool)])
             cursor += 1
-            text = HEADER + "\n\n".join(f"{i + 1}. {item}" for i, item in enumerate(items))
-            length = len(chat_token_ids(tokenizer, [text])[0])
+            text, length = compose(items)
             if length >= target or length > args.high:
                 break
         if length > args.high and len(items) > 1:  # the last request overshot: stop before it
             items.pop()
             cursor -= 1
-            text = HEADER + "\n\n".join(f"{i + 1}. {item}" for i, item in enumerate(items))
-            length = len(chat_token_ids(tokenizer, [text])[0])
+            text, length = compose(items)
         lines.append(json.dumps({"prompt": text}))
         lengths.append(length)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,30 @@ def group_by_length(lengths: list[int], ratio: float = GROUP_LENGTH_RATIO) -> li
 
 
 @dataclass
+class PackedTokens:
+    """The host lists every backend's metadata starts from: the micro-batch's new tokens packed
+    end to end, with their positions, flat cache slots, and the packed index of each sampled row."""
+
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    logits_rows: list[int]
+
+    @classmethod
+    def of(cls, batch: MicroBatch, block_size: int) -> "PackedTokens":
+        packed = cls([], [], [], [])
+        for seq in batch.seqs:
+            begin, table = len(packed.ids), seq.block_table
+            packed.ids.extend(seq.token_ids)
+            for pos in range(seq.start, seq.start + len(seq.token_ids)):
+                packed.positions.append(pos)
+                packed.slots.append(table[pos // block_size] * block_size + pos % block_size)
+            if seq.sample:
+                packed.logits_rows.append(begin + len(seq.token_ids) - 1)
+        return packed
+
+
+@dataclass
 class AttentionContext:
     """Per-micro-batch index tensors, built once and shared by every layer of every stage."""
 
@@ -78,24 +102,14 @@ class AttentionContext:
     @classmethod
     def build(cls, batch: MicroBatch, block_size: int, device: torch.device | str = "cpu",
               group_ratio: float = GROUP_LENGTH_RATIO) -> "AttentionContext":
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logits_rows: list[int] = []
+        packed = PackedTokens.of(batch, block_size)
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         segments: list[Segment] = []
+        begin = 0
         for seq in batch.seqs:
-            begin = len(ids)
-            n = len(seq.token_ids)
-            ids.extend(seq.token_ids)
-            table = seq.block_table
-            for pos in range(seq.start, seq.start + n):
-                positions.append(pos)
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
-            if seq.sample:
-                logits_rows.append(begin + n - 1)
+            n, table = len(seq.token_ids), seq.block_table
             if n == 1:
                 decode_rows.append(begin)
                 decode_tables.append(table)
@@ -103,6 +117,7 @@ class AttentionContext:
             else:
                 segments.append(Segment(begin, begin + n, seq.start,
                                         torch.tensor(table, dtype=torch.long, device=device)))
+            begin += n
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
@@ -118,9 +133,9 @@ class AttentionContext:
                                       tensor([t + [0] * (width - len(t)) for t in tables]),
                                       (span[None, :] < lens[:, None])[:, None, None, :], lens))
         # checked on the host lists: reading the tensor back would wait for the device
-        in_order = len(groups) == 1 and [decode_rows[i] for i in memberships[0]] == list(range(len(ids)))
-        return cls(tensor(ids), tensor(positions), tensor(slots), tensor(logits_rows), groups,
-                   not segments and in_order, segments)
+        in_order = len(groups) == 1 and [decode_rows[i] for i in memberships[0]] == list(range(len(packed.ids)))
+        return cls(tensor(packed.ids), tensor(packed.positions), tensor(packed.slots), tensor(packed.logits_rows),
+                   groups, not segments and in_order, segments)
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionContext, _gather, paged_attention, store_new_kv
+from .attention import AttentionContext, PackedTokens, _gather, paged_attention, store_new_kv
 
 
 @dataclass
@@ -37,22 +37,18 @@ class BatchedContext(AttentionContext):
         seqs = batch.seqs
         span = max(len(seq.token_ids) for seq in seqs)
         width = max(len(seq.block_table) for seq in seqs)
-        ids, positions, slots, logits_rows, tables, starts, lengths = [], [], [], [], [], [], []
-        query_index, out_index = [], []
+        packed = PackedTokens.of(batch, block_size)
+        tables, starts, lengths, query_index, out_index = [], [], [], [], []
+        begin = 0
         for row, seq in enumerate(seqs):
-            begin, n, table = len(ids), len(seq.token_ids), seq.block_table
-            ids.extend(seq.token_ids)
-            for pos in range(seq.start, seq.start + n):
-                positions.append(pos)
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
-            if seq.sample:
-                logits_rows.append(begin + n - 1)
+            n, table = len(seq.token_ids), seq.block_table
             tables.extend(table + [0] * (width - len(table)))
             starts.append(seq.start)
             lengths.append(seq.start + n)
             query_index.extend(list(range(begin, begin + n)) + [begin] * (span - n))
             out_index.extend(range(row * span, row * span + n))
-        parts = [ids, positions, slots, logits_rows, tables, starts, lengths]
+            begin += n
+        parts = [packed.ids, packed.positions, packed.slots, packed.logits_rows, tables, starts, lengths]
         if span > 1:
             parts += [query_index, out_index]
         # one host-to-device copy for the whole micro-batch, then views of it
