@@ -56,3 +56,21 @@ def test_matching_prefix_measures_how_early_answers_part():
     assert bench.matching_prefix(reference, reference) == 1.0
     # parts at the third token of 4; at the first of 2; stops early (1 of 2 tokens: the longer counts)
     assert bench.matching_prefix([[1, 2, 9, 4], [0, 6], [7, 8]], reference) == (0.5 + 0.0 + 0.5) / 3
+
+
+def test_run_vllm_finds_a_relative_python_from_its_scratch_directory(tmp_path, monkeypatch):
+    """The runner starts in a scratch directory: ``--vllm-python ../vllm-venv/bin/python`` (the
+    README's form) must still name the caller's file. A stand-in interpreter answers the job."""
+    import stat
+
+    from tdpipe_hf.apps.vllm_peer import run_vllm
+
+    fake = tmp_path / "venv" / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\n"  # $1 runner.py, $2 job.json, $3 result.json
+                    "echo '{\"outputs\": [[7, 8]], \"seconds\": 0.5}' > \"$3\"\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    outputs, seconds = run_vllm("../venv/bin/python", "model-dir", [[1, 2, 3]], max_new_tokens=2, eos={0})
+    assert (outputs, seconds) == ([[7, 8]], 0.5)

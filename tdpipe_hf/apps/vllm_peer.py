@@ -64,6 +64,8 @@ def run_vllm(python: str, model_dir: str | os.PathLike, prompts: list[list[int]]
     if not Path(python).exists():
         raise FileNotFoundError(f"no Python at {python!r}: build vLLM's CPU environment with "
                                 "benchmarks/vllm_peer.sh, or pass --vllm-python")
+    python = os.path.abspath(python)  # it runs from a scratch directory: a relative path would miss
+    model_dir = os.path.abspath(model_dir)  # (abspath, not resolve: a venv's python is a symlink)
     threads = threads or os.cpu_count() or 1
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}"),
