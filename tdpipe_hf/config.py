@@ -71,7 +71,7 @@ class TDPipeConfig:
     executor: str = "local"
     threads_per_stage: int | None = None
     micro_batches: int | None = None
-    pack_weights: bool = False
+    pack_weights: bool | str = "auto"
     attention_backend: str = AUTO
     devices: tuple[str, ...] | str | None = None
 
@@ -128,8 +128,8 @@ class TDPipeConfig:
                              f"or a probe object with .layer and predict(states), got {probe!r}")
         if not isinstance(self.paper_rules, bool):
             raise ValueError(f"TDPipeConfig.paper_rules must be True or False, got {self.paper_rules!r}")
-        if not isinstance(self.pack_weights, bool):
-            raise ValueError(f"TDPipeConfig.pack_weights must be True or False, got {self.pack_weights!r}")
+        if not isinstance(self.pack_weights, (bool, str)) or self.pack_weights not in (True, False, "auto"):
+            raise ValueError(f"TDPipeConfig.pack_weights must be True, False or 'auto', got {self.pack_weights!r}")
         self.devices = parse_devices(self.devices)
         if self.devices is not None and len(self.devices) not in (1, self.num_stages):
             raise ValueError(f"TDPipeConfig.devices lists {len(self.devices)} devices for {self.num_stages} "

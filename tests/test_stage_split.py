@@ -17,6 +17,9 @@ from tdpipe_hf.runtime import attention, spawn
 from tdpipe_hf.runtime.attention import AttentionContext
 from tdpipe_hf.runtime.batched_attention import BatchedContext
 from tdpipe_hf.runtime.kv_budget import kv_geometry
+from tdpipe_hf.config import TDPipeConfig
+from tdpipe_hf.runtime import packed_linear
+from tdpipe_hf.runtime import stage as stage_module
 from tdpipe_hf.runtime.packed_linear import PackedLinears, available
 from tdpipe_hf.runtime.split import StageCosts, probe_stage, size_costs, split_layers
 from tdpipe_hf.runtime.stage import StageSetup, build_stages
@@ -134,8 +137,8 @@ def test_packed_linears_serve_only_inside_the_stage():
 def test_wrap_packs_stage_weights_and_unwrap_gives_them_back():
     model = tiny_model("llama", seed=8)
     gate = model.model.layers[0].mlp.gate_proj
-    tdpipe_hf.wrap(model, num_stages=2)
-    assert "forward" not in gate.__dict__  # off by default: greedy tokens stay HF's
+    tdpipe_hf.wrap(model, num_stages=2, pack_weights=False)
+    assert "forward" not in gate.__dict__
     tdpipe_hf.wrap(model, num_stages=2, pack_weights=True)
     assert "forward" in gate.__dict__
     stage = model.tdpipe_engine.executor.stages[0]
@@ -146,9 +149,54 @@ def test_wrap_packs_stage_weights_and_unwrap_gives_them_back():
     tdpipe_hf.unwrap(model)
     assert "forward" not in gate.__dict__
     tdpipe_hf.wrap(model, num_stages=2, pack_weights=True)
-    tdpipe_hf.wrap(model, num_stages=2)
+    tdpipe_hf.wrap(model, num_stages=2, pack_weights=False)
     assert "forward" not in gate.__dict__
     tdpipe_hf.unwrap(model)
+
+
+@pytest.mark.skipif(not available(torch.zeros(1)), reason="needs oneDNN on CPU")
+@pytest.mark.parametrize("pays", [True, False])
+def test_auto_packing_follows_the_measurement(monkeypatch, pays):
+    """The default, "auto", packs exactly when timing one of the stage's own weights says it pays,
+    and the answers are HF's either way."""
+    timed = []
+
+    def verdict(weight):
+        timed.append(tuple(weight.shape))
+        return pays
+
+    monkeypatch.setattr(stage_module, "packing_pays", verdict)
+    model = tiny_model("llama", seed=9)
+    ids, mask = left_padded(random_prompts(4, low=2, high=12, seed=10))
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    gate = model.model.layers[0].mlp.gate_proj
+    tdpipe_hf.wrap(model, num_stages=2)
+    try:
+        assert model.tdpipe_engine.config.pack_weights == "auto"
+        actual = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        assert ("forward" in gate.__dict__) is pays
+        mlp_weight = tuple(gate.weight.shape)
+        assert len(timed) == 2 and all(shape == mlp_weight for shape in timed)  # each stage's largest linear
+    finally:
+        tdpipe_hf.unwrap(model)
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.skipif(not available(torch.zeros(1)), reason="needs oneDNN on CPU")
+def test_packing_pays_times_both_products_once_per_shape(monkeypatch):
+    monkeypatch.setattr(packed_linear, "_verdicts", {})
+    weight = torch.randn(64, 32)
+    first = packed_linear.packing_pays(weight, repeats=1)
+    assert isinstance(first, bool) and len(packed_linear._verdicts) == 1
+    monkeypatch.setattr(packed_linear, "best_seconds", lambda fn, repeats: pytest.fail("timed twice"))
+    assert packed_linear.packing_pays(weight) is first  # the verdict is kept for the process
+    assert packed_linear.packing_pays(weight.to(torch.bfloat16)) is False  # float32 only
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None, 0.5])
+def test_pack_weights_rejects_nonsense(bad):
+    with pytest.raises(ValueError, match="pack_weights must be True, False or 'auto'"):
+        TDPipeConfig(pack_weights=bad)
 
 
 def test_stage_time_model_refits_every_few_samples():

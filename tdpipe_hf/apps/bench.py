@@ -19,7 +19,7 @@ import torch
 
 from ..mixin import eos_token_ids
 from ..models import chat_prompt_ids
-from ..runtime import attention
+from ..runtime import attention, packed_linear
 from ..variants import variant
 
 SAMPLE_PROMPTS = "sample_prompts.jsonl"
@@ -264,19 +264,19 @@ def matching_prefix(outputs: list[list[int]], reference: list[list[int]]) -> flo
 def gemm_bound(model, rows: int = 64, repeats: int = 20) -> tuple[float, float]:
     """(tokens/s, FLOPs a token) if a step cost only its dense matrix products: every linear layer
     of the model (the LM head included) timed on ``rows`` rows, as in a decode step of ``rows``
-    requests, with the model's own weights, dtype and thread count. Attention, norms and sampling
-    are left out, so no engine can beat it at that batch size."""
+    requests, with the model's own weights, dtype and thread count, each by the faster of
+    ``F.linear`` and (on CPU in float32) the oneDNN product on packed weights that stages use.
+    Attention, norms and sampling are left out, so no engine can beat it at that batch size."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     seconds = flops = 0.0
     with torch.inference_mode():
         for layer in linears:
             x = torch.randn(rows, layer.in_features, dtype=layer.weight.dtype, device=layer.weight.device)
-            for _ in range(3):
-                layer(x)
-            start = time.perf_counter()
-            for _ in range(repeats):
-                layer(x)
-            seconds += (time.perf_counter() - start) / repeats
+            products = [lambda: torch.nn.functional.linear(x, layer.weight, layer.bias)]
+            if packed_linear.available(layer.weight):
+                packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight, packed_linear.ROWS_HINT)
+                products.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], ""))
+            seconds += min(packed_linear.best_seconds(product, repeats) for product in products)
             flops += 2 * layer.in_features * layer.out_features
     return rows / seconds, flops
 

@@ -37,6 +37,7 @@ def _port(text: str) -> int:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+PACK_WEIGHTS = {"auto": "auto", "on": True, "off": False}  # --pack-weights -> TDPipeConfig.pack_weights
 
 
 def _add_placement(parser: argparse.ArgumentParser) -> None:
@@ -70,8 +71,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--switch-policy", default="intensity",
                         help="decode-to-prefill switch policy (default intensity; built-in: threshold)")
     parser.add_argument("--no-stealing", action="store_true", help="tdpipe without inter-batch work stealing")
-    parser.add_argument("--pack-weights", action="store_true",
-                        help="CPU float32: pack linear weights for oneDNN (faster; greedy tokens may flip at near-ties)")
+    parser.add_argument("--pack-weights", choices=sorted(PACK_WEIGHTS), default="auto",
+                        help="CPU float32: run linear layers on weights packed for oneDNN: auto (default: where "
+                             "measured faster), on, off (see README)")
     parser.add_argument("--paper-rules", action="store_true",
                         help="tdpipe with the paper's exact stealing, switch and prefill-batching rules")
     parser.add_argument("--admission", default="greedy",
@@ -90,7 +92,7 @@ def _engine_options(args) -> dict:
     """``from_pretrained`` keywords for ``_add_engine_options``' flags."""
     options = {"num_stages": args.stages, "executor": args.executor or ("distributed" if args.stages > 1 else "local"),
                "policy": args.policy, "switch_policy": args.switch_policy, "stealing": not args.no_stealing,
-               "paper_rules": args.paper_rules, "pack_weights": args.pack_weights, "admission": args.admission,
+               "paper_rules": args.paper_rules, "pack_weights": PACK_WEIGHTS[args.pack_weights], "admission": args.admission,
                "predictor": args.predictor, "kv_threshold": args.kv_threshold,
                "online_learning": args.online_learning, **_placement(args)}
     if args.kv_blocks:
@@ -180,8 +182,8 @@ def _parser() -> argparse.ArgumentParser:
                             "gemm-bound (tokens/s the dense products alone allow)")
     bench.add_argument("--dist-stages", type=_stage_list, default=(2,),
                        help="stage counts for tdpipe-dist, e.g. 2,3")
-    bench.add_argument("--pack-weights", action="store_true",
-                       help="tdpipe rows: CPU float32 linear weights packed for oneDNN (see README)")
+    bench.add_argument("--pack-weights", choices=sorted(PACK_WEIGHTS), default="auto",
+                       help="tdpipe rows: CPU float32 linear weights packed for oneDNN: auto (default), on, off")
     bench.add_argument("--threads-per-stage", type=_positive, default=None,
                        help="torch threads of each tdpipe-dist stage process (default: cores / stages)")
     bench.add_argument("--local-threads", type=_stage_list, default=(),
@@ -299,8 +301,7 @@ def _bench(args) -> int:
         model.to(options["devices"][0])
     if args.threads_per_stage:
         options["threads_per_stage"] = args.threads_per_stage
-    if args.pack_weights:
-        options["pack_weights"] = True
+    options["pack_weights"] = PACK_WEIGHTS[args.pack_weights]
     rows = bench.run_benchmark(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stages=args.stages,
                                hf_batch_size=args.hf_batch_size, systems=systems, tdpipe_options=options,
                                dist_stages=args.dist_stages, local_threads=args.local_threads,

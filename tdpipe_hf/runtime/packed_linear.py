@@ -7,7 +7,10 @@ full pass over the 30 layers and the LM head): 304 -> 278 ms for 64 rows, 203 ->
 103 -> 83 ms for 4; the LM head alone 27 -> 19 ms for 32 rows. oneDNN accumulates in another
 order than MKL, so logits differ in the last bits (about 1e-5 relative) and a greedy token can
 flip where HF's top two logits nearly tie: measured, 1 of 64 chat answers of 128 tokens changed
-at step 100, where HF's top-2 gap was 1.7e-5. Hence opt-in (``pack_weights=True``).
+at step 100, where HF's top-2 gap was 1.7e-5. On AMD CPUs the gap is far wider: MKL's sgemm there runs 94-190 GFLOP/s on SmolLM2's shapes against
+300-490 for the packed oneDNN product (2 Zen 5 cores, AVX-512, 2026-12-04), which doubles the whole
+engine's throughput. So the default, ``pack_weights="auto"``, times both products once per process
+on one of the stage's own weights and packs only where that pays (:func:`packing_pays`).
 
 The packed weights are a copy taken when the stage is set up: they serve only the stage's own
 forward (plain ``model(...)`` calls keep using the module's weights), and re-wrapping the model
@@ -16,7 +19,9 @@ takes a fresh copy after its weights change.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Iterable
 
 import torch
@@ -26,10 +31,46 @@ ROWS_HINT = 32  # oneDNN picks its blocked weight layout for about this many row
 _state = threading.local()
 
 
+PAYS_OFF = 1.25  # "auto" packs when the packed product is at least this much faster
+logger = logging.getLogger("tdpipe_hf")
+_verdicts: dict[tuple, bool] = {}  # (weight shape, dtype, threads) -> packing pays
+
+
 def available(weight: torch.Tensor) -> bool:
     """Whether ``weight`` can be packed: float32 on CPU with oneDNN present."""
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def packing_pays(weight: torch.Tensor, rows: int = 2 * ROWS_HINT, repeats: int = 5) -> bool:
+    """Whether, on this machine and at this process's thread count, the packed oneDNN product of
+    ``weight`` runs at least ``PAYS_OFF`` times faster than ``F.linear`` (best of ``repeats``
+    each, after a warm-up; a few milliseconds, once per shape and process)."""
+    if not available(weight):
+        return False
+    key = (tuple(weight.shape), weight.dtype, torch.get_num_threads())
+    if key not in _verdicts:
+        with torch.inference_mode():
+            x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
+            plain = best_seconds(lambda: F.linear(x, weight), repeats)
+            fast = best_seconds(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), repeats)
+        _verdicts[key] = plain >= PAYS_OFF * fast
+        logger.info("pack_weights='auto': a %dx%d weight on %d rows takes %.2f ms with F.linear, %.2f ms packed "
+                    "for oneDNN -> %s", *weight.shape, rows, plain * 1e3, fast * 1e3,
+                    "packing" if _verdicts[key] else "not packing")
+    return _verdicts[key]
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``fn``, after one untimed call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 class PackedLinears:

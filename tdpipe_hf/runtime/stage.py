@@ -12,7 +12,7 @@ import torch
 from ..plan import MicroBatch
 from .attention import ATTENTION_NAME, AttentionContext
 from .kv_cache import PagedKVCache
-from .packed_linear import PackedLinears
+from .packed_linear import PackedLinears, packing_pays
 from .split import StageCosts, size_costs, split_layers
 
 
@@ -77,11 +77,17 @@ class Stage:
         self.kv = PagedKVCache(self.index_range.start, len(self.layers), num_blocks, block_size, kv_heads,
                                head_dim, weight.dtype, weight.device)
 
-    def pack_weights(self) -> None:
+    def pack_weights(self, only_if_faster: bool = False) -> None:
         """Pack the stage's linear weights for oneDNN (CPU float32 only; see ``packed_linear``),
-        in the process that runs the stage."""
-        if self.packed is None:
-            self.packed = PackedLinears([*self.layers, *([self.lm_head] if self.lm_head is not None else [])])
+        in the process that runs the stage; with ``only_if_faster``, only where that is measured
+        to pay on one of the stage's weights (``pack_weights="auto"``)."""
+        if self.packed is not None:
+            return
+        if only_if_faster:
+            linears = [m for layer in self.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+            if not linears or not packing_pays(max(linears, key=lambda m: m.weight.numel()).weight):
+                return
+        self.packed = PackedLinears([*self.layers, *([self.lm_head] if self.lm_head is not None else [])])
 
     def release(self) -> None:
         """Undo :meth:`pack_weights`, the KV cache and :meth:`place`: the model's modules compute
@@ -186,14 +192,14 @@ def _copies_on(modules, device: torch.device) -> list:
 @dataclass(frozen=True)
 class StageSetup:
     """What the process that runs a stage does to make it ready: place it on its device, allocate
-    its KV cache and, on CPU, pack its weights. Picklable, so a worker process gets it with its
-    stage."""
+    its KV cache and, on CPU, pack its weights (``pack_weights``: True, False, or "auto": where it
+    is measured to pay in that process). Picklable, so a worker process gets it with its stage."""
 
     num_blocks: int
     block_size: int
     kv_heads: int
     head_dim: int
-    pack_weights: bool = False
+    pack_weights: bool | str = False
     attention: str = "paged-sdpa"  # the attention backend's registry name
 
     def apply(self, stage: Stage, device: torch.device | None = None) -> None:
@@ -201,7 +207,7 @@ class StageSetup:
             stage.place(device)
         stage.allocate_kv(self.num_blocks, self.block_size, self.kv_heads, self.head_dim)
         if self.pack_weights:
-            stage.pack_weights()
+            stage.pack_weights(only_if_faster=self.pack_weights == "auto")
 
 
 def build_stages(model, num_stages: int, costs: StageCosts | None = None) -> list[Stage]:
