@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--by-op", action="store_true", help="group by op name alone (default: by op and shapes)")
     args = parser.parse_args()
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
     model.to(args.device)
@@ -44,7 +45,7 @@ def main() -> None:
         wall = time.perf_counter() - start
     tokens = sum(len(o) for o in outputs)
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    events = prof.key_averages(group_by_input_shape=True)
+    events = prof.key_averages(group_by_input_shape=not args.by_op)
     print(events.table(sort_by=key, row_limit=args.top, max_name_column_width=60, max_shapes_column_width=50))
     device_us = sum(getattr(e, "self_device_time_total", 0) for e in events) if cuda else None
     busy = f", device busy {device_us / 1e6 / wall:.0%} of the wall time" if device_us else ""

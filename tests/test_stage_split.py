@@ -220,3 +220,19 @@ def test_greedy_pick_is_argmax_with_ties_to_the_first():
     logits[4] = 0.0
     assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
     assert greedy_tokens(logits)[1] == 7 and greedy_tokens(logits)[4] == 0
+
+
+def test_a_local_executor_on_the_cpu_tunes_malloc_for_its_process(monkeypatch):
+    """The stages compute in the caller's process: it gets the malloc settings the stage workers
+    and the ``tdpipe`` command have (without them large activations page-fault in every step)."""
+    from tdpipe_hf.runtime import local
+
+    calls = []
+    monkeypatch.setattr(local, "tune_glibc_malloc", lambda: calls.append(1) or True)
+    model = tiny_model("llama", seed=11)
+    tdpipe_hf.wrap(model, num_stages=1)
+    try:
+        model.generate_batch([[1, 2, 3]], max_new_tokens=2)
+    finally:
+        tdpipe_hf.unwrap(model)
+    assert calls
