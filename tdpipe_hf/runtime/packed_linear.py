@@ -7,10 +7,11 @@ full pass over the 30 layers and the LM head): 304 -> 278 ms for 64 rows, 203 ->
 103 -> 83 ms for 4; the LM head alone 27 -> 19 ms for 32 rows. oneDNN accumulates in another
 order than MKL, so logits differ in the last bits (about 1e-5 relative) and a greedy token can
 flip where HF's top two logits nearly tie: measured, 1 of 64 chat answers of 128 tokens changed
-at step 100, where HF's top-2 gap was 1.7e-5. On AMD CPUs the gap is far wider: MKL's sgemm there runs 94-190 GFLOP/s on SmolLM2's shapes against
-300-490 for the packed oneDNN product (2 Zen 5 cores, AVX-512, 2026-12-04), which doubles the whole
-engine's throughput. So the default, ``pack_weights="auto"``, times both products once per process
-on one of the stage's own weights and packs only where that pays (:func:`packing_pays`).
+at step 100, where HF's top-2 gap was 1.7e-5. On AMD CPUs the speed gap is far wider: MKL's sgemm
+runs 94-190 GFLOP/s on SmolLM2's shapes there against 300-490 for the packed oneDNN product (2 Zen 5
+cores, AVX-512, 2026-12-04), which takes the whole engine from 331 to 558 tokens/s. So the default,
+``pack_weights="auto"``, times both products once per process on one of the stage's own weights
+and packs only where that pays (:func:`packing_pays`).
 
 The packed weights are a copy taken when the stage is set up: they serve only the stage's own
 forward (plain ``model(...)`` calls keep using the module's weights), and re-wrapping the model
@@ -28,11 +29,9 @@ import torch
 import torch.nn.functional as F
 
 ROWS_HINT = 32  # oneDNN picks its blocked weight layout for about this many rows
-_state = threading.local()
-
-
 PAYS_OFF = 1.25  # "auto" packs when the packed product is at least this much faster
 logger = logging.getLogger("tdpipe_hf")
+_state = threading.local()
 _verdicts: dict[tuple, bool] = {}  # (weight shape, dtype, threads) -> packing pays
 
 
