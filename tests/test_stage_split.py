@@ -159,10 +159,10 @@ def test_wrap_packs_stage_weights_and_unwrap_gives_them_back():
 def test_auto_packing_follows_the_measurement(monkeypatch, pays):
     """The default, "auto", packs exactly when timing one of the stage's own weights says it pays,
     and the answers are HF's either way."""
-    timed = []
+    asked = []
 
     def verdict(weight):
-        timed.append(tuple(weight.shape))
+        asked.append(tuple(weight.shape))
         return pays
 
     monkeypatch.setattr(stage_module, "packing_pays", verdict)
@@ -176,7 +176,7 @@ def test_auto_packing_follows_the_measurement(monkeypatch, pays):
         actual = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
         assert ("forward" in gate.__dict__) is pays
         mlp_weight = tuple(gate.weight.shape)
-        assert len(timed) == 2 and all(shape == mlp_weight for shape in timed)  # each stage's largest linear
+        assert len(asked) == 2 and all(shape == mlp_weight for shape in asked)  # each stage's largest linear
     finally:
         tdpipe_hf.unwrap(model)
     assert torch.equal(actual, expected)

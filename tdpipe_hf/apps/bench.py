@@ -274,8 +274,8 @@ def gemm_bound(model, rows: int = 64, repeats: int = 20) -> tuple[float, float]:
             x = torch.randn(rows, layer.in_features, dtype=layer.weight.dtype, device=layer.weight.device)
             products = [lambda: torch.nn.functional.linear(x, layer.weight, layer.bias)]
             if packed_linear.available(layer.weight):
-                packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight, packed_linear.ROWS_HINT)
-                products.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], ""))
+                packed = packed_linear.pack(layer.weight)
+                products.append(lambda: packed_linear.packed_product(x, packed, layer.bias))
             seconds += min(packed_linear.best_seconds(product, repeats) for product in products)
             flops += 2 * layer.in_features * layer.out_features
     return rows / seconds, flops

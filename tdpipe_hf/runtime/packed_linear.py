@@ -41,6 +41,16 @@ def available(weight: torch.Tensor) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` ([out, in]) reordered once into oneDNN's blocked layout (an opaque tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
+
+
+def packed_product(rows: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(rows, weight, bias)`` for 2-D ``rows``, computed by oneDNN on ``pack(weight)``."""
+    return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+
+
 def packing_pays(weight: torch.Tensor, rows: int = 2 * ROWS_HINT, repeats: int = 5) -> bool:
     """Whether, on this machine and at this process's thread count, the packed oneDNN product of
     ``weight`` runs at least ``PAYS_OFF`` times faster than ``F.linear`` (best of ``repeats``
@@ -51,9 +61,9 @@ def packing_pays(weight: torch.Tensor, rows: int = 2 * ROWS_HINT, repeats: int =
     if key not in _verdicts:
         with torch.inference_mode():
             x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
+            packed = pack(weight)
             plain = best_seconds(lambda: F.linear(x, weight), repeats)
-            fast = best_seconds(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), repeats)
+            fast = best_seconds(lambda: packed_product(x, packed), repeats)
         _verdicts[key] = plain >= PAYS_OFF * fast
         logger.info("pack_weights='auto': a %dx%d weight on %d rows takes %.2f ms with F.linear, %.2f ms packed "
                     "for oneDNN -> %s", *weight.shape, rows, plain * 1e3, fast * 1e3,
@@ -81,8 +91,7 @@ class PackedLinears:
         for module in modules:
             for linear in module.modules():
                 if isinstance(linear, torch.nn.Linear) and available(linear.weight) and linear not in self.forwards:
-                    packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), ROWS_HINT)
-                    linear.forward = self.forwards[linear] = _packed_forward(linear, packed)
+                    linear.forward = self.forwards[linear] = _packed_forward(linear, pack(linear.weight))
 
     def active(self) -> "_Active":
         return _Active()
@@ -109,7 +118,7 @@ def _packed_forward(linear: torch.nn.Linear, packed: torch.Tensor):
         if not getattr(_state, "depth", 0) or x.dtype != torch.float32:
             return F.linear(x, linear.weight, linear.bias)
         rows = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(rows, packed, linear.bias, "none", [], "")
+        out = packed_product(rows, packed, linear.bias)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     return forward
