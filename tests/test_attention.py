@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from conftest import hf_generate, random_prompts, tiny_model
 
@@ -13,6 +17,7 @@ from tdpipe_hf.runtime.attention import (
     AttentionContext,
     group_by_length,
 )
+from tdpipe_hf.runtime.kv_cache import PagedKVCache
 
 
 def test_groups_cover_every_row_once_and_stay_close_in_length():
@@ -45,3 +50,36 @@ def test_mixed_context_lengths_match_hf():
     tdpipe_hf.unwrap(model)
     eos = model.generation_config.eos_token_id
     assert actual == [e[:e.index(eos) + 1] if eos in e else e for e in expected]
+
+
+def _thp_mode() -> str | None:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not sys.platform.startswith("linux") or not path.exists():
+        return None
+    return path.read_text().split("[")[1].split("]")[0]
+
+
+def _mapping_of(address: int) -> dict[str, str]:
+    """The ``/proc/self/smaps`` fields of the mapping that holds ``address``."""
+    fields, inside = {}, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            low, high = (int(x, 16) for x in head.split("-"))
+            if inside:
+                break
+            inside = low <= address < high
+        elif inside:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="needs Linux with transparent huge pages on madvise")
+def test_a_cpu_kv_cache_asks_for_huge_pages():
+    """Where huge pages are given only on request, the cache's memory asks for them (before the
+    zeros are written, so the pages come huge), and it still reads as zeros."""
+    cache = PagedKVCache(0, 2, 512, 16, 3, 64, torch.float32)  # 12 MiB per tensor: whole huge pages inside
+    for tensor in (cache.keys, cache.values):
+        assert _mapping_of(tensor.data_ptr() + tensor.nbytes // 2).get("THPeligible") == "1"
+        assert not tensor.any()

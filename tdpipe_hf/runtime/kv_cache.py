@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .malloc import advise_huge_pages
+
 
 class PagedKVCache:
     """Keys and values for a contiguous range of decoder layers.
@@ -19,8 +21,8 @@ class PagedKVCache:
         self.num_layers = num_layers
         self.block_size = block_size
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = _zeros(shape, dtype, device)
+        self.values = _zeros(shape, dtype, device)
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = layer_idx - self.first_layer
@@ -37,3 +39,11 @@ class PagedKVCache:
                         dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * element
+
+
+def _zeros(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A zeroed cache tensor; on a CPU, in huge pages where Linux grants them (``advise_huge_pages``:
+    advised before the zeros are written, so the pages are faulted in huge)."""
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    advise_huge_pages(tensor)
+    return tensor.zero_()
