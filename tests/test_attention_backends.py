@@ -54,6 +54,32 @@ def test_kernel_equals_sdpa_on_the_gathered_context(dtype, tolerance, q_heads, k
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("q_heads, kv_heads, rows", [(9, 3, [0]), (8, 4, [1, 0]), (6, 1, [0]), (4, 4, [2, 0, 1])])
+def test_kernel_splits_few_requests_over_the_threads(threads, q_heads, kv_heads, rows):
+    """Fewer requests than threads: each request's KV heads are shared out among the threads
+    (every query head still attended once), over contexts longer than the kernel's prefetch
+    distance."""
+    generator = torch.Generator().manual_seed(threads * 10 + kv_heads)
+    block_size, num_blocks, dim = 4, 160, 16
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator)
+    lengths = torch.tensor([150, 97, 64][:len(rows)])
+    width = -(-int(lengths.max()) // block_size)
+    tables = torch.randperm(num_blocks, generator=generator)[:len(rows) * width].view(len(rows), width)
+    rows = torch.tensor(rows)
+    q = torch.randn(len(rows), q_heads, dim, generator=generator)
+    out = torch.full_like(q, float("nan"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cpu_attention.kernel().paged_decode(q, k_cache, v_cache, tables, lengths, rows, out, 0.25)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, reference(q, k_cache, v_cache, tables, lengths, rows, 0.25), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
 def test_kernel_refuses_what_it_cannot_read():
     q = torch.randn(2, 4, 8)
     cache = torch.randn(4, 4, 2, 8)

@@ -41,12 +41,19 @@ void decode(const T* q, int64_t q_token_stride, int64_t q_head_stride,
   const int64_t group = q_heads / kv_heads;
   const int64_t token_stride = kv_heads * dim;  // between consecutive slots of the cache
   const int64_t slot_bytes = token_stride * static_cast<int64_t>(sizeof(T));
+  // fewer requests than threads (a lone request, say): each request's KV heads are split into
+  // parts, so that every thread has work
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = std::min(kv_heads, std::max<int64_t>(1, (threads + n_rows - 1) / n_rows));
   // requests differ in context length: hand out work items dynamically, not in equal halves
-#pragma omp parallel num_threads(at::get_num_threads())
+#pragma omp parallel num_threads(threads)
   {
     std::vector<float> scores, query(q_heads * dim), acc(q_heads * dim), total(q_heads);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t r = 0; r < n_rows; ++r) {
+    for (int64_t item = 0; item < n_rows * parts; ++item) {
+      const int64_t r = item / parts, part = item % parts;
+      // the query heads of this item: those sharing KV heads [part * kv_heads / parts, ...)
+      const int64_t h0 = part * kv_heads / parts * group, h1 = (part + 1) * kv_heads / parts * group;
       const int64_t row = rows[r], length = lengths[r];
       const int64_t* table = tables + r * table_width;
       const int64_t n_blocks = (length + block_size - 1) / block_size;
@@ -61,7 +68,7 @@ void decode(const T* q, int64_t q_token_stride, int64_t q_head_stride,
         prefetch(block(k_cache, b), slots(b) * slot_bytes);
         prefetch(block(v_cache, b), slots(b) * slot_bytes);
       }
-      for (int64_t head = 0; head < q_heads; ++head) {
+      for (int64_t head = h0; head < h1; ++head) {
         const T* src = q + row * q_token_stride + head * q_head_stride;
         for (int64_t i = 0; i < dim; ++i) query[head * dim + i] = to_float(src[i]) * scale;
       }
@@ -72,7 +79,7 @@ void decode(const T* q, int64_t q_token_stride, int64_t q_head_stride,
         const int64_t first = b * block_size, n = slots(b);
         if (b + PREFETCH_BLOCKS < n_blocks) prefetch(block(k_cache, b + PREFETCH_BLOCKS), slots(b + PREFETCH_BLOCKS) * slot_bytes);
         for (int64_t o = 0; o < n; ++o, key += token_stride) {
-          for (int64_t head = 0; head < q_heads; ++head) {
+          for (int64_t head = h0; head < h1; ++head) {
             const float* qh = query.data() + head * dim;
             const T* kh = key + (head / group) * dim;
             float dot = 0.f;
@@ -82,7 +89,7 @@ void decode(const T* q, int64_t q_token_stride, int64_t q_head_stride,
           }
         }
       }
-      for (int64_t head = 0; head < q_heads; ++head) {
+      for (int64_t head = h0; head < h1; ++head) {
         float* s = scores.data() + head * length;
         const float peak = *std::max_element(s, s + length);
         float sum = 0.f;
@@ -99,7 +106,7 @@ void decode(const T* q, int64_t q_token_stride, int64_t q_head_stride,
         const int64_t first = b * block_size, n = slots(b);
         if (b + PREFETCH_BLOCKS < n_blocks) prefetch(block(v_cache, b + PREFETCH_BLOCKS), slots(b + PREFETCH_BLOCKS) * slot_bytes);
         for (int64_t o = 0; o < n; ++o, value += token_stride) {
-          for (int64_t head = 0; head < q_heads; ++head) {
+          for (int64_t head = h0; head < h1; ++head) {
             const float p = scores[head * length + first + o];
             const T* vh = value + (head / group) * dim;
             float* a = acc.data() + head * dim;
@@ -108,7 +115,7 @@ void decode(const T* q, int64_t q_token_stride, int64_t q_head_stride,
           }
         }
       }
-      for (int64_t head = 0; head < q_heads; ++head) {
+      for (int64_t head = h0; head < h1; ++head) {
         T* dst = out + (row * q_heads + head) * dim;
         const float inverse = 1.f / total[head];
         for (int64_t i = 0; i < dim; ++i) dst[i] = static_cast<T>(acc[head * dim + i] * inverse);
