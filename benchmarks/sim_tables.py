@@ -52,7 +52,7 @@ def causes_table(setups: dict[str, dict[str, dict]]) -> str:
             causes = rows.get(policy, {}).get("bubble_causes")
             if causes:
                 lines.append(f"| {label(rows)} | {policy} | {sum(causes.values()):.1%} | "
-                             + " | ".join(f"{causes[c]:.1%}" for c in BUBBLE_CAUSES) + " |")
+                             + " | ".join(f"{causes.get(c, 0.0):.1%}" for c in BUBBLE_CAUSES) + " |")
     return "\n".join(lines)
 
 

@@ -66,7 +66,8 @@ def bubble_ratios(timeline: list[tuple]) -> dict[str, dict[int, float]]:
     return ratios
 
 
-BUBBLE_CAUSES = ("fill and drain", "phase switch", "stage 0 waits for the controller", "waits on an upstream stage")
+BUBBLE_CAUSES = ("fill and drain", "phase switch", "stage 0 waits for the controller", "waits on an upstream stage",
+                 "host work before a step")
 
 
 def bubble_causes(timeline: list[tuple]) -> dict[str, float]:
@@ -79,13 +80,16 @@ def bubble_causes(timeline: list[tuple]) -> dict[str, float]:
     - stage 0 waits for the controller: stage 0 had nothing to run (every slot in flight, or no
       admissible work: the KV budget or the request stream ran dry);
     - waits on an upstream stage: a later stage waited for its input (micro-batches of unequal
-      cost, or stages of unequal speed)."""
+      cost, or stages of unequal speed);
+    - host work before a step: the part of a gap in which the stage's host was preparing the next
+      micro-batch (``host`` events, as the simulator emits for engines that prepare serially)."""
     busy = sorted((e for e in timeline if e[1] in BUSY), key=lambda e: (e[0], e[4]))
     if not busy:
         return {}
     begin, end = min(e[4] for e in busy), max(e[5] for e in busy)
     stages = sorted({e[0] for e in busy})
     idle = dict.fromkeys(BUBBLE_CAUSES, 0.0)
+    host = {(e[0], e[2]): e for e in timeline if e[1] == "host"}  # (stage, batch) -> its preparation
     for stage in stages:
         mine = [e for e in busy if e[0] == stage]
         idle["fill and drain"] += (mine[0][4] - begin) + (end - max(e[5] for e in mine))
@@ -93,6 +97,10 @@ def bubble_causes(timeline: list[tuple]) -> dict[str, float]:
             gap = after[4] - before[5]
             if gap <= 0:
                 continue
+            prep = host.get((stage, after[2]))
+            preparing = max(0.0, min(prep[5], after[4]) - max(prep[4], before[5])) if prep else 0.0
+            idle["host work before a step"] += preparing
+            gap -= preparing
             if after[3] != before[3]:
                 idle["phase switch"] += gap
             elif stage == stages[0]:

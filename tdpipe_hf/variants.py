@@ -6,7 +6,8 @@ Simulator-only fields say how ``tdpipe simulate`` runs it: pipeline (``pp``, one
 or tensor parallel (``tp``, not available in the real engine), which length predictor greedy
 prefill gets there (``realistic``: the true lengths with the shipped predictor's measured
 out-of-sample error, see ``NoisyOraclePredictor``; ``oracle``: the true lengths, an upper bound;
-``constant``: their mean) and its prefill chunk.
+``constant``: their mean) and its prefill chunk; ``vllm_v0_host`` marks the baselines that stand
+for vLLM v0 as the paper measured it (its PP and TP), which pay ``tdpipe simulate --vllm-step-cost``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Variant:
     sim_predictor: str | None = None  # "realistic", "oracle", "constant" or None (admission needs none)
     sim_chunk_tokens: int = 512
     engine: bool = True  # False: the simulator only (needs what only a simulation has)
+    vllm_v0_host: bool = False  # simulator: pays vLLM v0's per-step host work on every stage
 
     @property
     def in_engine(self) -> bool:
@@ -67,7 +69,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("vllm-v0-pp", "Baseline, vLLM v0's pipeline parallelism (the one TD-Pipe measured): one scheduler "
                           "per stage (virtual engine) with 1/pp of the KV cache and of max_num_seqs, requests "
                           "pinned to the least loaded engine, each step all prefill when requests fit, else "
-                          "all decode.", {"policy": "vllm-v0-pp"}, sim_chunk_tokens=2048),
+                          "all decode.", {"policy": "vllm-v0-pp"}, sim_chunk_tokens=2048, vllm_v0_host=True),
     Variant("vllm-v1-pp", "Baseline, vLLM v1's pipeline parallelism: one scheduler and KV pool, chunked "
                           "prefill within a token budget, any request not in flight joins the next micro-batch.",
             {"policy": "vllm-v1-pp"}, sim_chunk_tokens=2048),
@@ -80,9 +82,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("naive", "Baseline: static groups; a group is prefilled, decoded until all its requests finish, "
                      "then the next group starts.", {"policy": "naive", "prefill_packing": "fcfs"}, sim_chunk_tokens=2048),
     Variant("tp", "Baseline (simulator only): tensor parallelism over all GPUs with hybrid batches.",
-            {"policy": "hybrid"}, parallel="tp"),
+            {"policy": "hybrid"}, parallel="tp", vllm_v0_host=True),
     Variant("tp-separate", "Baseline (simulator only): tensor parallelism with separate batches.", _SEPARATE,
-            parallel="tp", sim_chunk_tokens=2048),
+            parallel="tp", sim_chunk_tokens=2048, vllm_v0_host=True),
 ]}
 
 ENGINE_VARIANTS = [name for name, variant in VARIANTS.items() if variant.in_engine]

@@ -222,6 +222,11 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--host-cost", default="measured",
                      help="the controller's time on the critical path: 'measured' (default: the real "
                           "scheduler's wall time per step, as it runs here), 'none', or fixed SECONDS per micro-batch")
+    sim.add_argument("--vllm-step-cost", default="none",
+                     help="host work per step on every stage of the baselines that stand for vLLM v0 "
+                          "(vllm-v0-pp, tp, tp-separate), serial with the stage's compute: 'none' (default), "
+                          "SECONDS, or 'rfc6854' (4 ms: the per-step GPU idle in vLLM's multi-step RFC, "
+                          "vllm#6854) / 'rfc6854-high' (13 ms, the top of its 5-13 ms range)")
     sim.add_argument("--out", default="tdpipe-sim", help="directory for the plots (default ./tdpipe-sim)")
     sim.add_argument("--no-plots", action="store_true")
     sim.add_argument("--json", dest="json_path", help="write the result rows to this JSON file")
@@ -428,6 +433,23 @@ def _host_cost(text: str) -> dict:
     return {"dispatch_overhead": seconds}
 
 
+def _vllm_step_cost(text: str) -> float:
+    from ..sim.run import VLLM_STEP_COSTS
+
+    if text == "none":
+        return 0.0
+    if text in VLLM_STEP_COSTS:
+        return VLLM_STEP_COSTS[text]
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"--vllm-step-cost takes 'none', {', '.join(map(repr, VLLM_STEP_COSTS))} or seconds >= 0, "
+                         f"got {text!r}")
+    return seconds
+
+
 def _simulate(args) -> int:
     from ..sim import SimSetup, sharegpt_like, simulate
     from ..sim.report import format_causes, format_table, write_json, write_plots
@@ -436,7 +458,8 @@ def _simulate(args) -> int:
     policies = list(_names(args.policies))
     for policy in policies:
         variant(policy)  # unknown names fail before anything runs
-    setup = SimSetup.named(args.model, args.gpu, args.gpus, **_host_cost(args.host_cost))
+    setup = SimSetup.named(args.model, args.gpu, args.gpus, vllm_step_cost=_vllm_step_cost(args.vllm_step_cost),
+                           **_host_cost(args.host_cost))
     workload = sharegpt_like(args.requests, seed=args.seed)
     title = f"{setup.model.name} on {args.gpus} x {setup.gpu.name}"
     print(f"simulating {title}: {len(workload)} requests", file=sys.stderr)

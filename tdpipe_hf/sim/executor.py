@@ -26,7 +26,12 @@ StageTimes = Callable[[list[SeqShape]], list[float]]
 class SimExecutor:
     """``stage_times(seqs)`` gives each stage's compute seconds for a micro-batch;
     ``transfer(tokens)`` the seconds to pass its activations to the next stage;
-    ``dispatch_overhead`` fixed seconds added before every micro-batch enters stage 0.
+    ``dispatch_overhead`` fixed seconds added before every micro-batch enters stage 0;
+    ``stage_host`` seconds of host work each stage does before computing each micro-batch (building
+    its inputs), serial with its own compute: it starts once the stage is free and the micro-batch
+    is submitted, so it hides behind the wait for upstream activations but not behind the stage's
+    previous micro-batch (vLLM v0's workers; 0 for an engine that prepares ahead). It shows in the
+    timeline as ``host`` events, idle time for the device.
 
     With ``measure_host``, the real scheduler's own work is on the critical path too: the wall
     seconds the controller spends between getting a result and submitting (absorbing the result,
@@ -35,12 +40,15 @@ class SimExecutor:
 
     def __init__(self, num_stages: int, stage_times: StageTimes, transfer: Callable[[int], float] | None = None,
                  dispatch_overhead: float = 0.0, measure_host: bool = False,
-                 wall_clock: Callable[[], float] = time.perf_counter):
+                 wall_clock: Callable[[], float] = time.perf_counter, stage_host: float = 0.0):
+        if stage_host < 0:
+            raise ValueError(f"stage_host must be >= 0 seconds, got {stage_host}")
         self.num_stages = num_stages
         self.stage_times = stage_times
         self.transfer = transfer or (lambda tokens: 0.0)
         self.dispatch_overhead = dispatch_overhead
         self.measure_host = measure_host
+        self.stage_host = stage_host
         self.wall_clock = wall_clock
         self.host_seconds = 0.0  # the controller's measured work, in total
         self._host_mark: float | None = None  # wall clock when control last went back to it
@@ -65,10 +73,14 @@ class SimExecutor:
         if len(times) != self.num_stages:
             raise ValueError(f"stage_times gave {len(times)} times for {self.num_stages} stages")
         tokens = batch.num_tokens
-        ready = self.now + self.dispatch_overhead
+        submitted = ready = self.now + self.dispatch_overhead
         events = []
         for stage, seconds in enumerate(times):
             start = max(ready, self._free[stage])
+            if self.stage_host > 0:
+                host_start = max(submitted, self._free[stage])
+                start = max(start, host_start + self.stage_host)
+                events.append((stage, "host", batch.batch_id, batch.phase, host_start, host_start + self.stage_host))
             end = start + seconds
             self._free[stage] = end
             events.append((stage, "compute", batch.batch_id, batch.phase, start, end))

@@ -33,6 +33,13 @@ from .workload import SimRequest, to_requests
 
 MAX_SEQS_PER_BATCH = 256
 
+# vLLM v0's host work per engine step, as vLLM's own RFC for multi-step scheduling measured it
+# (vllm-project/vllm#6854, July 2024, vLLM 0.5): the GPU "is often idle, waiting for CPU
+# operations (5-13ms of GPU bubble)" per decode step (sampled-token transfer, pythonising the
+# outputs, preparing the next step's inputs, the scheduler); the trace it shows (Llama-3-8B, one
+# H100) has about 4 ms of GPU idle per step. Named values for ``--vllm-step-cost``.
+VLLM_STEP_COSTS = {"rfc6854": 0.004, "rfc6854-high": 0.013}
+
 
 POLICIES = VARIANTS  # every named variant runs in the simulator
 
@@ -46,6 +53,9 @@ class SimSetup:
     block_size: int = 16
     dispatch_overhead: float = 0.0  # fixed seconds before each micro-batch enters stage 0
     measure_host: bool = False  # put the real scheduler's measured wall time on the critical path
+    # seconds of host work per step on every stage, serial with its compute, for the baselines that
+    # stand for vLLM v0 (``Variant.vllm_v0_host``); see VLLM_V0_STEP_COST for the source
+    vllm_step_cost: float = 0.0
     kv_blocks: int | None = None  # override the budget derived from memory
     max_seqs_per_batch: int = MAX_SEQS_PER_BATCH
 
@@ -62,13 +72,15 @@ class SimSetup:
         return CostModel(self.model, self.gpu, self.efficiency)
 
 
-def make_executor(setup: SimSetup, parallel: str) -> tuple[SimExecutor, int]:
-    """The simulated executor for ``parallel`` and its KV budget in blocks."""
+def make_executor(setup: SimSetup, parallel: str, stage_host: float = 0.0) -> tuple[SimExecutor, int]:
+    """The simulated executor for ``parallel`` and its KV budget in blocks; every stage spends
+    ``stage_host`` seconds of host work before each micro-batch."""
     cost = setup.cost
     if parallel == "tp":
         blocks = cost.kv_blocks([setup.model.num_layers], setup.block_size, devices_per_stage=setup.num_gpus)
         executor = SimExecutor(1, lambda seqs: [cost.tp_time(seqs, setup.num_gpus)],
-                               dispatch_overhead=setup.dispatch_overhead, measure_host=setup.measure_host)
+                               dispatch_overhead=setup.dispatch_overhead, measure_host=setup.measure_host,
+                               stage_host=stage_host)
     else:
         layers = even_split(setup.model.num_layers, setup.num_gpus)
         blocks = cost.kv_blocks(layers, setup.block_size)
@@ -80,7 +92,7 @@ def make_executor(setup: SimSetup, parallel: str) -> tuple[SimExecutor, int]:
             return times
 
         executor = SimExecutor(len(layers), stage_times, cost.transfer_time, setup.dispatch_overhead,
-                               setup.measure_host)
+                               setup.measure_host, stage_host=stage_host)
     return executor, setup.kv_blocks or blocks
 
 
@@ -96,12 +108,17 @@ def _predictor(kind: str | None, requests, workload: list[SimRequest], error: tu
 
 
 def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tokens: int | None = None,
-             keep_timeline: bool = False, predictor=None, prediction_error: tuple[float, float] | None = None) -> dict:
+             keep_timeline: bool = False, predictor=None, prediction_error: tuple[float, float] | None = None,
+             stage_host: float | None = None) -> dict:
     """Run ``workload`` under ``policy``; a result row (virtual seconds, tokens/s, bubbles, ...).
     ``predictor`` replaces the policy's length predictor (e.g. a learned one, on real prompts);
-    ``prediction_error`` = (bias, sigma) of the ``realistic`` one's log-normal error."""
+    ``prediction_error`` = (bias, sigma) of the ``realistic`` one's log-normal error;
+    ``stage_host`` the per-step host work on every stage (default: ``setup.vllm_step_cost`` for
+    the baselines that stand for vLLM v0, none for the others)."""
     spec = variant(policy)
-    executor, num_blocks = make_executor(setup, spec.parallel)
+    if stage_host is None:
+        stage_host = setup.vllm_step_cost if spec.vllm_v0_host else 0.0
+    executor, num_blocks = make_executor(setup, spec.parallel, stage_host)
     if num_blocks < 1:
         raise ValueError(f"{setup.model.name} does not fit on {setup.num_gpus} x {setup.gpu.name} "
                          f"({spec.parallel}): no memory left for the KV cache")
@@ -141,6 +158,7 @@ def simulate(setup: SimSetup, policy: str, workload: list[SimRequest], chunk_tok
         "phase_switches": stats.phase_switches, "kv_blocks": num_blocks,
         "kv_utilisation": mean_kv_utilisation(stats.kv_used, num_blocks),
         "micro_batches": dict(stats.micro_batches), "sim_wall_s": wall,
+        "stage_host_s": stage_host,
         "host_ms_per_micro_batch": (1e3 * executor.host_seconds / max(1, sum(stats.micro_batches.values()))
                                     if setup.measure_host else None),
     }
