@@ -9,8 +9,9 @@ Policies: greedy prefill with the shipped predictor and, after each prefill, the
 probe (``greedy``, the default), the same without the probe (``greedy-prompt-only``), with one
 length per request (``greedy-point``, as the paper), the baseline "admit while the KV fits now"
 (``fits``), and greedy prefill with an oracle that knows every answer's length (``oracle``; from
-benchmarks/data/*.lengths.jsonl, the model's own greedy answers). Prints tokens/s, preemptions
-and mean KV utilisation per policy.
+benchmarks/data/*.lengths.jsonl, the model's own greedy answers). A greedy policy's name may
+end in ``@T`` to plan under ``kv_threshold=T`` (``greedy@0.9``, ``oracle@1.0``). Prints tokens/s,
+preemptions and mean KV utilisation per policy.
 """
 
 from __future__ import annotations
@@ -57,10 +58,13 @@ def main() -> None:
                 "oracle": {"admission": "greedy", "predictor": oracle}}
     rows = []
     for name in args.policies.split(","):
-        options = dict(settings[name], num_stages=args.stages,
+        base, _, threshold = name.partition("@")
+        options = dict(settings[base], num_stages=args.stages,
                        executor="distributed" if args.stages > 1 else "local")
         if args.kv_blocks:
             options["kv_blocks"] = args.kv_blocks
+        if threshold:
+            options["kv_threshold"] = float(threshold)
         tdpipe_hf.wrap(model, **options)
         try:
             summary = run_batch(model, tokenizer, source, work / f"{name}.jsonl", max_new_tokens=args.max_new_tokens)

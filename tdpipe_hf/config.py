@@ -24,7 +24,9 @@ class TDPipeConfig:
     (static batches). ``paper_rules`` runs TD-Pipe with the paper's exact rules (stealing balanced
     by rows, the plain intensity switch, prefill batches in arrival order) instead of ours (stealing
     balanced by estimated time, the switch's last call, first-fit prefill packing). Prefill admission (tdpipe): ``"greedy"`` (TD-Pipe: predicted output lengths, simulated future KV usage
-    kept <= ``kv_threshold`` x the budget, predictions scaled by ``length_scale``; with
+    kept <= ``kv_threshold`` x the budget, predictions scaled by ``length_scale``; a threshold
+    above 1 overbooks on purpose (the plan expects some preemptions; it never admits more than
+    fits in the free blocks now, so a large threshold approaches ``fits``); with
     ``length_planning="distribution"`` every outcome the predictor gives a probability counts with
     that probability, ``"point"`` plans with one length per request) or ``"fits"``
     (admit while the prompts fit now). ``decode_batcher`` names the decode batcher outright
@@ -113,8 +115,6 @@ class TDPipeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
                 raise ValueError(f"TDPipeConfig.{name} must be a number > {low}, got {value!r}")
-        if self.kv_threshold > 1.0:
-            raise ValueError(f"TDPipeConfig.kv_threshold must be <= 1, got {self.kv_threshold!r}")
         if not isinstance(self.online_learning, bool):
             raise ValueError(f"TDPipeConfig.online_learning must be True or False, got {self.online_learning!r}")
         if self.predictor is not None and not isinstance(self.predictor, str) \

@@ -237,3 +237,18 @@ def test_the_shipped_predictor_is_found_however_smollm2_is_loaded(tmp_path):
     tdpipe_hf.unwrap(again)
     other = tiny_model("llama", seed=3)
     assert shipped_name_for(other) == "LlamaForCausalLM"  # no match: its own name, and a warning at wrap
+
+
+def test_a_threshold_above_one_overbooks_up_to_what_fits_now():
+    """kv_threshold > 1 admits past the planned peak on purpose, but never past the free blocks."""
+    waiting = [Request(i, [1] * 16, 100) for i in range(20)]
+    blocks = BlockManager(90, 16)
+    predictor = TwoOutcomes(cap=100, short=10, p=0.6)
+    admitted = {t: GreedyPrefill(predictor, kv_threshold=t).admit(waiting, [], blocks, 64) for t in (1.0, 1.5)}
+    # 1.0: 18 (see above); 1.5: the expected peak may reach 135 blocks, about 27 requests: all 20
+    assert admitted[1.0] == 18 and admitted[1.5] == 20
+    tiny = BlockManager(12, 16)  # a prompt takes one block now: 12 fit, however large the threshold
+    assert GreedyPrefill(predictor, kv_threshold=50.0).admit(waiting, [], tiny, 64) == 12
+    tdpipe_hf.TDPipeConfig(kv_threshold=1.5)  # accepted
+    with pytest.raises(ValueError, match="TDPipeConfig.kv_threshold"):
+        tdpipe_hf.TDPipeConfig(kv_threshold=0)

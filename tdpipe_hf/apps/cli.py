@@ -82,7 +82,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictor", help="output-length predictor: entry-point name or .npz file "
                                             "(default: the one shipped for the model)")
     parser.add_argument("--kv-threshold", type=float, default=0.9,
-                        help="greedy prefill keeps the simulated KV peak under this share of the budget (default 0.9)")
+                        help="greedy prefill keeps the simulated KV peak under this share of the budget (default 0.9; "
+                             "above 1 overbooks on purpose, approaching --admission fits)")
     parser.add_argument("--online-learning", action="store_true",
                         help="finished answers' lengths keep training the predictor during the run")
     _add_placement(parser)
