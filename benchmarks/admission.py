@@ -5,9 +5,11 @@
 By default the workload is the held-out part of the split ``tdpipe train-predictor`` trained the
 shipped predictor and probe on (test fraction 0.2, seed 0: 129 of shared/data/prompts.jsonl), so
 every figure is out of sample; ``--in-sample`` takes the first N prompts of the file instead.
-Policies: greedy prefill with the shipped predictor and, after each prefill, the shipped length
-probe (``greedy``, the default), the same without the probe (``greedy-prompt-only``), with one
-length per request (``greedy-point``, as the paper), the baseline "admit while the KV fits now"
+Policies: the engine's default, greedy prefill with the shipped predictor and, after each
+prefill, the shipped length probe, overbooking where the run's stage times say it pays
+(``overbook``, ``overbooking="cost"``); the same planning under the threshold alone
+(``greedy``, TD-Pipe's rule), without the probe (``greedy-prompt-only``), with one length per
+request (``greedy-point``, as the paper); the baseline "admit while the KV fits now"
 (``fits``), and greedy prefill with an oracle that knows every answer's length (``oracle``; from
 benchmarks/data/*.lengths.jsonl, the model's own greedy answers). A greedy policy's name may
 end in ``@T`` to plan under ``kv_threshold=T`` (``greedy@0.9``, ``oracle@1.0``). Prints tokens/s,
@@ -40,7 +42,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--kv-blocks", type=int, default=None)
-    parser.add_argument("--policies", default="greedy,greedy-prompt-only,fits,oracle")
+    parser.add_argument("--policies", default="overbook,greedy,fits,oracle")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tdpipe-admission-"))
@@ -52,10 +54,12 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer()
     prompts, lengths = read_labels(args.prompts, LENGTHS, tokenizer)
     oracle = OraclePredictor().fit(prompts, lengths)
-    settings = {"greedy": {"admission": "greedy"}, "fits": {"admission": "fits"},
-                "greedy-prompt-only": {"admission": "greedy", "length_probe": False},
-                "greedy-point": {"admission": "greedy", "length_planning": "point", "length_probe": False},
-                "oracle": {"admission": "greedy", "predictor": oracle}}
+    settings = {"greedy": {"admission": "greedy", "overbooking": "off"}, "fits": {"admission": "fits"},
+                "greedy-prompt-only": {"admission": "greedy", "overbooking": "off", "length_probe": False},
+                "greedy-point": {"admission": "greedy", "overbooking": "off", "length_planning": "point",
+                                 "length_probe": False},
+                "overbook": {"admission": "greedy", "overbooking": "cost"},
+                "oracle": {"admission": "greedy", "overbooking": "off", "predictor": oracle}}
     rows = []
     for name in args.policies.split(","):
         base, _, threshold = name.partition("@")

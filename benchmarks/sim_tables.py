@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tdpipe_hf.metrics import BUBBLE_CAUSES
 
-POLICIES = ["tdpipe", "tdpipe-oracle", "tdpipe-paper", "vllm-v0-pp", "vllm-v1-pp", "vllm-v1-pp-capped", "hybrid",
-            "hybrid-throttled", "tp"]
+POLICIES = ["tdpipe", "tdpipe-oracle", "tdpipe-no-overbook", "tdpipe-fits", "tdpipe-paper", "vllm-v0-pp",
+            "vllm-v1-pp", "vllm-v1-pp-capped", "hybrid", "hybrid-throttled", "tp"]
 SETUPS = ["a100-pcie-llama2-13b", "a100-pcie-llama2-70b", "a100-pcie-qwen2.5-32b", "l20-llama2-13b",
           "l20-llama2-70b", "l20-qwen2.5-32b"]
 CAUSE_POLICIES = ["tdpipe", "vllm-v0-pp", "hybrid-throttled", "tp"]

@@ -12,6 +12,7 @@ from .runtime.attention import AUTO
 from .runtime.placement import parse_devices
 
 LENGTH_PLANNING = ("distribution", "point")
+OVERBOOKING = ("off", "cost")
 
 
 @dataclass
@@ -23,12 +24,16 @@ class TDPipeConfig:
     ``"hybrid"`` (vLLM-style: prefill chunks and decodes mixed in every micro-batch) or ``"naive"``
     (static batches). ``paper_rules`` runs TD-Pipe with the paper's exact rules (stealing balanced
     by rows, the plain intensity switch, prefill batches in arrival order) instead of ours (stealing
-    balanced by estimated time, the switch's last call, first-fit prefill packing). Prefill admission (tdpipe): ``"greedy"`` (TD-Pipe: predicted output lengths, simulated future KV usage
+    balanced by estimated time, the switch's last call, first-fit prefill packing, cost-weighed
+    overbooking). Prefill admission (tdpipe): ``"greedy"`` (TD-Pipe: predicted output lengths, simulated future KV usage
     kept <= ``kv_threshold`` x the budget, predictions scaled by ``length_scale``; a threshold
     above 1 overbooks on purpose (the plan expects some preemptions; it never admits more than
     fits in the free blocks now, so a large threshold approaches ``fits``); with
     ``length_planning="distribution"`` every outcome the predictor gives a probability counts with
-    that probability, ``"point"`` plans with one length per request) or ``"fits"``
+    that probability, ``"point"`` plans with one length per request; ``overbooking="cost"``, ours and
+    the default unless ``paper_rules``, admits past the threshold, up to what fits now, when the
+    stage times fitted to the run expect the bigger set's decode batches to gain more than its
+    recomputations cost; ``"off"`` never does) or ``"fits"``
     (admit while the prompts fit now). ``decode_batcher`` names the decode batcher outright
     (``steal-time``, ``steal-rows``, ``static`` or a plugin) and ``prefill_packing`` the prefill
     packing (``first-fit`` or ``fcfs``); left None they follow ``stealing`` and ``paper_rules``.
@@ -67,6 +72,7 @@ class TDPipeConfig:
     kv_threshold: float = 0.9
     length_scale: float = 1.0
     length_planning: str = "distribution"
+    overbooking: str | None = None
     online_learning: bool = False
     switch_policy: str = "intensity"
     switch_fraction: float = 0.5
@@ -95,6 +101,9 @@ class TDPipeConfig:
             raise ValueError("TDPipeConfig: give kv_blocks or kv_cache_bytes, not both")
         if not isinstance(self.switch_fraction, (int, float)) or not 0.0 <= self.switch_fraction <= 1.0:
             raise ValueError(f"TDPipeConfig.switch_fraction must be in [0, 1], got {self.switch_fraction!r}")
+        if self.overbooking is not None and self.overbooking not in OVERBOOKING:
+            raise ValueError(f"TDPipeConfig.overbooking must be one of {OVERBOOKING} or None, "
+                             f"got {self.overbooking!r}")
         if self.length_planning not in LENGTH_PLANNING:
             raise ValueError(f"TDPipeConfig.length_planning must be one of {LENGTH_PLANNING}, "
                              f"got {self.length_planning!r}")
@@ -149,6 +158,10 @@ class TDPipeConfig:
     @property
     def prefill_packing_name(self) -> str:
         return self.prefill_packing or ("fcfs" if self.paper_rules else "first-fit")
+
+    @property
+    def overbooking_name(self) -> str:
+        return self.overbooking or ("off" if self.paper_rules else "cost")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "TDPipeConfig":

@@ -44,6 +44,14 @@ class RefinesAfterPrefill(Protocol):
 
 
 @runtime_checkable
+class PlansWithStageTimes(Protocol):
+    """Optional for an admission policy: weigh decisions with the scheduler's stage-time model
+    (``controller.cost.StageTimeModel``, fitted to the run's timings as it goes)."""
+
+    def use_stage_times(self, cost: Any, num_stages: int, prefill_chunk_tokens: int) -> None: ...
+
+
+@runtime_checkable
 class DecodeBatcher(Protocol):
     """Chooses which ready decoding requests ride in the next decode micro-batch."""
 

@@ -13,8 +13,9 @@ from test_scheduler import reference, run
 
 import tdpipe_hf
 from tdpipe_hf.controller import BlockManager, Request
+from tdpipe_hf.controller.cost import StageTimeModel
 from tdpipe_hf.policies import GreedyPrefill
-from tdpipe_hf.policies.prefill import simulated_peak_blocks
+from tdpipe_hf.policies.prefill import expected_rate, simulated_peak_blocks
 from tdpipe_hf.predictors import (
     ConstantPredictor,
     HiddenStateProbe,
@@ -23,6 +24,7 @@ from tdpipe_hf.predictors import (
     load_predictor,
     load_predictor_file,
 )
+from tdpipe_hf.scheduling import build_scheduler
 
 
 def workload(count=24, seed=3):
@@ -252,3 +254,63 @@ def test_a_threshold_above_one_overbooks_up_to_what_fits_now():
     tdpipe_hf.TDPipeConfig(kv_threshold=1.5)  # accepted
     with pytest.raises(ValueError, match="TDPipeConfig.kv_threshold"):
         tdpipe_hf.TDPipeConfig(kv_threshold=0)
+
+
+def stage_times(decode_fixed: float, decode_per_row: float, prefill_per_token: float) -> StageTimeModel:
+    """A stage-time model fitted to made-up timings of decode and prefill micro-batches."""
+    cost = StageTimeModel()
+    for rows in (1, 3, 8, 16, 32):
+        cost.observe("decode", rows, rows, rows * (20 + rows), decode_fixed + decode_per_row * rows)
+    for tokens in (64, 128, 256, 512):
+        cost.observe("prefill", 1, tokens, tokens, prefill_per_token * tokens)
+    return cost
+
+
+def test_cost_overbooking_admits_past_the_threshold_only_where_it_pays():
+    """With ``overbooking="cost"`` the threshold's prefix is a floor; the fitted stage times decide
+    whether the last requests that fit now are worth their expected recomputation."""
+    waiting = [Request(i, [1] * 16, 100) for i in range(20)]
+    blocks = BlockManager(90, 16)  # every prompt fits now; the plan at threshold 1.0 takes 18 (see above)
+    predictor = TwoOutcomes(cap=100, short=10, p=0.6)
+
+    def admitted(cost) -> int:
+        policy = GreedyPrefill(predictor, kv_threshold=1.0, overbooking="cost")
+        if cost is not None:
+            policy.use_stage_times(cost, num_stages=2, prefill_chunk_tokens=512)
+        return policy.admit(waiting, [], blocks, 64)
+
+    assert admitted(None) == 18  # no timings yet: the threshold's plan
+    # a decode step costs the same for any batch and a recomputation is cheap: all 20
+    assert admitted(stage_times(decode_fixed=0.05, decode_per_row=0.0, prefill_per_token=1e-5)) == 20
+    # each row costs its own time (a bigger batch gains nothing) and recomputing is dear: the floor
+    assert admitted(stage_times(decode_fixed=0.0, decode_per_row=0.01, prefill_per_token=0.01)) == 18
+    assert GreedyPrefill(predictor, kv_threshold=1.0).admit(waiting, [], blocks, 64) == 18  # "off" ignores times
+
+
+def test_expected_rate_weighs_bigger_batches_against_recomputation():
+    tokens, remaining = np.full(10, 32), np.full(10, 64)
+    weights = np.ones(10)
+
+    def rate(count, blocks, per_token, fixed):
+        return expected_rate(tokens[:count], remaining[:count], weights[:count], 16, blocks,
+                             lambda rows, context: fixed + 0.001 * np.asarray(rows), per_token, 32 * count)
+
+    # a fixed step cost: ten rows beat five while all fit (each row holds 6 blocks at its end)
+    assert rate(10, 60, 1e-4, fixed=0.05) > rate(5, 60, 1e-4, fixed=0.05)
+    # 40 blocks: ten rows overflow by 20 blocks; at a dear recomputation five rows are better
+    assert rate(10, 40, 0.05, fixed=0.05) < rate(5, 40, 0.05, fixed=0.05)
+
+
+def test_overbooking_setting_is_checked_and_reaches_the_policy():
+    with pytest.raises(ValueError, match="TDPipeConfig.overbooking"):
+        tdpipe_hf.TDPipeConfig(overbooking="always")
+    with pytest.raises(ValueError, match="overbooking must be one of"):
+        GreedyPrefill(ConstantPredictor(10.0), overbooking="sometimes")
+    config = tdpipe_hf.TDPipeConfig(num_stages=2)  # ours by default, not under the paper's rules
+    scheduler = build_scheduler(config, 64, 2, ConstantPredictor(10.0))
+    assert scheduler.admission.overbooking == "cost"
+    assert scheduler.admission.stage_times == (scheduler.cost, 2, config.prefill_chunk_tokens)
+    paper = build_scheduler(tdpipe_hf.TDPipeConfig(num_stages=2, paper_rules=True), 64, 2, ConstantPredictor(10.0))
+    assert paper.admission.overbooking == "off"
+    forced = tdpipe_hf.TDPipeConfig(paper_rules=True, overbooking="cost")
+    assert build_scheduler(forced, 64, 1, ConstantPredictor(10.0)).admission.overbooking == "cost"

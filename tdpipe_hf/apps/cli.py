@@ -84,6 +84,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-threshold", type=float, default=0.9,
                         help="greedy prefill keeps the simulated KV peak under this share of the budget (default 0.9; "
                              "above 1 overbooks on purpose, approaching --admission fits)")
+    parser.add_argument("--overbooking", choices=("off", "cost"), default=None,
+                        help="cost (default, off with --paper-rules): greedy prefill admits past --kv-threshold "
+                             "(up to what fits now) when the stage times measured in the run expect bigger "
+                             "decode batches to gain more than the recomputations cost")
     parser.add_argument("--online-learning", action="store_true",
                         help="finished answers' lengths keep training the predictor during the run")
     _add_placement(parser)
@@ -95,6 +99,7 @@ def _engine_options(args) -> dict:
                "policy": args.policy, "switch_policy": args.switch_policy, "stealing": not args.no_stealing,
                "paper_rules": args.paper_rules, "pack_weights": PACK_WEIGHTS[args.pack_weights], "admission": args.admission,
                "predictor": args.predictor, "kv_threshold": args.kv_threshold,
+               "overbooking": args.overbooking,
                "online_learning": args.online_learning, **_placement(args)}
     if args.kv_blocks:
         options["kv_blocks"] = args.kv_blocks

@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..plan import MicroBatch, SequencePlan, StepResult
+from ..protocols import PlansWithStageTimes
 from .cost import StageTimeModel
 from .kv import BlockManager
 from .request import Request, Status
@@ -66,6 +67,8 @@ class BaseScheduler:
         self.running: list[Request] = []  # admitted, holding KV, oldest admission first
         self.num_preemptions = 0
         self.cost = StageTimeModel()
+        if isinstance(admission, PlansWithStageTimes):
+            admission.use_stage_times(self.cost, num_stages, prefill_chunk_tokens)
         self._batch_ids = itertools.count()
         self._admissions = itertools.count()
 

@@ -59,6 +59,11 @@ class StageTimeModel:
         coef = self._fit("decode")
         return None if coef is None else float(coef @ [1.0, rows, context])
 
+    def decode_times(self, rows: np.ndarray, context: np.ndarray) -> np.ndarray | None:
+        """``decode_time`` for many micro-batch shapes at once."""
+        coef = self._fit("decode")
+        return None if coef is None else coef[0] + coef[1] * np.asarray(rows) + coef[2] * np.asarray(context)
+
     def prefill_time(self, tokens: float) -> float | None:
         coef = self._fit("prefill")
         return None if coef is None else float(coef @ [1.0, tokens])

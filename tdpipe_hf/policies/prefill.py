@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..config import OVERBOOKING
 from ..controller.kv import BlockManager
 from ..controller.request import Request
 from ..predictors.base import (
@@ -94,6 +95,41 @@ def simulated_peak_blocks(tokens: np.ndarray, remaining: np.ndarray, block_size:
     return float(usage.max()) if weights is not None else int(usage.max())
 
 
+MAX_OVERBOOK_TRIALS = 8  # set sizes tried between the threshold's and what fits now
+RATE_SAMPLES = 32  # future decode steps sampled per set (the admission runs on the critical path)
+RATE_HORIZON = 0.5  # a decode phase is taken to end when half of its rows have finished
+
+
+def expected_rate(tokens: np.ndarray, remaining: np.ndarray, weights: np.ndarray, block_size: int, num_blocks: int,
+                  round_time, per_prefill_token: float, prefill_tokens: int) -> float:
+    """Expected tokens/s of a running set while its decode phase lasts (rows as in
+    ``simulated_peak_blocks``).
+
+    The phase is taken to last while at least ``RATE_HORIZON`` of the set's rows are live: by then
+    the switch has usually handed back to prefill, and the thin tail it avoids would otherwise
+    reward any set that fills it. Time: a decode round for every step (one token for each live
+    row; ``round_time(rows, context)`` gives the seconds of an array of rounds, sampled every
+    ``block_size`` steps or a multiple of it, about ``RATE_SAMPLES`` samples at most), the
+    prefill of ``prefill_tokens`` new prompt tokens, and the recomputation of what overflows the
+    cache at any time: at the expected usage's peak, the blocks past ``num_blocks`` are preempted
+    and prefilled again (``per_prefill_token`` seconds a token).
+    """
+    if tokens.size == 0:
+        return 0.0
+    stride = block_size * max(1, int(remaining.max()) // (block_size * RATE_SAMPLES))
+    steps = np.arange(0, int(remaining.max()), stride)
+    live = remaining[:, None] > steps[None, :]
+    held = tokens[:, None] + steps[None, :]
+    rows = weights @ live
+    usage = weights @ (live * -(-held // block_size))
+    phase = rows >= RATE_HORIZON * rows[0]
+    context = weights @ (live[:, phase] * held[:, phase])
+    decode = stride * float(np.sum(round_time(rows[phase], context)))
+    overflow = max(0.0, float(usage.max()) - num_blocks) * block_size
+    seconds = decode + per_prefill_token * (prefill_tokens + overflow)
+    return stride * float(rows[phase].sum()) / seconds if seconds > 0 else 0.0
+
+
 class GreedyPrefill:
     """Admit in arrival order the longest prefix of the waiting queue whose simulated peak KV
     usage, with the running requests, stays <= ``kv_threshold`` x the blocks (0.9 in the paper's
@@ -112,11 +148,22 @@ class GreedyPrefill:
     With a length probe (``use_probe``, beyond the paper), a request's prompt-only prediction is
     replaced by the probe's as soon as its prefill ends: the pipeline sends back the hidden state
     the probe reads, and every later simulation plans the request with the better guess.
+
+    With ``overbooking="cost"`` (beyond the paper; the engine's default through ``TDPipeConfig``,
+    while this class alone defaults to the paper's rule), the threshold's prefix is a floor:
+    admission goes further, up to what fits in the free blocks now, when the run's fitted stage
+    times say it pays. A bigger set decodes in bigger batches (cheaper per token where a step's cost is mostly
+    fixed) but, past the cache, recomputes what is preempted; ``expected_rate`` weighs the two.
     """
 
     def __init__(self, predictor, kv_threshold: float = 0.9, length_scale: float = 1.0,
-                 online: bool = False, update_every: int = 16, name: str = "", planning: str = "distribution"):
+                 online: bool = False, update_every: int = 16, name: str = "", planning: str = "distribution",
+                 overbooking: str = "off"):
+        if overbooking not in OVERBOOKING:
+            raise ValueError(f"overbooking must be one of {OVERBOOKING}, got {overbooking!r}")
         self.predictor = predictor
+        self.overbooking = overbooking
+        self.stage_times = None  # (StageTimeModel, stages, prefill chunk tokens), from the scheduler
         self.kv_threshold = kv_threshold
         self.length_scale = length_scale
         self.online = online and isinstance(predictor, LearnsOnline)
@@ -128,6 +175,10 @@ class GreedyPrefill:
         self._finished: list[tuple[list[int], int]] = []
         self.probe = None
         self.num_refined = 0
+
+    def use_stage_times(self, cost, num_stages: int, prefill_chunk_tokens: int) -> None:
+        """Plan overbooking with ``cost`` (the scheduler's StageTimeModel, fitted as the run goes)."""
+        self.stage_times = (cost, num_stages, prefill_chunk_tokens)
 
     def use_probe(self, probe) -> None:
         """Refine predictions after prefill with ``probe`` (see ``predictors.probe``)."""
@@ -160,7 +211,7 @@ class GreedyPrefill:
         """Over ``predictor`` with the config's threshold, scale, planning and online learning."""
         return cls(predictor, config.kv_threshold, config.length_scale, online=config.online_learning,
                    name=config.predictor if isinstance(config.predictor, str) else "",
-                   planning=config.length_planning)
+                   planning=config.length_planning, overbooking=config.overbooking_name)
 
     def _outcomes(self, requests: Sequence[Request]) -> list[list[tuple[float, float]]]:
         """Each request's (length, probability) outcomes; one sure outcome for point planning."""
@@ -229,9 +280,34 @@ class GreedyPrefill:
                 low = middle
             else:
                 high = middle - 1
+        if self.overbooking == "cost" and low < fits_now:
+            low = self._best_rate(low, fits_now, run, new, new_owner, candidates, blocks)
         if low == 0 and not running:
             return 1  # an empty engine always takes one request, or it would wait forever
         return low
+
+    def _best_rate(self, floor: int, most: int, run, new, new_owner, candidates, blocks: BlockManager) -> int:
+        """The count in ``floor..most`` whose set has the highest expected tokens/s, or ``floor``
+        while the stage-time model has no fit for both phases yet."""
+        if self.stage_times is None:
+            return floor
+        cost, stages, chunk = self.stage_times
+        per_prefill_token = cost.prefill_time(chunk)
+        if per_prefill_token is None or cost.decode_time(1, 1) is None:
+            return floor
+        per_prefill_token /= chunk
+        counts = np.unique(np.linspace(floor, most, min(most - floor + 1, MAX_OVERBOOK_TRIALS)).round().astype(int))
+        prompt_tokens = np.cumsum([0] + [r.num_tokens for r in candidates])
+        best, best_rate = floor, -1.0
+        for count in counts:
+            rows = np.searchsorted(new_owner, count)
+            tokens, remaining, weights = (np.concatenate([a, b[:rows]]) for a, b in zip(run, new))
+            rate = expected_rate(tokens, remaining, weights, blocks.block_size, blocks.num_blocks,
+                                 lambda n, ctx: stages * cost.decode_times(n / stages, ctx / stages),
+                                 per_prefill_token, prompt_tokens[count])
+            if rate > best_rate * (1 + 1e-9):
+                best, best_rate = int(count), rate
+        return best
 
     def observe(self, request: Request) -> None:
         """A request finished: its true length is a training label."""
