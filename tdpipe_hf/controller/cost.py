@@ -56,11 +56,11 @@ class StageTimeModel:
         return self._coef[phase]
 
     def decode_time(self, rows: float, context: float) -> float | None:
-        coef = self._fit("decode")
-        return None if coef is None else float(coef @ [1.0, rows, context])
+        times = self.decode_times(rows, context)
+        return None if times is None else float(times)
 
-    def decode_times(self, rows: np.ndarray, context: np.ndarray) -> np.ndarray | None:
-        """``decode_time`` for many micro-batch shapes at once."""
+    def decode_times(self, rows, context):
+        """Decode seconds for one micro-batch shape, or for arrays of them at once."""
         coef = self._fit("decode")
         return None if coef is None else coef[0] + coef[1] * np.asarray(rows) + coef[2] * np.asarray(context)
 

@@ -152,8 +152,9 @@ class GreedyPrefill:
     With ``overbooking="cost"`` (beyond the paper; the engine's default through ``TDPipeConfig``,
     while this class alone defaults to the paper's rule), the threshold's prefix is a floor:
     admission goes further, up to what fits in the free blocks now, when the run's fitted stage
-    times say it pays. A bigger set decodes in bigger batches (cheaper per token where a step's cost is mostly
-    fixed) but, past the cache, recomputes what is preempted; ``expected_rate`` weighs the two.
+    times say it pays. A bigger set decodes in bigger batches (cheaper per token where a step's
+    cost is mostly fixed) but, past the cache, recomputes what is preempted; ``expected_rate``
+    weighs the two.
     """
 
     def __init__(self, predictor, kv_threshold: float = 0.9, length_scale: float = 1.0,
@@ -267,9 +268,13 @@ class GreedyPrefill:
         *new, new_owner = self._state(candidates, blocks.block_size)
         budget = self.kv_threshold * blocks.num_blocks
 
+        def with_first(count: int) -> tuple[np.ndarray, ...]:
+            """Tokens, remaining and weights of the running rows plus the first ``count`` candidates'."""
+            rows = np.searchsorted(new_owner, count)
+            return tuple(np.concatenate([a, b[:rows]]) for a, b in zip(run, new))
+
         def fits(count: int) -> bool:
-            rows = np.searchsorted(new_owner, count)  # the outcomes of the first ``count`` candidates
-            tokens, remaining, weights = (np.concatenate([a, b[:rows]]) for a, b in zip(run, new))
+            tokens, remaining, weights = with_first(count)
             return simulated_peak_blocks(tokens, remaining, blocks.block_size, weights) <= budget
 
         # the peak grows with every admitted request, so the longest admissible prefix is a bisection
@@ -281,14 +286,14 @@ class GreedyPrefill:
             else:
                 high = middle - 1
         if self.overbooking == "cost" and low < fits_now:
-            low = self._best_rate(low, fits_now, run, new, new_owner, candidates, blocks)
+            low = self._best_rate(low, fits_now, with_first, candidates, blocks)
         if low == 0 and not running:
             return 1  # an empty engine always takes one request, or it would wait forever
         return low
 
-    def _best_rate(self, floor: int, most: int, run, new, new_owner, candidates, blocks: BlockManager) -> int:
-        """The count in ``floor..most`` whose set has the highest expected tokens/s, or ``floor``
-        while the stage-time model has no fit for both phases yet."""
+    def _best_rate(self, floor: int, most: int, with_first, candidates, blocks: BlockManager) -> int:
+        """The count in ``floor..most`` whose set (``with_first(count)``'s rows) has the highest
+        expected tokens/s, or ``floor`` while the stage-time model has no fit for both phases yet."""
         if self.stage_times is None:
             return floor
         cost, stages, chunk = self.stage_times
@@ -300,9 +305,7 @@ class GreedyPrefill:
         prompt_tokens = np.cumsum([0] + [r.num_tokens for r in candidates])
         best, best_rate = floor, -1.0
         for count in counts:
-            rows = np.searchsorted(new_owner, count)
-            tokens, remaining, weights = (np.concatenate([a, b[:rows]]) for a, b in zip(run, new))
-            rate = expected_rate(tokens, remaining, weights, blocks.block_size, blocks.num_blocks,
+            rate = expected_rate(*with_first(count), blocks.block_size, blocks.num_blocks,
                                  lambda n, ctx: stages * cost.decode_times(n / stages, ctx / stages),
                                  per_prefill_token, prompt_tokens[count])
             if rate > best_rate * (1 + 1e-9):
