@@ -74,6 +74,11 @@ class MicroBatch:
     def num_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.seqs)
 
+    @property
+    def context_tokens(self) -> int:
+        """KV tokens the micro-batch's attention reads (its rows' context lengths)."""
+        return sum(s.start + len(s.token_ids) for s in self.seqs)
+
     def probe_rows(self) -> tuple[list[int], list[int]]:
         """(request ids, packed row of their last token) of the rows whose hidden state is asked for."""
         ids, rows, end = [], [], 0

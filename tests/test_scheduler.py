@@ -152,3 +152,33 @@ def test_prefill_packing_fills_the_room_the_head_leaves(packing, first):
     for i, size in enumerate((6, 9, 3)):
         scheduler.add(Request(i, [1] * size, 4, frozenset({EOS})))
     assert [seq.request_id for seq in scheduler.schedule().seqs] == first
+
+
+class CountingAdmission(AdmitWhileFits):
+    """The baseline rule, counting how often the scheduler asks it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def admit(self, *args) -> int:
+        self.calls += 1
+        return super().admit(*args)
+
+
+def test_prefill_phase_asks_admission_once_per_decision():
+    """Admission (a KV simulation for greedy prefill) is decided once for a prefill phase, not
+    again for every micro-batch; the scheduler asks again when that decision is used up, or when
+    the queue's head changes under it (an abort)."""
+    admission = CountingAdmission()
+    scheduler = Scheduler(BlockManager(64, 4), 4, admission, ReadyPoolBatcher(), ThresholdSwitch(),
+                          prefill_chunk_tokens=8)
+    for i in range(4):
+        scheduler.add(Request(i, [1] * 8, 4, frozenset({EOS})))
+    batches = [scheduler.schedule() for _ in range(3)]
+    assert [[seq.request_id for seq in b.seqs] for b in batches] == [[0], [1], [2]]
+    assert admission.calls == 1
+    scheduler.add(Request(4, [1] * 8, 4, frozenset({EOS})))
+    scheduler.abort(3)  # the head of the queue changed: the decision is stale
+    assert [seq.request_id for seq in scheduler.schedule().seqs] == [4]
+    assert admission.calls == 2

@@ -150,8 +150,7 @@ class BaseScheduler:
 
     def observe_step(self, batch: MicroBatch, seconds: float) -> None:
         """The slowest stage's busy time for ``batch``: feeds the stage-time model."""
-        self.cost.observe(batch.phase, len(batch.seqs), batch.num_tokens,
-                          sum(seq.context_len for seq in batch.seqs), seconds)
+        self.cost.observe(batch.phase, len(batch.seqs), batch.num_tokens, batch.context_tokens, seconds)
 
     def on_leave(self, request: Request) -> None:
         """``request`` stopped decoding (finished or preempted). Subclasses drop what they keep on it."""
@@ -189,10 +188,11 @@ class BaseScheduler:
         for request in candidates:
             if request.status is not Status.DECODING:
                 continue  # preempted to make room for an older request in this loop
-            if not self.make_room(request, chosen):
+            blocks, need = self.kv_of(request), request.num_tokens
+            if not blocks.can_hold(request, need) and not self.make_room(request, chosen):
                 break
             if request.status is Status.DECODING:
-                self.kv_of(request).reserve(request, request.num_tokens)
+                blocks.reserve(request, need)
                 chosen.append(request)
         return chosen
 

@@ -122,7 +122,7 @@ class Controller:
             self.stats.kv_used.append((self.clock(), self.scheduler.blocks.num_used))
             self.stats.micro_batches[batch.phase] = self.stats.micro_batches.get(batch.phase, 0) + 1
             if batch.phase == "decode":
-                self.stats.decode_batches.append((len(batch.seqs), sum(s.context_len for s in batch.seqs)))
+                self.stats.decode_batches.append((len(batch.seqs), batch.context_tokens))
             self.executor.submit(batch)
 
     def _absorb(self, result: StepResult) -> None:

@@ -70,6 +70,11 @@ class DecodeState:
         return self._admissible_tokens
 
     @property
+    def computed_admissible(self) -> int | None:
+        """``admissible`` if a policy already paid for it, else None (for the scheduler to reuse)."""
+        return self._admissible
+
+    @property
     def can_admit(self) -> bool:
         return self._can_admit if self._can_admit is not None else self.admissible > 0
 
@@ -90,9 +95,21 @@ class Scheduler(BaseScheduler):
         self.num_phase_switches = 0
         self._peak_decoding = 0
         self._decode_steps = 0
+        # waiting requests at the queue's head that this prefill phase's admission let in and no
+        # micro-batch has taken yet: the admission's KV simulation runs once per decision, not
+        # once per micro-batch (None: ask the policy again)
+        self._quota: int | None = None
 
     def on_leave(self, request: Request) -> None:
         self.batcher.forget(request)
+
+    def requeue(self, request: Request) -> None:
+        super().requeue(request)
+        self._quota = None  # the queue's head changed under the admission's decision
+
+    def abort(self, request_id: int) -> Request | None:
+        self._quota = None
+        return super().abort(request_id)
 
     def schedule(self) -> MicroBatch | None:
         """The next micro-batch to dispatch, or None if nothing can run before a result returns."""
@@ -101,23 +118,42 @@ class Scheduler(BaseScheduler):
             if batch is not None:
                 return batch
             self._enter(Phase.DECODE)
-        elif self.waiting and self.switch.should_prefill(self._decode_state()):
-            batch = self._prefill_batch()
-            if batch is not None:
-                self._enter(Phase.PREFILL)
-                return batch
-        return self._decode_batch()
+            return self._decode_batch(self._decoding())
+        decoding = self._decoding()
+        if self.waiting:
+            state = self._decode_state(decoding)
+            if self.switch.should_prefill(state):
+                self._quota = state.computed_admissible
+                batch = self._prefill_batch()
+                if batch is not None:
+                    self._enter(Phase.PREFILL)
+                    return batch
+        return self._decode_batch(decoding)
+
+    def _decoding(self) -> tuple[int, int, list[Request]]:
+        """(decoding requests, their context tokens, those not in flight), in one pass over the
+        running set: the controller does this for every decode micro-batch."""
+        count, context, ready = 0, 0, []
+        for request in self.running:
+            if request.status is Status.DECODING:
+                count += 1
+                context += request.num_tokens
+                if not request.in_flight:
+                    ready.append(request)
+        return count, context, ready
 
     def _enter(self, phase: Phase) -> None:
         if phase is not self.phase:
             self.phase = phase
             self.num_phase_switches += 1
         if phase is Phase.DECODE:
+            self._quota = None
             self._peak_decoding = 0
             self._decode_steps = 0
 
-    def _decode_state(self) -> DecodeState:
-        decoding = [r for r in self.running if r.status is Status.DECODING]
+    def _decode_state(self, decoding: tuple[int, int, list[Request]]) -> DecodeState:
+        """What the switch policy sees; ``decoding`` is ``_decoding()``'s summary."""
+        num_decoding, context, _ = decoding
 
         def admission() -> tuple[int, int]:
             count = self.admissible()
@@ -125,11 +161,11 @@ class Scheduler(BaseScheduler):
 
         return DecodeState(
             num_stages=self.num_stages,
-            num_decoding=len(decoding),
+            num_decoding=num_decoding,
             peak_decoding=self._peak_decoding,
             num_waiting=len(self.waiting),
             decode_steps=self._decode_steps,
-            decode_context=sum(r.num_tokens for r in decoding),
+            decode_context=context,
             prefill_chunk_tokens=self.prefill_chunk_tokens,
             cost=self.cost,
             admission=admission,
@@ -141,7 +177,9 @@ class Scheduler(BaseScheduler):
         micro-batches come out even (in a pipeline the longest one stalls the stages behind it);
         "fcfs" stops at the first request that does not fit (vLLM's rule). Either way the batch
         holds only requests this phase admits."""
-        count = self.admissible()
+        if not self._quota:
+            self._quota = self.admissible()
+        count = min(self._quota, len(self.waiting))
         picked, tokens = [], 0
         for i in range(count):
             size = self.waiting[i].num_tokens
@@ -153,18 +191,17 @@ class Scheduler(BaseScheduler):
         chosen = [self.waiting[i] for i in picked]
         for i in reversed(picked):
             del self.waiting[i]
+        self._quota = count - len(chosen)
         for request in chosen:
             self.admit(request, request.num_tokens)
         return self.new_batch(PREFILL, [self.plan(r) for r in chosen]) if chosen else None
 
-    def _decode_batch(self) -> MicroBatch | None:
-        decoding = [r for r in self.running if r.status is Status.DECODING]
-        ready = [r for r in decoding if not r.in_flight]
+    def _decode_batch(self, decoding: tuple[int, int, list[Request]]) -> MicroBatch | None:
+        num_decoding, context, ready = decoding
         if not ready:
             return None
-        self._peak_decoding = max(self._peak_decoding, len(decoding))
-        context = sum(r.num_tokens for r in decoding)
-        chosen = self.take_decodes(self.batcher.select(ready, len(decoding), self.num_stages, cost=self.cost,
+        self._peak_decoding = max(self._peak_decoding, num_decoding)
+        chosen = self.take_decodes(self.batcher.select(ready, num_decoding, self.num_stages, cost=self.cost,
                                                        context=context))
         if not chosen:
             return None
