@@ -75,6 +75,7 @@ class TDPipeConfig:
     overbooking: str | None = None
     online_learning: bool = False
     switch_policy: str = "intensity"
+    decode_fill_tokens: int = 0
     switch_fraction: float = 0.5
     executor: str = "local"
     threads_per_stage: int | None = None
@@ -97,6 +98,9 @@ class TDPipeConfig:
         positive_int("kv_cache_bytes", allow_none=True)
         positive_int("threads_per_stage", allow_none=True)
         positive_int("micro_batches", allow_none=True)
+        fill = self.decode_fill_tokens
+        if isinstance(fill, bool) or not isinstance(fill, int) or fill < 0:
+            raise ValueError(f"TDPipeConfig.decode_fill_tokens must be a non-negative integer, got {fill!r}")
         if self.kv_blocks is not None and self.kv_cache_bytes is not None:
             raise ValueError("TDPipeConfig: give kv_blocks or kv_cache_bytes, not both")
         if not isinstance(self.switch_fraction, (int, float)) or not 0.0 <= self.switch_fraction <= 1.0:

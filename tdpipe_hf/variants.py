@@ -63,6 +63,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("tdpipe-no-overbook", "TD-Pipe whose greedy prefill never admits past its KV threshold (the "
                                   "paper's admission; ours overbooks where the run's stage times say it pays).",
             {"overbooking": "off"}, sim_predictor="realistic"),
+    Variant("tdpipe-fill", "TD-Pipe whose decode micro-batches of few rows also carry chunks of admitted "
+                           "prompts, up to 128 tokens with the rows (nearly free while a step is bound by "
+                           "reading the weights), so fewer prefill phases are needed.",
+            {"decode_fill_tokens": 128}, sim_predictor="realistic"),
     Variant("tdpipe-fits", "TD-Pipe admitting requests while their prompts fit in the KV cache free now (no "
                            "output-length prediction): more preemptions when answers grow.", {"admission": "fits"}),
     Variant("hybrid", "Baseline, vLLM-style: every micro-batch mixes prefill chunks with decode steps, one KV "

@@ -159,3 +159,21 @@ def test_every_policy_matches_hf(variant, num_stages, executor):
     finally:
         tdpipe_hf.unwrap(model)
     assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("num_stages", [2, 3])
+def test_decode_fill_chunks_match_hf(num_stages):
+    """Prompt chunks riding decode micro-batches (``decode_fill_tokens``), split over several of
+    them, give HF's greedy tokens; the run does carry mixed micro-batches."""
+    model = tiny_model("llama", seed=53)
+    ids, mask = left_padded(random_prompts(12, low=2, high=30, seed=54))
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    tdpipe_hf.wrap(model, num_stages=num_stages, block_size=4, kv_blocks=48, prefill_chunk_tokens=16,
+                   decode_fill_tokens=10, switch_policy="threshold", switch_fraction=0.1)
+    try:
+        actual = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+        stats = model.tdpipe_engine.last_stats
+    finally:
+        tdpipe_hf.unwrap(model)
+    assert torch.equal(actual, expected)
+    assert stats.micro_batches.get("mixed", 0) >= 3

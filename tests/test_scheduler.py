@@ -43,8 +43,10 @@ class FakePipeline:
         self.queue: deque[MicroBatch] = deque()
         self.max_in_flight = 0
         self.log: list[tuple[str, int]] = []  # (phase, in flight at submit)
+        self.submitted: list[MicroBatch] = []
 
     def submit(self, batch: MicroBatch) -> None:
+        self.submitted.append(batch)
         self.queue.append(batch)
         self.max_in_flight = max(self.max_in_flight, len(self.queue))
         self.log.append((batch.phase, len(self.queue)))
@@ -67,10 +69,11 @@ class FakePipeline:
         pass
 
 
-def run(prompts, max_new, num_stages=2, num_blocks=64, block_size=4, chunk=32, fraction=0.5, admission=None):
+def run(prompts, max_new, num_stages=2, num_blocks=64, block_size=4, chunk=32, fraction=0.5, admission=None,
+        fill=0):
     blocks = BlockManager(num_blocks, block_size)
     scheduler = Scheduler(blocks, num_stages, admission or AdmitWhileFits(), ReadyPoolBatcher(), ThresholdSwitch(fraction),
-                          prefill_chunk_tokens=chunk)
+                          prefill_chunk_tokens=chunk, decode_fill_tokens=fill)
     pipeline = FakePipeline(num_stages, block_size)
     requests = [Request(i, p, max_new, frozenset({EOS})) for i, p in enumerate(prompts)]
     stats = Controller(pipeline, scheduler).run(requests)
@@ -82,9 +85,10 @@ prompt_lists = st.lists(st.lists(st.integers(1, VOCAB - 1), min_size=1, max_size
 
 @settings(max_examples=60, deadline=None)
 @given(prompts=prompt_lists, max_new=st.integers(1, 20), num_stages=st.integers(1, 4),
-       num_blocks=st.integers(11, 40), fraction=st.floats(0, 1))
-def test_every_request_gets_exactly_its_tokens(prompts, max_new, num_stages, num_blocks, fraction):
-    requests, stats, pipeline, blocks = run(prompts, max_new, num_stages, num_blocks, fraction=fraction)
+       num_blocks=st.integers(11, 40), fraction=st.floats(0, 1), fill=st.sampled_from([0, 0, 3, 12]))
+def test_every_request_gets_exactly_its_tokens(prompts, max_new, num_stages, num_blocks, fraction, fill):
+    """Any schedule, with or without decode fills (prompt chunks riding decode micro-batches)."""
+    requests, stats, pipeline, blocks = run(prompts, max_new, num_stages, num_blocks, fraction=fraction, fill=fill)
     for request, prompt in zip(requests, prompts):
         assert request.output_ids == reference(prompt, max_new)
         assert request.status is Status.FINISHED
@@ -182,3 +186,36 @@ def test_prefill_phase_asks_admission_once_per_decision():
     scheduler.abort(3)  # the head of the queue changed: the decision is stale
     assert [seq.request_id for seq in scheduler.schedule().seqs] == [4]
     assert admission.calls == 2
+
+
+def test_decode_fill_carries_prompt_chunks_in_small_decode_batches():
+    """Two requests decode while three more wait; the threshold switch would not hand back to
+    prefill yet (2 decoding of a peak of 2), so without a fill the waiting ones start only when
+    decode drains. With ``decode_fill_tokens=6`` a decode micro-batch of one row carries up to 5
+    prompt tokens: a 7-token prompt is split over two micro-batches and samples only at the end."""
+    def first_fill(fill):
+        blocks = BlockManager(64, 4)
+        scheduler = Scheduler(blocks, 2, AdmitWhileFits(), ReadyPoolBatcher(), ThresholdSwitch(0.5),
+                              prefill_chunk_tokens=64, decode_fill_tokens=fill)
+        pipeline = FakePipeline(2, 4)
+        controller = Controller(pipeline, scheduler)
+        for i, size in enumerate((3, 3)):
+            controller.add(Request(i, [i + 1] * size, 30))
+        controller.step()  # the prefill of both; then more requests arrive
+        for i, size in ((2, 7), (3, 2), (4, 2)):
+            controller.add(Request(i, [i + 1] * size, 30))
+        while len(pipeline.submitted) < 8 and controller.has_work:
+            controller.step()
+        return [(b.phase, [(s.request_id, len(s.token_ids), s.sample) for s in b.seqs]) for b in pipeline.submitted[1:]]
+
+    assert all(phase == "decode" for phase, _ in first_fill(0)[:4])
+    filled = first_fill(6)
+    chunks = [seq for _, seqs in filled for seq in seqs if seq[0] == 2]
+    assert chunks[:2] == [(2, 5, False), (2, 2, True)]  # split at the budget; samples once, at the end
+    assert any(phase == "mixed" for phase, _ in filled)
+    assert all(sum(n for _, n, _ in seqs) <= 6 for phase, seqs in filled if phase == "mixed")
+
+
+def test_decode_fill_setting_is_checked():
+    with pytest.raises(ValueError, match="decode_fill_tokens"):
+        Scheduler(BlockManager(8, 4), 2, AdmitWhileFits(), ReadyPoolBatcher(), ThresholdSwitch(), decode_fill_tokens=-3)

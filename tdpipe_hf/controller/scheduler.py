@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 
-from ..plan import DECODE, PREFILL, MicroBatch
+from ..plan import DECODE, MIXED, PREFILL, MicroBatch
 from .base import ABORTED, BaseScheduler, StepOutput, stop_reason
 from .cost import StageTimeModel
 from .kv import BlockManager
@@ -84,8 +84,14 @@ class Scheduler(BaseScheduler):
     decode micro-batches and a ``SwitchPolicy`` ends each decode phase."""
 
     def __init__(self, blocks: BlockManager, num_stages: int, admission, batcher, switch,
-                 prefill_chunk_tokens: int = 512, max_num_seqs: int = 256, prefill_packing: str = "first-fit"):
+                 prefill_chunk_tokens: int = 512, max_num_seqs: int = 256, prefill_packing: str = "first-fit",
+                 decode_fill_tokens: int = 0):
+        """``decode_fill_tokens``: a decode micro-batch of fewer rows than this carries chunks of
+        admitted prompts up to that many tokens in all (0: never; see ``_fill``)."""
         super().__init__(blocks, num_stages, admission, prefill_chunk_tokens, max_num_seqs)
+        if isinstance(decode_fill_tokens, bool) or not isinstance(decode_fill_tokens, int) or decode_fill_tokens < 0:
+            raise ValueError(f"decode_fill_tokens must be a non-negative integer, got {decode_fill_tokens!r}")
+        self.decode_fill_tokens = decode_fill_tokens
         self.batcher = batcher
         self.switch = switch
         if prefill_packing not in PREFILL_PACKINGS:
@@ -99,6 +105,10 @@ class Scheduler(BaseScheduler):
         # micro-batch has taken yet: the admission's KV simulation runs once per decision, not
         # once per micro-batch (None: ask the policy again)
         self._quota: int | None = None
+        self._quota_step = 0  # ``_decode_steps`` when the admission last decided
+
+    def _set_quota(self, count: int) -> None:
+        self._quota, self._quota_step = count, self._decode_steps
 
     def on_leave(self, request: Request) -> None:
         self.batcher.forget(request)
@@ -122,8 +132,10 @@ class Scheduler(BaseScheduler):
         decoding = self._decoding()
         if self.waiting:
             state = self._decode_state(decoding)
-            if self.switch.should_prefill(state):
-                self._quota = state.computed_admissible
+            switch = self.switch.should_prefill(state)
+            if state.computed_admissible is not None:  # fresh: the decode fill may use it as well
+                self._set_quota(state.computed_admissible)
+            if switch:
                 batch = self._prefill_batch()
                 if batch is not None:
                     self._enter(Phase.PREFILL)
@@ -147,7 +159,7 @@ class Scheduler(BaseScheduler):
             self.phase = phase
             self.num_phase_switches += 1
         if phase is Phase.DECODE:
-            self._quota = None
+            self._quota, self._quota_step = None, -self.num_stages  # the fill may ask at once
             self._peak_decoding = 0
             self._decode_steps = 0
 
@@ -177,8 +189,11 @@ class Scheduler(BaseScheduler):
         micro-batches come out even (in a pipeline the longest one stalls the stages behind it);
         "fcfs" stops at the first request that does not fit (vLLM's rule). Either way the batch
         holds only requests this phase admits."""
+        partial = self._partially_prefilled()
+        if partial:  # prompts a decode fill started go first, whole
+            return self.new_batch(PREFILL, [self.plan(r) for r in partial])
         if not self._quota:
-            self._quota = self.admissible()
+            self._set_quota(self.admissible())
         count = min(self._quota, len(self.waiting))
         picked, tokens = [], 0
         for i in range(count):
@@ -198,12 +213,54 @@ class Scheduler(BaseScheduler):
 
     def _decode_batch(self, decoding: tuple[int, int, list[Request]]) -> MicroBatch | None:
         num_decoding, context, ready = decoding
-        if not ready:
+        chosen = []
+        if ready:
+            self._peak_decoding = max(self._peak_decoding, num_decoding)
+            chosen = self.take_decodes(self.batcher.select(ready, num_decoding, self.num_stages, cost=self.cost,
+                                                           context=context))
+        chunks = self._fill(len(chosen)) if self.decode_fill_tokens else []
+        if not chosen and not chunks:
             return None
-        self._peak_decoding = max(self._peak_decoding, num_decoding)
-        chosen = self.take_decodes(self.batcher.select(ready, num_decoding, self.num_stages, cost=self.cost,
-                                                       context=context))
-        if not chosen:
-            return None
-        self._decode_steps += 1
-        return self.new_batch(DECODE, [self.plan(r) for r in chosen])
+        if chosen:
+            self._decode_steps += 1
+        seqs = [self.plan(r) for r in chosen] + [self.plan(r, size) for r, size in chunks]
+        return self.new_batch(MIXED if chosen and chunks else DECODE if chosen else PREFILL, seqs)
+
+    def _partially_prefilled(self) -> list[Request]:
+        """Admitted requests whose prompt a decode fill has started and nothing is computing now."""
+        return [r for r in self.running if r.status is Status.PREFILLING and not r.in_flight]
+
+    def _fill(self, rows: int) -> list[tuple[Request, int]]:
+        """Prompt chunks for a decode micro-batch of ``rows`` rows: (request, tokens) pairs, up to
+        ``decode_fill_tokens`` tokens with the rows.
+
+        Why: a decode step reads every weight of its stage for a few rows; while the rows are
+        fewer than the tokens at which the products turn compute-bound, more tokens in the same
+        step cost little, so prompts computed there are nearly free, and the prefill phase they
+        would have needed (with its fill and drain bubbles) comes later or not at all. Requests
+        come first from prompts already started, then from the head of the queue within the
+        admission's last decision (the switch policy's when it asked, so no second simulation); an
+        admitted request holds KV for its whole prompt, as in a prefill phase. Without a fresh
+        decision the fill asks the admission policy itself, once a round of the pipeline."""
+        budget = self.decode_fill_tokens - rows
+        chunks: list[tuple[Request, int]] = []
+        for request in self._partially_prefilled():
+            if budget <= 0:
+                return chunks
+            size = min(len(request.pending_ids), budget)
+            chunks.append((request, size))
+            budget -= size
+        if budget > 0 and not self._quota and self.waiting and self._decode_steps - self._quota_step >= self.num_stages:
+            self._set_quota(self.admissible())  # at most once a round of the pipeline: a KV simulation
+        while budget > 0 and self._quota and self.waiting and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            if not self.blocks.can_hold(request, request.num_tokens):
+                self._quota = 0
+                break
+            self.waiting.popleft()
+            self._quota -= 1
+            self.admit(request, request.num_tokens)
+            size = min(request.num_tokens, budget)
+            chunks.append((request, size))
+            budget -= size
+        return chunks
