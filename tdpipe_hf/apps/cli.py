@@ -88,6 +88,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="cost (default, off with --paper-rules): greedy prefill admits past --kv-threshold "
                              "(up to what fits now) when the stage times measured in the run expect bigger "
                              "decode batches to gain more than the recomputations cost")
+    parser.add_argument("--decode-fill-tokens", type=int, default=0,
+                        help="decode micro-batches of fewer rows than this also carry chunks of admitted prompts, "
+                             "up to this many tokens with their rows (default 0: off; pays on GPUs decoding few rows)")
     parser.add_argument("--online-learning", action="store_true",
                         help="finished answers' lengths keep training the predictor during the run")
     _add_placement(parser)
@@ -99,7 +102,7 @@ def _engine_options(args) -> dict:
                "policy": args.policy, "switch_policy": args.switch_policy, "stealing": not args.no_stealing,
                "paper_rules": args.paper_rules, "pack_weights": PACK_WEIGHTS[args.pack_weights], "admission": args.admission,
                "predictor": args.predictor, "kv_threshold": args.kv_threshold,
-               "overbooking": args.overbooking,
+               "overbooking": args.overbooking, "decode_fill_tokens": args.decode_fill_tokens,
                "online_learning": args.online_learning, **_placement(args)}
     if args.kv_blocks:
         options["kv_blocks"] = args.kv_blocks
