@@ -33,6 +33,16 @@ def hf_generate(model, *args, **kwargs):
         return model.generate(*args, **kwargs)
 
 
+def tdpipe_generate(model, ids, mask, max_new_tokens: int, **options):
+    """Greedy tokens and run stats from ``model`` wrapped with ``options`` (unwrapped afterwards)."""
+    tdpipe_hf.wrap(model, **options)
+    try:
+        actual = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
+        return actual, model.tdpipe_engine.last_stats
+    finally:
+        tdpipe_hf.unwrap(model)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     from tdpipe_hf.models import load_model_and_tokenizer

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_generate, left_padded, random_prompts, tiny_model
+from conftest import hf_generate, left_padded, random_prompts, tdpipe_generate, tiny_model
 
 import tdpipe_hf
 from tdpipe_hf.controller import Request
@@ -27,13 +27,9 @@ def test_stage_processes_match_hf_with_preemption(num_stages):
     model = tiny_model("llama", seed=41)
     ids, mask = left_padded(random_prompts(10, low=2, high=30, seed=42))
     expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
-    tdpipe_hf.wrap(model, num_stages=num_stages, block_size=4, kv_blocks=24, executor="distributed",
-                   admission="fits")  # the baseline rule over-admits: preemption is forced
-    try:
-        actual = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
-        stats = model.tdpipe_engine.last_stats
-    finally:
-        tdpipe_hf.unwrap(model)
+    actual, stats = tdpipe_generate(model, ids, mask, 20, num_stages=num_stages, block_size=4, kv_blocks=24,
+                                    executor="distributed",
+                                    admission="fits")  # the baseline rule over-admits: preemption is forced
     assert torch.equal(actual, expected)
     assert stats.preemptions > 0
     compute_stages = {event[0] for event in stats.timeline if event[1] == "compute"}

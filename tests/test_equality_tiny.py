@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_generate, left_padded, random_prompts, tiny_model
+from conftest import hf_generate, left_padded, random_prompts, tdpipe_generate, tiny_model
 
 import tdpipe_hf
 from tdpipe_hf.mixin import TDPipeGenerationMixin
@@ -168,12 +168,8 @@ def test_decode_fill_chunks_match_hf(num_stages):
     model = tiny_model("llama", seed=53)
     ids, mask = left_padded(random_prompts(12, low=2, high=30, seed=54))
     expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
-    tdpipe_hf.wrap(model, num_stages=num_stages, block_size=4, kv_blocks=48, prefill_chunk_tokens=16,
-                   decode_fill_tokens=10, switch_policy="threshold", switch_fraction=0.1)
-    try:
-        actual = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
-        stats = model.tdpipe_engine.last_stats
-    finally:
-        tdpipe_hf.unwrap(model)
+    actual, stats = tdpipe_generate(model, ids, mask, 24, num_stages=num_stages, block_size=4, kv_blocks=48,
+                                    prefill_chunk_tokens=16, decode_fill_tokens=10, switch_policy="threshold",
+                                    switch_fraction=0.1)
     assert torch.equal(actual, expected)
     assert stats.micro_batches.get("mixed", 0) >= 3
