@@ -3,6 +3,8 @@
 PREFILL fills the pipeline with prefill micro-batches of newly admitted requests until admission
 stops; DECODE keeps ``num_stages`` decode micro-batches circulating until the switch policy hands
 back to PREFILL. Requests whose KV no longer fits are preempted (youngest first) and recomputed.
+With ``decode_fill_tokens`` (ours, off by default) small decode micro-batches also carry prompt
+chunks, so the DECODE phase may hold mixed micro-batches.
 """
 
 from __future__ import annotations
