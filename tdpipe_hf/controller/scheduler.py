@@ -243,7 +243,8 @@ class Scheduler(BaseScheduler):
         come first from prompts already started, then from the head of the queue within the
         admission's last decision (the switch policy's when it asked, so no second simulation); an
         admitted request holds KV for its whole prompt, as in a prefill phase. Without a fresh
-        decision the fill asks the admission policy itself, once a round of the pipeline."""
+        decision the fill asks the admission policy itself, once a round of the pipeline. A prompt
+        a fill started goes on in the next micro-batch with room, or in the next prefill phase."""
         budget = self.decode_fill_tokens - rows
         chunks: list[tuple[Request, int]] = []
         for request in self._partially_prefilled():
