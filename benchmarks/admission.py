@@ -11,7 +11,8 @@ prefill, the shipped length probe, overbooking where the run's stage times say i
 (``greedy``, TD-Pipe's rule), without the probe (``greedy-prompt-only``), with one length per
 request (``greedy-point``, as the paper); the baseline "admit while the KV fits now"
 (``fits``), and greedy prefill with an oracle that knows every answer's length (``oracle``; from
-benchmarks/data/*.lengths.jsonl, the model's own greedy answers). A greedy policy's name may
+benchmarks/data/*.lengths.jsonl, the model's own greedy answers), also with overbooking
+(``oracle-overbook``: the upper bound of the default). A greedy policy's name may
 end in ``@T`` to plan under ``kv_threshold=T`` (``greedy@0.9``, ``oracle@1.0``). Prints tokens/s,
 preemptions and mean KV utilisation per policy.
 """
@@ -59,7 +60,8 @@ def main() -> None:
                 "greedy-point": {"admission": "greedy", "overbooking": "off", "length_planning": "point",
                                  "length_probe": False},
                 "overbook": {"admission": "greedy", "overbooking": "cost"},
-                "oracle": {"admission": "greedy", "overbooking": "off", "predictor": oracle}}
+                "oracle": {"admission": "greedy", "overbooking": "off", "predictor": oracle},
+                "oracle-overbook": {"admission": "greedy", "overbooking": "cost", "predictor": oracle}}
     rows = []
     for name in args.policies.split(","):
         base, _, threshold = name.partition("@")
