@@ -37,6 +37,9 @@ class TDPipeConfig:
     (admit while the prompts fit now). ``decode_batcher`` names the decode batcher outright
     (``steal-time``, ``steal-rows``, ``static`` or a plugin) and ``prefill_packing`` the prefill
     packing (``first-fit`` or ``fcfs``); left None they follow ``stealing`` and ``paper_rules``.
+    ``decode_fill_tokens`` (ours; 0, the default, is off): a TD-Pipe decode micro-batch of fewer
+    rows than this also carries chunks of admitted prompts, up to that many tokens in all (the
+    other policies, which set their own batches, ignore it, as they ignore the switch).
     ``policy``, ``admission``, ``decode_batcher``, ``switch_policy``, ``predictor`` and
     ``executor``, ``attention_backend`` are names in the plugin registry (``tdpipe_hf.plugins``): ``tdpipe policies``
     lists them; ``attention_backend="auto"`` picks ``paged-cpu`` when every stage runs on a CPU and

@@ -219,3 +219,55 @@ def test_decode_fill_carries_prompt_chunks_in_small_decode_batches():
 def test_decode_fill_setting_is_checked():
     with pytest.raises(ValueError, match="decode_fill_tokens"):
         Scheduler(BlockManager(8, 4), 2, AdmitWhileFits(), ReadyPoolBatcher(), ThresholdSwitch(), decode_fill_tokens=-3)
+
+
+def test_a_prompt_cut_by_a_decode_fill_keeps_moving():
+    """A 40-token prompt cut by decode fills of 8 tokens must finish its prefill even when short
+    prompts queue behind it: were those admitted meanwhile, they would become decode rows, fill
+    every micro-batch's budget and leave the cut prompt holding KV without moving."""
+    scheduler = Scheduler(BlockManager(2048, 4), 4, AdmitWhileFits(), ReadyPoolBatcher(), ThresholdSwitch(0.5),
+                          prefill_chunk_tokens=64, decode_fill_tokens=8)
+    pipeline = FakePipeline(4, 4)
+    controller = Controller(pipeline, scheduler)
+    for i in range(4):
+        controller.add(Request(i, [i + 1] * 3, 150, frozenset({EOS})))
+    controller.step()
+    cut = Request(99, [7] * 40, 5, frozenset({EOS}))
+    controller.add(cut)
+    for i in range(4, 34):
+        controller.add(Request(i, [i % 40 + 1], 150, frozenset({EOS})))
+    while cut.status in (Status.WAITING, Status.PREFILLING):
+        controller.step()
+        if cut.status is Status.PREFILLING and not cut.in_flight:
+            assert not any(r.status is Status.PREFILLING and r is not cut for r in scheduler.running)
+        assert len(pipeline.submitted) < 100, "the cut prompt stalled"
+    while controller.has_work:
+        controller.step()
+    assert cut.output_ids == reference(cut.prompt_ids, 5)
+
+
+def test_a_switch_that_ignores_admission_never_admits_on_a_stale_decision():
+    """A plugin switch may hand back to prefill without reading ``admissible``; the prefill phase
+    must then ask the admission afresh, not reuse what a decode fill was told steps earlier when
+    more KV was free (that over-reserved blocks and crashed the run)."""
+    class AfterEightSteps:
+        def should_prefill(self, state):
+            return state.decode_steps >= 8
+
+    for num_blocks in range(18, 26):
+        scheduler = Scheduler(BlockManager(num_blocks, 4), 1, AdmitWhileFits(), ReadyPoolBatcher(), AfterEightSteps(),
+                              prefill_chunk_tokens=64, decode_fill_tokens=4)
+        pipeline = FakePipeline(1, 4)
+        controller = Controller(pipeline, scheduler)
+        requests = [Request(i, [i + 1] * 4, 20, frozenset({EOS})) for i in range(2)]
+        for request in requests:
+            controller.add(request)
+        while not any(b.phase == "decode" for b in pipeline.submitted):
+            controller.step()
+        late = [Request(i, [i + 1] * 16, 2, frozenset({EOS})) for i in range(2, 6)]
+        for request in late:
+            controller.add(request)
+        while controller.has_work:
+            controller.step()
+        for request in requests + late:
+            assert request.output_ids == reference(request.prompt_ids, request.max_new_tokens)

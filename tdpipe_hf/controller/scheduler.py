@@ -103,11 +103,12 @@ class Scheduler(BaseScheduler):
         self.num_phase_switches = 0
         self._peak_decoding = 0
         self._decode_steps = 0
-        # waiting requests at the queue's head that this prefill phase's admission let in and no
-        # micro-batch has taken yet: the admission's KV simulation runs once per decision, not
-        # once per micro-batch (None: ask the policy again)
+        # waiting requests at the queue's head that the admission's last decision let in and no
+        # micro-batch has taken yet (in a prefill phase, or for the decode fill): its KV
+        # simulation runs once per decision, not once per micro-batch (0 or None: ask again)
         self._quota: int | None = None
         self._quota_step = 0  # ``_decode_steps`` when the admission last decided
+        self._cut: dict[int, Request] = {}  # prompts a decode fill cut short, by request id
 
     def _set_quota(self, count: int) -> None:
         self._quota, self._quota_step = count, self._decode_steps
@@ -137,6 +138,8 @@ class Scheduler(BaseScheduler):
             switch = self.switch.should_prefill(state)
             if state.computed_admissible is not None:  # fresh: the decode fill may use it as well
                 self._set_quota(state.computed_admissible)
+            elif switch:
+                self._quota = None  # a fill's earlier decision is stale: the prefill phase asks afresh
             if switch:
                 batch = self._prefill_batch()
                 if batch is not None:
@@ -161,9 +164,11 @@ class Scheduler(BaseScheduler):
             self.phase = phase
             self.num_phase_switches += 1
         if phase is Phase.DECODE:
-            self._quota, self._quota_step = None, -self.num_stages  # the fill may ask at once
+            # the prefill phase ends when the admission has just said "no more" (or nothing waits),
+            # so the decode fill asks again only after a round of the pipeline has changed the KV
             self._peak_decoding = 0
             self._decode_steps = 0
+            self._set_quota(0)
 
     def _decode_state(self, decoding: tuple[int, int, list[Request]]) -> DecodeState:
         """What the switch policy sees; ``decoding`` is ``_decoding()``'s summary."""
@@ -186,23 +191,30 @@ class Scheduler(BaseScheduler):
         )
 
     def _prefill_batch(self) -> MicroBatch | None:
-        """Up to ``prefill_chunk_tokens`` of admitted requests. ``prefill_packing="first-fit"``
-        fills the room the queue's head leaves with later admitted requests that fit, so
-        micro-batches come out even (in a pipeline the longest one stalls the stages behind it);
-        "fcfs" stops at the first request that does not fit (vLLM's rule). Either way the batch
-        holds only requests this phase admits."""
+        """Up to ``prefill_chunk_tokens`` of admitted requests (a longer prompt goes alone, whole).
+        ``prefill_packing="first-fit"`` fills the room the queue's head leaves with later admitted
+        requests that fit, so micro-batches come out even (in a pipeline the longest one stalls the
+        stages behind it); "fcfs" stops at the first request that does not fit (vLLM's rule).
+        Either way the batch holds only requests the admission let in, and only while their
+        prompts' KV fits now. A prompt a decode fill started goes first, alone: the rest of it."""
         partial = self._partially_prefilled()
-        if partial:  # prompts a decode fill started go first, whole
-            return self.new_batch(PREFILL, [self.plan(r) for r in partial])
+        if partial:
+            return self.new_batch(PREFILL, [self.plan(partial[0])])
         if not self._quota:
             self._set_quota(self.admissible())
         count = min(self._quota, len(self.waiting))
-        picked, tokens = [], 0
+        picked, tokens, free = [], 0, self.blocks.num_free
         for i in range(count):
-            size = self.waiting[i].num_tokens
+            request = self.waiting[i]
+            need = self.blocks.extra_blocks(request, request.num_tokens)
+            if need > free:  # the decision is older than the KV it saw: stop, ask again next time
+                count = i
+                break
+            size = request.num_tokens
             if not picked or tokens + size <= self.prefill_chunk_tokens:
                 picked.append(i)
                 tokens += size
+                free -= need
             elif self.prefill_packing == "fcfs" or tokens >= self.prefill_chunk_tokens:
                 break
         chosen = [self.waiting[i] for i in picked]
@@ -240,19 +252,21 @@ class Scheduler(BaseScheduler):
         fewer than the tokens at which the products turn compute-bound, more tokens in the same
         step cost little, so prompts computed there are nearly free, and the prefill phase they
         would have needed (with its fill and drain bubbles) comes later or not at all. Requests
-        come first from prompts already started, then from the head of the queue within the
-        admission's last decision (the switch policy's when it asked, so no second simulation); an
-        admitted request holds KV for its whole prompt, as in a prefill phase. Without a fresh
-        decision the fill asks the admission policy itself, once a round of the pipeline. A prompt
-        a fill started goes on in the next micro-batch with room, or in the next prefill phase."""
+        come first from the prompt a fill cut short (at least a block's worth of it, even past the
+        budget, so that it always moves on), then, once no cut prompt is unfinished, from the head
+        of the queue within the admission's last decision (the switch policy's when it asked, so no
+        second simulation); an admitted request holds KV for its whole prompt, as in a prefill
+        phase. Without a fresh decision the fill asks the admission policy itself, once a round of
+        the pipeline. A cut prompt goes on in the next decode micro-batch formed while it is not in
+        flight, or first in the next prefill phase."""
         budget = self.decode_fill_tokens - rows
         chunks: list[tuple[Request, int]] = []
-        for request in self._partially_prefilled():
-            if budget <= 0:
-                return chunks
-            size = min(len(request.pending_ids), budget)
+        for request in self._partially_prefilled():  # at least a block's worth: it holds KV for all
+            size = min(len(request.pending_ids), max(budget, self.blocks.block_size))
             chunks.append((request, size))
             budget -= size
+        if self._cut_unfinished():
+            return chunks  # new prompts would become decode rows and crowd the cut one out
         if budget > 0 and not self._quota and self.waiting and self._decode_steps - self._quota_step >= self.num_stages:
             self._set_quota(self.admissible())  # at most once a round of the pipeline: a KV simulation
         while budget > 0 and self._quota and self.waiting and len(self.running) < self.max_num_seqs:
@@ -266,4 +280,13 @@ class Scheduler(BaseScheduler):
             size = min(request.num_tokens, budget)
             chunks.append((request, size))
             budget -= size
+            if size < request.num_tokens:
+                self._cut[request.request_id] = request
         return chunks
+
+    def _cut_unfinished(self) -> bool:
+        """Whether a prompt a fill cut short is still prefilling (in flight or not); forgets the
+        ones that finished, were preempted or aborted."""
+        self._cut = {i: r for i, r in self._cut.items()
+                     if r.status is Status.PREFILLING and r.num_cached < len(r.prompt_ids)}
+        return bool(self._cut)
