@@ -222,9 +222,10 @@ def test_decode_fill_setting_is_checked():
 
 
 def test_a_prompt_cut_by_a_decode_fill_keeps_moving():
-    """A 40-token prompt cut by decode fills of 8 tokens must finish its prefill even when short
-    prompts queue behind it: were those admitted meanwhile, they would become decode rows, fill
-    every micro-batch's budget and leave the cut prompt holding KV without moving."""
+    """A 40-token prompt cut by decode fills of 8 tokens must finish its prefill although the
+    short prompts queued behind it, admitted by later fills, become decode rows that use up every
+    micro-batch's budget: a cut prompt holds KV for all its tokens, so it moves on regardless (it
+    used to wait for hundreds of micro-batches)."""
     scheduler = Scheduler(BlockManager(2048, 4), 4, AdmitWhileFits(), ReadyPoolBatcher(), ThresholdSwitch(0.5),
                           prefill_chunk_tokens=64, decode_fill_tokens=8)
     pipeline = FakePipeline(4, 4)
@@ -238,8 +239,6 @@ def test_a_prompt_cut_by_a_decode_fill_keeps_moving():
         controller.add(Request(i, [i % 40 + 1], 150, frozenset({EOS})))
     while cut.status in (Status.WAITING, Status.PREFILLING):
         controller.step()
-        if cut.status is Status.PREFILLING and not cut.in_flight:
-            assert not any(r.status is Status.PREFILLING and r is not cut for r in scheduler.running)
         assert len(pipeline.submitted) < 100, "the cut prompt stalled"
     while controller.has_work:
         controller.step()

@@ -108,7 +108,6 @@ class Scheduler(BaseScheduler):
         # simulation runs once per decision, not once per micro-batch (0 or None: ask again)
         self._quota: int | None = None
         self._quota_step = 0  # ``_decode_steps`` when the admission last decided
-        self._cut: dict[int, Request] = {}  # prompts a decode fill cut short, by request id
 
     def _set_quota(self, count: int) -> None:
         self._quota, self._quota_step = count, self._decode_steps
@@ -196,10 +195,17 @@ class Scheduler(BaseScheduler):
         requests that fit, so micro-batches come out even (in a pipeline the longest one stalls the
         stages behind it); "fcfs" stops at the first request that does not fit (vLLM's rule).
         Either way the batch holds only requests the admission let in, and only while their
-        prompts' KV fits now. A prompt a decode fill started goes first, alone: the rest of it."""
+        prompts' KV fits now. Prompts a decode fill cut short go first, the rest of each whole,
+        packed the same way."""
         partial = self._partially_prefilled()
         if partial:
-            return self.new_batch(PREFILL, [self.plan(partial[0])])
+            rests, tokens = [], 0
+            for request in partial:
+                size = len(request.pending_ids)
+                if not rests or tokens + size <= self.prefill_chunk_tokens:
+                    rests.append(request)
+                    tokens += size
+            return self.new_batch(PREFILL, [self.plan(r) for r in rests])
         if not self._quota:
             self._set_quota(self.admissible())
         count = min(self._quota, len(self.waiting))
@@ -252,21 +258,20 @@ class Scheduler(BaseScheduler):
         fewer than the tokens at which the products turn compute-bound, more tokens in the same
         step cost little, so prompts computed there are nearly free, and the prefill phase they
         would have needed (with its fill and drain bubbles) comes later or not at all. Requests
-        come first from the prompt a fill cut short (at least a block's worth of it, even past the
-        budget, so that it always moves on), then, once no cut prompt is unfinished, from the head
-        of the queue within the admission's last decision (the switch policy's when it asked, so no
+        come first from prompts a fill cut short (each at least a block's worth, even past the
+        budget: once admitted prompts have become decode rows, the rows alone can use it up, and a
+        cut prompt holds KV for all its tokens), then from the head of the queue within the
+        admission's last decision (the switch policy's when it asked, so no
         second simulation); an admitted request holds KV for its whole prompt, as in a prefill
         phase. Without a fresh decision the fill asks the admission policy itself, once a round of
         the pipeline. A cut prompt goes on in the next decode micro-batch formed while it is not in
         flight, or first in the next prefill phase."""
         budget = self.decode_fill_tokens - rows
         chunks: list[tuple[Request, int]] = []
-        for request in self._partially_prefilled():  # at least a block's worth: it holds KV for all
+        for request in self._partially_prefilled():
             size = min(len(request.pending_ids), max(budget, self.blocks.block_size))
             chunks.append((request, size))
             budget -= size
-        if self._cut_unfinished():
-            return chunks  # new prompts would become decode rows and crowd the cut one out
         if budget > 0 and not self._quota and self.waiting and self._decode_steps - self._quota_step >= self.num_stages:
             self._set_quota(self.admissible())  # at most once a round of the pipeline: a KV simulation
         while budget > 0 and self._quota and self.waiting and len(self.running) < self.max_num_seqs:
@@ -280,13 +285,4 @@ class Scheduler(BaseScheduler):
             size = min(request.num_tokens, budget)
             chunks.append((request, size))
             budget -= size
-            if size < request.num_tokens:
-                self._cut[request.request_id] = request
         return chunks
-
-    def _cut_unfinished(self) -> bool:
-        """Whether a prompt a fill cut short is still prefilling (in flight or not); forgets the
-        ones that finished, were preempted or aborted."""
-        self._cut = {i: r for i, r in self._cut.items()
-                     if r.status is Status.PREFILLING and r.num_cached < len(r.prompt_ids)}
-        return bool(self._cut)
