@@ -43,7 +43,7 @@ class TDPipeConfig:
     ``policy``, ``admission``, ``decode_batcher``, ``switch_policy``, ``predictor`` and
     ``executor``, ``attention_backend`` are names in the plugin registry (``tdpipe_hf.plugins``): ``tdpipe policies``
     lists them; ``attention_backend="auto"`` picks ``paged-cpu`` when every stage runs on a CPU and
-    its kernel builds, else ``paged-sdpa``. ``predictor``: None for the one shipped for the model, an
+    its kernel builds (``paged-sdpa`` where it does not), ``paged-batched`` with a GPU. ``predictor``: None for the one shipped for the model, an
     entry-point name, a ``.npz`` path, or a predictor object. ``online_learning`` feeds finished
     requests' lengths back to the predictor. ``length_probe`` (greedy admission): once a request
     is prefilled, a probe on the model's hidden state of its last prompt token replaces the
@@ -116,7 +116,8 @@ class TDPipeConfig:
                              f"got {self.length_planning!r}")
         for name, group in (("policy", plugins.SCHEDULERS), ("admission", plugins.ADMISSION),
                             ("executor", plugins.EXECUTORS), ("decode_batcher", plugins.DECODE_BATCHERS),
-                            ("attention_backend", plugins.ATTENTION_BACKENDS)):
+                            ("attention_backend", plugins.ATTENTION_BACKENDS),
+                            ("switch_policy", plugins.SWITCH_POLICIES)):
             value = getattr(self, name)
             if (value is None and name == "decode_batcher") or (value == AUTO and name == "attention_backend"):
                 continue

@@ -48,18 +48,23 @@ def _check_model(model) -> None:
                         "device: load with a device_map that fits, or without one and pass devices=...")
 
 
-def wrap(model, num_stages: int = 1, **options):
-    """Return ``model`` itself, now generating through a TD-Pipe engine of ``num_stages`` stages.
+def wrap(model, num_stages: int | None = None, **options):
+    """Return ``model`` itself, now generating through a TD-Pipe engine of ``num_stages`` stages
+    (default 1).
 
-    ``options`` are :class:`TDPipeConfig` fields (``kv_blocks``, ``block_size``, ...). The model
-    keeps working as a plain HF model for ``forward``; ``generate`` and ``generate_batch`` run the
-    TD-Pipe loop. Wrapping again replaces the engine.
+    ``options`` are :class:`TDPipeConfig` fields (``kv_blocks``, ``block_size``, ...), or
+    ``config=TDPipeConfig(...)`` alone (then ``num_stages``, if given, must equal the config's).
+    The model keeps working as a plain HF model for ``forward``; ``generate`` and
+    ``generate_batch`` run the TD-Pipe loop. Wrapping again replaces the engine.
     """
     config = options.pop("config", None)
     if config is None:
-        config = TDPipeConfig.from_kwargs(num_stages=num_stages, **options)
-    elif options or num_stages != config.num_stages:
-        raise ValueError("pass either config=TDPipeConfig(...) or keyword options, not both")
+        config = TDPipeConfig.from_kwargs(num_stages=1 if num_stages is None else num_stages, **options)
+    elif not isinstance(config, TDPipeConfig):
+        raise TypeError(f"config must be a TDPipeConfig, got {type(config).__name__}")
+    elif options or (num_stages is not None and num_stages != config.num_stages):
+        raise ValueError("pass either config=TDPipeConfig(...) or keyword options, not both "
+                         f"(num_stages={num_stages} against the config's {config.num_stages})")
     _check_model(model)
     devices = parse_devices(config.devices) or (str(model.device),)
     config = dataclasses.replace(config, attention_backend=resolve_attention(config.attention_backend, devices))
@@ -107,8 +112,9 @@ def unwrap(model):
     return model
 
 
-def from_pretrained(path=None, num_stages: int = 1, dtype=None, **options):
-    """Load ``path`` (default: the shipped SmolLM2) in ``dtype`` (default: as stored) and wrap it.
+def from_pretrained(path=None, num_stages: int | None = None, dtype=None, **options):
+    """Load ``path`` (default: the shipped SmolLM2) in ``dtype`` (default: as stored) and wrap it
+    with ``num_stages`` and ``options`` as :func:`wrap` takes them (``config=`` included).
     Returns (model, tokenizer). The weights load on the CPU; ``devices=...`` moves the stages."""
     from .models import load_model_and_tokenizer
 

@@ -75,8 +75,19 @@ def test_nonsense_config(options, message):
 
 
 def test_unknown_switch_policy_lists_available():
-    with pytest.raises(ValueError, match=r"unknown switch policy 'nope'; available: .*threshold"):
-        tdpipe_hf.wrap(tiny_model("llama"), switch_policy="nope")
+    with pytest.raises(ValueError, match=r"switch_policy must be one of .*threshold.*got 'nope'"):
+        tdpipe_hf.TDPipeConfig(switch_policy="nope")
+
+
+def test_a_config_object_sets_the_stage_count():
+    """``wrap(model, config=TDPipeConfig(num_stages=2))`` takes the config's stages; a different
+    ``num_stages`` beside it is a contradiction, and a config of the wrong type is named."""
+    model = tdpipe_hf.wrap(tiny_model("llama"), config=tdpipe_hf.TDPipeConfig(num_stages=2, kv_blocks=16))
+    assert model._tdpipe_engine.config.num_stages == len(model._tdpipe_engine.executor.stages) == 2
+    with pytest.raises(ValueError, match="num_stages=3 against the config's 2"):
+        tdpipe_hf.wrap(tiny_model("llama"), num_stages=3, config=tdpipe_hf.TDPipeConfig(num_stages=2))
+    with pytest.raises(TypeError, match="config must be a TDPipeConfig, got dict"):
+        tdpipe_hf.wrap(tiny_model("llama"), config={"num_stages": 2})
 
 
 def test_not_a_causal_lm():

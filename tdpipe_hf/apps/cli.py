@@ -1,6 +1,7 @@
 """The ``tdpipe`` command: ``generate`` answers a prompt, ``run`` answers a JSONL file of prompts,
-``bench`` measures throughput, ``train-predictor`` fits an output-length predictor, ``simulate``
-runs the paper-scale simulator, ``demo`` starts the Gradio demo."""
+``serve`` serves the OpenAI HTTP API, ``bench`` measures throughput, ``train-predictor`` fits an
+output-length predictor and ``eval-predictor`` scores one, ``simulate`` runs the paper-scale
+simulator, ``policies`` lists the plugins, ``demo`` starts the Gradio demo."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="scheduler: tdpipe (default), or a baseline: hybrid (vLLM-style mixed batches), naive "
                              "(static batches), or a plugin (`tdpipe policies` lists them)")
     parser.add_argument("--switch-policy", default="intensity",
-                        help="decode-to-prefill switch policy (default intensity; built-in: threshold)")
+                        help="decode-to-prefill switch policy (default intensity; built-in: threshold, drain)")
     parser.add_argument("--no-stealing", action="store_true", help="tdpipe without inter-batch work stealing")
     parser.add_argument("--pack-weights", choices=sorted(PACK_WEIGHTS), default="auto",
                         help="CPU float32: run linear layers on weights packed for oneDNN: auto (default: where "
