@@ -115,8 +115,9 @@ def unwrap(model):
 def from_pretrained(path=None, num_stages: int | None = None, dtype=None, **options):
     """Load ``path`` (default: the shipped SmolLM2) in ``dtype`` (default: as stored) and wrap it
     with ``num_stages`` and ``options`` as :func:`wrap` takes them (``config=`` included).
-    Returns (model, tokenizer). The weights load on the CPU; ``devices=...`` moves the stages."""
+    Returns (model, tokenizer), the tokenizer padding on the left (what a padded batch for ``generate`` needs). The weights load on the CPU; ``devices=...`` moves the stages."""
     from .models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(path, dtype=dtype)
+    tokenizer.padding_side = "left"  # a padded batch for generate() must be left-padded, as in HF
     return wrap(model, num_stages=num_stages, **options), tokenizer

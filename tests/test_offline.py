@@ -88,9 +88,9 @@ def test_bad_messages_lines_are_reported_and_the_rest_answered(tiny, tmp_path):
     errors = {e["id"] or e["line"]: e["error"] for e in
               map(json.loads, (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines())}
     assert summary.errors == 3
-    assert "messages[0].content must be a string" in errors[2]
-    assert "messages[0] must be an object with a 'role'" in errors[3]
-    assert "only text parts" in errors[4]
+    assert "messages[0].content must be a string" in errors["number"]
+    assert "messages[0] must be an object with a 'role'" in errors["no-role"]
+    assert "only text parts" in errors["image"]
 
 
 def test_undecodable_and_huge_lines_are_reported_and_the_rest_answered(tiny, tmp_path):
@@ -112,6 +112,26 @@ def test_undecodable_and_huge_lines_are_reported_and_the_rest_answered(tiny, tmp
     assert errors[3] == "not valid UTF-8: byte 0xff at column 1"
     assert errors[4].startswith("could not tokenize")
     assert "more than the model's context of 256" in errors[5]
+
+
+def test_bad_line_reports_keep_their_id_and_a_rerun_reports_duplicates_again(tiny, tmp_path):
+    """A bad line with an id is reported under it, a prompt of the wrong type is called that (not
+    "empty"), and a duplicate id is a duplicate in every run, also once its first line is answered."""
+    model, tokenizer = tiny
+    lines = [{"prompt": "hello", "id": "a"}, {"prompt": 42, "id": "num"}, {"messages": "hi", "id": "msgs"},
+             {"prompt": "again", "id": "a"}, {"body": {"messages": []}, "id": "batch"}]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    for run in range(2):
+        summary = run_batch(model, tokenizer, source, tmp_path / "out.jsonl", max_new_tokens=4, progress=False)
+        errors = {e["line"]: e for e in
+                  map(json.loads, (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines())}
+        assert errors[2] == {"line": 2, "id": "num", "error": "'prompt' must be a string, got int"}
+        assert errors[3]["id"] == "msgs" and "messages" in errors[3]["error"]
+        assert errors[4] == {"line": 4, "id": "a", "error": "duplicate id 'a'"}
+        assert errors[5]["id"] == "batch" and "custom_id" in errors[5]["error"]
+        assert summary.errors == 4 and (summary.requests, summary.skipped) == ((1, 0) if run == 0 else (0, 1))
+    answers = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [a["id"] for a in answers] == ["a"]
 
 
 def test_parse_line_rejects_nonsense():

@@ -186,7 +186,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": "ten"}, "'max_tokens' must be"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 0}, "'max_tokens' must be"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 100_000}, "context"),
-    ("/v1/completions", {"model": NAME, "prompt": "word " * 20_000}, "context"),
+    ("/v1/completions", {"model": NAME, "prompt": "word " * 20_000}, "leaves no room for an answer"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 7000}, "KV budget"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "temperature": 5}, "'temperature' must be"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "n": 0}, "'n' must be"),
@@ -228,6 +228,17 @@ def test_bad_requests_get_openai_errors_and_others_are_untouched(served):
     runner.join(timeout=120)
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in result["events"][:-1])
     assert text == expected
+
+
+def test_a_prompt_over_the_context_is_blamed_on_the_prompt(served):
+    client = served[0]
+    for path, field, payload in (("/v1/chat/completions", "messages",
+                                  {"messages": [{"role": "user", "content": "word " * 20_000}]}),
+                                 ("/v1/completions", "prompt", {"prompt": "word " * 20_000})):
+        reply = client.post(path, json={"model": NAME, "max_tokens": 8, **payload})
+        error = reply.json()["error"]
+        assert reply.status_code == 400 and error["param"] == field, error
+        assert "leaves no room for an answer" in error["message"] and error["code"] == "context_length_exceeded"
 
 
 @pytest.fixture(scope="module")

