@@ -13,8 +13,11 @@ from one plain forward of prompt + answer, and for the requests still running at
 > k) compares on the held-out prompts:
 
 - the best constant: the median length of the training requests still running at k;
-- the shipped rule: the after-prefill probe's outcomes, those the request has outlived dropped,
-  the likelier of the rest (the cap if none is left);
+- the point rule (greedy prefill's before 2026-12-07): the after-prefill probe's outcomes, those
+  the request has outlived dropped, the likelier of the rest (the cap if none is left);
+- the spread rule (since): the probe's "stops earlier" outcome as a log-normal of the spread
+  ``train-predictor`` measures (5-fold in the train split), conditioned on lasting k tokens: the
+  cap if it is then likelier, else that outcome's median past k;
 - a probe refitted on the states after k tokens (its C by 5-fold cross-validation in the train
   split);
 - "is it looping": a logistic regression on repetition in the k tokens so far (share of repeated
@@ -29,10 +32,11 @@ import numpy as np
 import torch
 
 import tdpipe_hf
-from tdpipe_hf.apps.training import cross_validated_mae, read_labels, split
+from tdpipe_hf.apps.training import cross_validated_mae, cross_validated_spread, read_labels, split
 from tdpipe_hf.predictors.probe import HiddenStateProbe
 
 STEPS = (0, 8, 16, 32, 64)
+LATE = (128, 256)  # the two rules need only the state after prefill: scored further on too
 LAYERS = (15, 20, 26)
 C_GRID = (0.0003, 0.001, 0.003, 0.01)
 
@@ -70,11 +74,23 @@ def repetition(answer: list[int], k: int) -> list[float]:
     return [1 - len(set(grams)) / len(grams), len(set(tokens)) / len(tokens)]
 
 
-def shipped_rule(probe: HiddenStateProbe, states: np.ndarray, k: int, cap: float) -> np.ndarray:
+def point_rule(probe: HiddenStateProbe, states: np.ndarray, k: int, cap: float) -> np.ndarray:
     guesses = []
     for outcomes in probe.predict_outcomes(states):
         alive = [(length, p) for length, p in outcomes if length > k]
         guesses.append(max(alive, key=lambda pair: pair[1])[0] if alive else cap)
+    return np.asarray(guesses)
+
+
+def spread_rule(probe: HiddenStateProbe, states: np.ndarray, k: int, cap: float, spread: float) -> np.ndarray:
+    from scipy.special import ndtr, ndtri
+
+    guesses = []
+    for (_, p_cap), (short, _) in probe.predict_outcomes(states):
+        below = ndtr((np.log(k) - np.log(short)) / spread) if k > 0 else 0.0
+        p_cap = p_cap / (p_cap + (1 - p_cap) * (1 - below))
+        median = short * np.exp(spread * ndtri(min(max((below + 1) / 2, 1e-12), 1 - 1e-12)))
+        guesses.append(cap if p_cap > 0.5 else min(max(median, k + 1), cap))
     return np.asarray(guesses)
 
 
@@ -97,21 +113,28 @@ def main() -> None:
     cap = lengths.max()
     train, test = split(len(lengths), 0.2, 0)
     print("| layer | k | held-out requests still running | at the cap | best constant MAE "
-          "| shipped rule | probe after k tokens |")
-    print("|---|---|---|---|---|---|---|")
+          "| point rule | spread rule | probe after k tokens |")
+    print("|---|---|---|---|---|---|---|---|")
     for layer in LAYERS:
         after_prefill = HiddenStateProbe(layer, C=0.001).fit(states[layer, 0][train], lengths[train])
-        for k in STEPS:
+        spread = cross_validated_spread(lambda: HiddenStateProbe(layer, C=0.001), states[layer, 0][train],
+                                        lengths[train])
+        for k in STEPS + LATE:
             tr, te = train[lengths[train] > k], test[lengths[test] > k]
             constant = np.mean(np.abs(np.median(lengths[tr]) - lengths[te]))
-            rule = np.mean(np.abs(shipped_rule(after_prefill, states[layer, 0][te], k, cap) - lengths[te]))
-            features = states[layer, k]
-            C = min(C_GRID, key=lambda c: cross_validated_mae(lambda: HiddenStateProbe(layer, C=c),
-                                                                features[tr], lengths[tr]))
-            refit = HiddenStateProbe(layer, C=C).fit(features[tr], lengths[tr])
-            probe = np.mean(np.abs(np.asarray(refit.predict(features[te])) - lengths[te]))
+            rule = np.mean(np.abs(point_rule(after_prefill, states[layer, 0][te], k, cap) - lengths[te]))
+            spread_mae = np.mean(np.abs(spread_rule(after_prefill, states[layer, 0][te], k, cap, spread) - lengths[te]))
+            refitted = "-"
+            if k in STEPS:
+                features = states[layer, k]
+                C = min(C_GRID, key=lambda c: cross_validated_mae(lambda: HiddenStateProbe(layer, C=c),
+                                                                    features[tr], lengths[tr]))
+                refit = HiddenStateProbe(layer, C=C).fit(features[tr], lengths[tr])
+                probe = np.mean(np.abs(np.asarray(refit.predict(features[te])) - lengths[te]))
+                refitted = f"{probe:.1f} ({probe / constant:.2f}x)"
             print(f"| {layer} | {k} | {len(te)} | {np.mean(lengths[te] >= cap):.0%} | {constant:.1f} "
-                  f"| {rule:.1f} ({rule / constant:.2f}x) | {probe:.1f} ({probe / constant:.2f}x) |")
+                  f"| {rule:.1f} ({rule / constant:.2f}x) | {spread_mae:.1f} ({spread_mae / constant:.2f}x) "
+                  f"| {refitted} |")
     for k in STEPS[2:]:
         tr, te = train[lengths[train] > k], test[lengths[test] > k]
         features = np.array([repetition(answer, k) for answer in answers])

@@ -86,6 +86,49 @@ def test_running_request_past_its_short_outcome_is_planned_at_the_cap():
     assert remaining.tolist() == [80] and weights.tolist() == [1.0]
 
 
+def test_a_spread_makes_a_long_running_request_likelier_to_run_to_the_cap():
+    """With ``length_spread`` the "stops earlier" outcome is a log-normal around its length: a
+    request at 0 tokens plans both outcomes as given; past the short guess it keeps that outcome
+    with the chance of lasting so long (less and less), planned at its median from there on; a
+    request far past it plans almost only the cap. Without a spread the point rule stands."""
+    from scipy.stats import norm
+
+    predictor = TwoOutcomes(cap=100, short=20, p=0.5)
+    predictor.max_length, predictor.length_spread = 100, 0.7
+    policy = GreedyPrefill(predictor, kv_threshold=1.0)
+
+    def plan(generated: int):
+        request = Request(0, [1] * 16, 100)
+        request.output_ids = [2] * generated
+        _, remaining, weights, _ = policy._state([request], 16)
+        return remaining.tolist(), weights.tolist()
+
+    assert plan(0) == ([100, 20], [0.5, 0.5])
+    remaining, weights = plan(15)
+    below = norm.cdf((np.log(15) - np.log(20)) / 0.7)
+    assert weights[1] == pytest.approx((1 - below) / (2 - below))  # Bayes: P(early | lasted 15 tokens)
+    median = 20 * np.exp(0.7 * norm.ppf((below + 1) / 2))
+    assert remaining == [85, int(np.ceil(median)) - 15]
+    assert plan(40)[1][1] < weights[1] and plan(90)[1][1] < 0.05  # ever likelier to run to the cap
+    predictor.length_spread = None
+    policy = GreedyPrefill(predictor, kv_threshold=1.0)
+    assert plan(15) == ([85, 5], [0.5, 0.5]) and plan(40) == ([60], [1.0])
+
+
+def test_training_measures_the_spread_out_of_sample_and_saves_it(tmp_path):
+    from tdpipe_hf.apps.training import cross_validated_spread
+
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(300, 8))
+    true_log = 3.0 + states[:, 0]  # the log length a probe can read off the state ...
+    lengths = np.minimum(np.round(np.expm1(true_log + rng.normal(scale=0.5, size=300))), 200)  # ... give or take 0.5
+    spread = cross_validated_spread(lambda: HiddenStateProbe(1, C=0.01, alpha=1.0), states, lengths)
+    assert 0.4 < spread < 0.7
+    probe = HiddenStateProbe(1).fit(states, lengths)
+    probe.length_spread = spread
+    assert HiddenStateProbe.load(probe.save(tmp_path / "probe.npz")).length_spread == spread
+
+
 def test_bad_outcomes_name_the_predictor():
     class Lopsided(TwoOutcomes):
         def predict_outcomes(self, prompts):

@@ -85,10 +85,15 @@ class TrainingReport:
     learned: Accuracy
     baseline: Accuracy
     path: Path
+    spread: float | None = None  # of early answers' log length, 5-fold in the train split
 
     def format(self) -> str:
         return (f"held-out split: {self.test_size} prompts (trained on {self.train_size})\n"
-                f"  {self.learned.format()}\n  {self.baseline.format()}\nsaved {self.path}")
+                f"  {self.learned.format()}\n  {self.baseline.format()}\n{_spread_line(self.spread)}saved {self.path}")
+
+
+def _spread_line(spread: float | None) -> str:
+    return "" if spread is None else f"  spread of early answers around the guess: {spread:.2f} in log length (5-fold)\n"
 
 
 def fit_and_report(prompts: list[list[int]], lengths: list[int], output: str | Path, kind: str = "sklearn",
@@ -103,11 +108,15 @@ def fit_and_report(prompts: list[list[int]], lengths: list[int], output: str | P
     def pick(items, index):
         return [items[i] for i in index]
 
-    learned = plugins.load(plugins.PREDICTORS, kind)().fit(pick(prompts, train), pick(lengths, train))
+    make = plugins.load(plugins.PREDICTORS, kind)
+    learned = make().fit(pick(prompts, train), pick(lengths, train))
+    learned.length_spread = cross_validated_spread(make, pick(prompts, train), np.asarray(pick(lengths, train)),
+                                                   seed=seed)
     median = FixedGuess(np.median(pick(lengths, train)))
     report = TrainingReport(len(train), len(test),
                             evaluate(kind, learned, pick(prompts, test), pick(lengths, test)),
-                            evaluate("median", median, pick(prompts, test), pick(lengths, test)), Path(output))
+                            evaluate("median", median, pick(prompts, test), pick(lengths, test)), Path(output),
+                            learned.length_spread)
     report.path = learned.save(output)
     return report
 
@@ -129,6 +138,33 @@ def cross_validated_mae(make, features: np.ndarray, lengths: np.ndarray, folds: 
     return float(np.mean(errors))
 
 
+def cross_validated_spread(make, inputs, lengths: np.ndarray, folds: int = 5, seed: int = 0) -> float | None:
+    """How far answers that stop before the cap land from the "stops earlier" outcome ``make()``
+    predicts for them, out of sample: the standard deviation of log(1 + length) - log(1 + guess)
+    over ``folds`` folds. Greedy prefill plans that outcome as a log-normal of this spread (see
+    ``GreedyPrefill._state``). None when the model gives no single "stops earlier" outcome."""
+    from sklearn.model_selection import KFold
+
+    lengths = np.asarray(lengths, dtype=np.float64)
+    cap = lengths.max()
+    residuals = []
+    for train, test in KFold(folds, shuffle=True, random_state=seed).split(lengths):
+        model = make().fit(_take(inputs, train), lengths[train])
+        if not hasattr(model, "predict_outcomes"):
+            return None
+        for outcomes, truth in zip(model.predict_outcomes(_take(inputs, test)), lengths[test]):
+            early = [length for length, _ in outcomes if length < cap]
+            if len(early) != 1:
+                return None
+            if truth < cap:
+                residuals.append(np.log1p(truth) - np.log1p(early[0]))
+    return float(np.std(residuals)) if len(residuals) >= 2 else None
+
+
+def _take(inputs, index: np.ndarray):
+    return inputs[index] if isinstance(inputs, np.ndarray) else [inputs[i] for i in index]
+
+
 PROBE_REGULARISATION = (0.001, 0.003, 0.01, 0.03)  # the cap classifier's C, searched with the layer
 
 
@@ -140,11 +176,13 @@ class ProbeReport:
     probe: Accuracy
     baseline: Accuracy
     path: Path
+    spread: float | None = None
 
     def format(self) -> str:
         tried = ", ".join(f"{layer}: {mae:.1f}" for layer, mae in self.layer_errors.items())
         return (f"length probe after prefill: layer {self.layer}, C {self.C} (5-fold MAE on the train split by "
-                f"layer: {tried})\n  {self.probe.format()}\n  {self.baseline.format()}\nsaved {self.path}")
+                f"layer: {tried})\n  {self.probe.format()}\n  {self.baseline.format()}\n"
+                f"{_spread_line(self.spread)}saved {self.path}")
 
 
 def fit_probe_and_report(model, prompts: list[list[int]], lengths: list[int], output: str | Path,
@@ -164,10 +202,12 @@ def fit_probe_and_report(model, prompts: list[list[int]], lengths: list[int], ou
     layer, C = min(grid, key=grid.get)
     errors = {n: min(mae for (m, _), mae in grid.items() if m == n) for n in candidates}
     probe = HiddenStateProbe(layer, C=C).fit(states[layer][train], target[train])
+    probe.length_spread = cross_validated_spread(lambda: HiddenStateProbe(layer, C=C), states[layer][train],
+                                                 target[train], seed=seed)
     test_states, test_lengths = states[layer][test], target[test].tolist()
     return ProbeReport(layer, C, errors, evaluate("probe", probe, test_states, test_lengths),
                        evaluate("median", FixedGuess(np.median(target[train])), test_states, test_lengths),
-                       probe.save(output))
+                       probe.save(output), probe.length_spread)
 
 
 def read_lengths_file(path: str | Path, tokenizer, chat_template: bool = True) -> tuple[list[list[int]], list[int]]:

@@ -173,6 +173,7 @@ class GreedyPrefill:
         self.planning = planning
         self._predicted: dict[int, list[tuple[float, float]]] = {}
         self._refined: dict[int, list[tuple[float, float]]] = {}  # the probe's, after prefill: preferred
+        self._spread: dict[int, tuple[float, float]] = {}  # (length_spread, cap) of the model that answered
         self._finished: list[tuple[list[int], int]] = []
         self.probe = None
         self.num_refined = 0
@@ -197,7 +198,17 @@ class GreedyPrefill:
         ids = list(states)
         matrix = np.stack([np.asarray(states[i], dtype=np.float32) for i in ids])
         self._refined.update(zip(ids, self._ask(self.probe, matrix, "length probe")))
+        self._remember_spread(ids, self.probe)
         self.num_refined += len(ids)
+
+    def _remember_spread(self, ids, model) -> None:
+        """Note ``model``'s ``length_spread`` for these requests' outcomes (none: exact lengths)."""
+        spread = getattr(model, "length_spread", None)
+        for request_id in ids:
+            if spread:
+                self._spread[request_id] = (float(spread), float(getattr(model, "max_length", np.inf) or np.inf))
+            else:
+                self._spread.pop(request_id, None)
 
     def _ask(self, model, inputs, name: str) -> list[list[tuple[float, float]]]:
         """``model``'s (length, probability) outcomes for each input (prompts for the predictor,
@@ -220,13 +231,24 @@ class GreedyPrefill:
         if missing:
             values = self._ask(self.predictor, [r.prompt_ids for r in missing], self.name)
             self._predicted.update((r.request_id, v) for r, v in zip(missing, values))
+            self._remember_spread([r.request_id for r in missing if r.request_id not in self._refined],
+                                  self.predictor)
         return [self._refined.get(r.request_id) or self._predicted[r.request_id] for r in requests]
 
     def _state(self, requests: Sequence[Request], block_size: int) -> tuple[np.ndarray, ...]:
         """One row per (request, outcome), grouped by request in order: tokens held now, tokens
         still to generate, probability, and the request's index. Outcomes a request has outlived
         are dropped and the rest renormalised; a request that outlived all of them is expected to
-        need one more block. Vectorised: admission builds this for every running request."""
+        need one more block. Vectorised: admission builds this for every running request.
+
+        Where the predictor says how far a "stops earlier" answer lands from its predicted length
+        (``length_spread``: the standard deviation of log length, measured out of sample), such an
+        outcome is a log-normal around that length, not a point: a request that has generated g
+        tokens keeps it with the probability of lasting past g and plans its median given that,
+        so the longer a request runs the likelier its "runs to the cap" outcome becomes. (As a
+        point, an outcome just past g kept its whole weight and promised an early finish: for
+        SmolLM2's requests still running after 16-256 tokens that planned worse than a constant,
+        1.02-1.31x its error, and 0.92-1.00x with the spread; ``benchmarks/decode_probe.py``.)"""
         count = len(requests)
         outcomes = self._outcomes(requests)
         per_request = np.fromiter(map(len, outcomes), dtype=np.int64, count=count)
@@ -237,16 +259,41 @@ class GreedyPrefill:
         held = np.fromiter((r.num_tokens for r in requests), dtype=np.int64, count=count)
         cap = np.maximum(np.fromiter((r.max_new_tokens for r in requests), dtype=np.int64, count=count)
                          - generated, 1)
-        left = np.ceil(pairs[:, 0] * self.length_scale).astype(np.int64) - generated[owner]
-        possible = (left > 0) & (pairs[:, 1] > 0)
+        lengths, probs = pairs[:, 0], pairs[:, 1]
+        if self._spread:
+            lengths, probs = self._given_survival(requests, owner, lengths, probs, generated)
+        left = np.ceil(lengths * self.length_scale).astype(np.int64) - generated[owner]
+        possible = (left > 0) & (probs > 0)
         outlived = np.flatnonzero(np.bincount(owner[possible], minlength=count) == 0)
         owner = np.concatenate([owner[possible], outlived])
         left = np.concatenate([left[possible], np.full(len(outlived), block_size, dtype=np.int64)])
-        prob = np.concatenate([pairs[possible, 1], np.ones(len(outlived))])
+        prob = np.concatenate([probs[possible], np.ones(len(outlived))])
         order = np.argsort(owner, kind="stable")  # grouped by request, outcomes in their order
         owner, left, prob = owner[order], left[order], prob[order]
         weights = prob / np.bincount(owner, weights=prob, minlength=count)[owner]
         return held[owner], np.minimum(left, cap[owner]), weights, owner
+
+    def _given_survival(self, requests: Sequence[Request], owner: np.ndarray, lengths: np.ndarray,
+                        probs: np.ndarray, generated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Lengths and probabilities of the outcomes given that each request has already made
+        ``generated`` tokens: "stops earlier" outcomes of a model with a spread become their
+        median past that point, weighted by the chance of getting there (see ``_state``)."""
+        from scipy.special import ndtr, ndtri
+
+        known = [self._spread.get(r.request_id, (0.0, np.inf)) for r in requests]
+        sigma = np.array([k[0] for k in known])[owner]
+        model_cap = np.array([k[1] for k in known])[owner]
+        made = generated[owner].astype(np.float64)
+        spread = (sigma > 0) & (lengths < model_cap) & (made > 0)
+        if not spread.any():
+            return lengths, probs
+        lengths, probs = lengths.copy(), probs.copy()
+        log_length, sig = np.log(np.maximum(lengths[spread], 1.0)), sigma[spread]
+        below = ndtr((np.log(made[spread]) - log_length) / sig)  # P(it would have stopped by now)
+        probs[spread] *= 1.0 - below
+        halfway = np.clip((below + 1.0) / 2.0, 1e-12, 1.0 - 1e-12)
+        lengths[spread] = np.maximum(np.exp(log_length + sig * ndtri(halfway)), made[spread] + 1.0)
+        return lengths, probs
 
     def admit(self, waiting: Sequence[Request], running: Sequence[Request], blocks: BlockManager,
               max_running: int) -> int:
@@ -316,6 +363,7 @@ class GreedyPrefill:
         """A request finished: its true length is a training label."""
         self._predicted.pop(request.request_id, None)
         self._refined.pop(request.request_id, None)
+        self._spread.pop(request.request_id, None)
         if not self.online:
             return
         self._finished.append((request.prompt_ids, len(request.output_ids)))

@@ -37,6 +37,7 @@ class LearnedLengthPredictor:
         self.epochs = epochs
         self.seed = seed
         self.max_length = 0.0  # the cap seen in training: lengths >= it "ran to the cap"
+        self.length_spread = None  # std of log length of "stops earlier" answers around the guess, out of sample
         self.short_trained = False
         self.classifier = SGDClassifier(loss="log_loss", alpha=alpha, random_state=seed)
         self.regressor = SGDRegressor(alpha=alpha, eta0=0.01, random_state=seed)
@@ -119,6 +120,7 @@ class LearnedLengthPredictor:
         self._check_trained()
         meta = {"n_features": self.n_features, "alpha": self.alpha, "epochs": self.epochs, "seed": self.seed,
                 "max_length": self.max_length, "short_trained": self.short_trained,
+                "length_spread": self.length_spread,
                 "classifier_t": float(self.classifier.t_),
                 "regressor_t": float(getattr(self.regressor, "t_", 1.0))}
         arrays = {"classifier_coef": self.classifier.coef_.astype(np.float32),
@@ -133,6 +135,7 @@ class LearnedLengthPredictor:
         meta, arrays = read_arrays(path)
         predictor = cls(meta["n_features"], meta["alpha"], meta["epochs"], meta["seed"])
         predictor.max_length = meta["max_length"]
+        predictor.length_spread = meta.get("length_spread")
         width = predictor.n_features + 1
         # restore the fitted state partial_fit and predict read, so loaded models keep learning online
         clf = predictor.classifier

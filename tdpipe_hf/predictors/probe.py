@@ -43,6 +43,7 @@ class HiddenStateProbe:
             raise ValueError(f"a probe reads a decoder layer's output: layer must be an integer >= 1, got {layer!r}")
         self.layer, self.C, self.alpha = layer, C, alpha
         self.max_length = 0.0
+        self.length_spread = None  # std of log length of "stops earlier" answers around the guess, out of sample
         self.mean = self.scale = self.cap_weights = self.length_weights = None
         self.cap_bias = self.length_bias = 0.0
 
@@ -98,7 +99,7 @@ class HiddenStateProbe:
         if not self.is_trained:
             raise RuntimeError("the hidden-state probe is not trained: nothing to save")
         meta = {"layer": self.layer, "C": self.C, "alpha": self.alpha, "max_length": self.max_length,
-                "cap_bias": self.cap_bias, "length_bias": self.length_bias}
+                "cap_bias": self.cap_bias, "length_bias": self.length_bias, "length_spread": self.length_spread}
         return save_arrays(path, KIND, meta, mean=self.mean.astype(np.float32), scale=self.scale.astype(np.float32),
                            cap_weights=self.cap_weights.astype(np.float32),
                            length_weights=self.length_weights.astype(np.float32))
@@ -110,6 +111,7 @@ class HiddenStateProbe:
             raise ValueError(f"{path} holds a {meta.get('kind')!r} predictor, not a hidden-state probe")
         probe = cls(meta["layer"], meta["C"], meta["alpha"])
         probe.max_length, probe.cap_bias, probe.length_bias = meta["max_length"], meta["cap_bias"], meta["length_bias"]
+        probe.length_spread = meta.get("length_spread")
         for name in ("mean", "scale", "cap_weights", "length_weights"):
             setattr(probe, name, arrays[name].astype(np.float64))
         return probe
