@@ -12,7 +12,9 @@ prefill, the shipped length probe, overbooking where the run's stage times say i
 request (``greedy-point``, as the paper); the baseline "admit while the KV fits now"
 (``fits``), and greedy prefill with an oracle that knows every answer's length (``oracle``; from
 benchmarks/data/*.lengths.jsonl, the model's own greedy answers), also with overbooking
-(``oracle-overbook``: the upper bound of the default). A greedy policy's name may
+(``oracle-overbook``: the upper bound of the default), and the default with the shipped
+predictor's "stops earlier" outcome planned as a point (``overbook-nospread``, as before
+2026-12-07). A greedy policy's name may
 end in ``@T`` to plan under ``kv_threshold=T`` (``greedy@0.9``, ``oracle@1.0``). Prints tokens/s,
 preemptions and mean KV utilisation per policy.
 """
@@ -28,11 +30,20 @@ import tdpipe_hf
 from tdpipe_hf.apps.offline import answer_lengths, run_batch
 from tdpipe_hf.apps.training import read_labels, split
 from tdpipe_hf.models import load_model_and_tokenizer
-from tdpipe_hf.predictors import OraclePredictor
+from tdpipe_hf.predictors import HiddenStateProbe, OraclePredictor, load_predictor
 
 HERE = Path(__file__).resolve().parent
 WORKLOAD = HERE.parent.parent / "shared" / "data" / "prompts.jsonl"
 LENGTHS = HERE / "data" / "prompts.SmolLM2-135M-Instruct.lengths.jsonl"
+SHIPPED_PROBE = HERE.parent / "tdpipe_hf" / "data" / "predictors" / "SmolLM2-135M-Instruct.probe.npz"
+
+
+def without_spread():
+    """The shipped predictor and probe planning their "stops earlier" outcome as a point, as
+    greedy prefill did before it used their ``length_spread``."""
+    predictor, probe = load_predictor(), HiddenStateProbe.load(SHIPPED_PROBE)
+    predictor.length_spread = probe.length_spread = None
+    return predictor, probe
 
 
 def main() -> None:
@@ -62,6 +73,9 @@ def main() -> None:
                 "overbook": {"admission": "greedy", "overbooking": "cost"},
                 "oracle": {"admission": "greedy", "overbooking": "off", "predictor": oracle},
                 "oracle-overbook": {"admission": "greedy", "overbooking": "cost", "predictor": oracle}}
+    point_predictor, point_probe = without_spread()
+    settings["overbook-nospread"] = {"admission": "greedy", "overbooking": "cost", "predictor": point_predictor,
+                                     "length_probe": point_probe}
     rows = []
     for name in args.policies.split(","):
         base, _, threshold = name.partition("@")

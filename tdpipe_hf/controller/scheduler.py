@@ -261,11 +261,11 @@ class Scheduler(BaseScheduler):
         come first from prompts a fill cut short (each at least a block's worth, even past the
         budget: once admitted prompts have become decode rows, the rows alone can use it up, and a
         cut prompt holds KV for all its tokens), then from the head of the queue within the
-        admission's last decision (the switch policy's when it asked, so no
-        second simulation); an admitted request holds KV for its whole prompt, as in a prefill
-        phase. Without a fresh decision the fill asks the admission policy itself, once a round of
-        the pipeline. A cut prompt goes on in the next decode micro-batch formed while it is not in
-        flight, or first in the next prefill phase."""
+        admission's last decision (the switch policy's when it asked, so no second simulation); an
+        admitted request holds KV for its whole prompt, as in a prefill phase. Without a fresh
+        decision the fill asks the admission policy itself, once a round of the pipeline. A cut
+        prompt goes on in the next decode micro-batch formed while it is not in flight, or first in
+        the next prefill phase."""
         budget = self.decode_fill_tokens - rows
         chunks: list[tuple[Request, int]] = []
         for request in self._partially_prefilled():

@@ -139,8 +139,9 @@ class GreedyPrefill:
     ``planning="distribution"`` (beyond the paper) plans with the predictor's length distribution
     when it has ``predict_outcomes``: every outcome of every request enters the simulation with its
     probability (a running request's outcomes it has already outlived are dropped and the rest
-    renormalised), so the plan follows the expected KV use of the whole set. ``"point"`` plans
-    with ``predict`` alone, as the paper does with its bucket classifier's class.
+    renormalised; with a predictor's ``length_spread``, weighed by the chance of lasting so long),
+    so the plan follows the expected KV use of the whole set. ``"point"`` plans with ``predict``
+    alone, as the paper does with its bucket classifier's class.
 
     With ``online``, finished requests' true lengths go to ``predictor.update`` every
     ``update_every`` finishes (and cached predictions are refreshed).
@@ -231,8 +232,7 @@ class GreedyPrefill:
         if missing:
             values = self._ask(self.predictor, [r.prompt_ids for r in missing], self.name)
             self._predicted.update((r.request_id, v) for r, v in zip(missing, values))
-            self._remember_spread([r.request_id for r in missing if r.request_id not in self._refined],
-                                  self.predictor)
+            self._remember_spread([r.request_id for r in missing], self.predictor)
         return [self._refined.get(r.request_id) or self._predicted[r.request_id] for r in requests]
 
     def _state(self, requests: Sequence[Request], block_size: int) -> tuple[np.ndarray, ...]:
