@@ -209,21 +209,20 @@ class OpenAIService:
         ``prompt_field`` (``messages`` or ``prompt``) is what an error blames when the prompt alone
         leaves no room for an answer."""
         context = getattr(self.server.engine_model_config, "max_position_embeddings", None)
-        limit = min(self.server.engine.request_capacity_tokens, context or self.server.engine.request_capacity_tokens)
-        if len(prompt) >= limit:
-            where = "model's context" if context is not None and limit == context else "server's KV budget"
-            raise APIError(f"the prompt has {len(prompt)} tokens: the {where} of {limit} tokens leaves no room "
-                           f"for an answer", prompt_field, code="context_length_exceeded")
+        limits = [(limit, where) for limit, where in ((context, "model's context"),
+                                                      (self.server.engine.request_capacity_tokens, "server's KV budget"))
+                  if limit is not None]
+        for limit, where in limits:
+            if len(prompt) >= limit:
+                raise APIError(f"the prompt has {len(prompt)} tokens: the {where} of {limit} tokens leaves no room "
+                               f"for an answer", prompt_field, code="context_length_exceeded")
         if sampling.max_tokens is None:  # as much as fits, up to the server's default cap
             room = min(self.server.engine.request_capacity_tokens, context or self.max_tokens_limit) - len(prompt)
             sampling.max_tokens = max(1, min(self.max_tokens_limit, room))
-        if context is not None and len(prompt) + sampling.max_tokens > context:
-            raise APIError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds the "
-                           f"model's context of {context} tokens", "max_tokens", code="context_length_exceeded")
-        if len(prompt) + sampling.max_tokens > self.server.engine.request_capacity_tokens:
-            limit = self.server.engine.request_capacity_tokens
-            raise APIError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds the "
-                           f"server's KV budget of {limit} tokens", "max_tokens", code="context_length_exceeded")
+        for limit, where in limits:
+            if len(prompt) + sampling.max_tokens > limit:
+                raise APIError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds "
+                               f"the {where} of {limit} tokens", "max_tokens", code="context_length_exceeded")
         choices: list[Choice] = []
         try:
             for index in range(sampling.n):

@@ -105,17 +105,14 @@ def fit_and_report(prompts: list[list[int]], lengths: list[int], output: str | P
         raise ValueError(f"test fraction must be between 0 and 1, got {test_fraction}")
     train, test = split(len(prompts), test_fraction, seed)
 
-    def pick(items, index):
-        return [items[i] for i in index]
-
     make = plugins.load(plugins.PREDICTORS, kind)
-    learned = make().fit(pick(prompts, train), pick(lengths, train))
-    learned.length_spread = cross_validated_spread(make, pick(prompts, train), np.asarray(pick(lengths, train)),
+    learned = make().fit(_take(prompts, train), _take(lengths, train))
+    learned.length_spread = cross_validated_spread(make, _take(prompts, train), np.asarray(_take(lengths, train)),
                                                    seed=seed)
-    median = FixedGuess(np.median(pick(lengths, train)))
+    median = FixedGuess(np.median(_take(lengths, train)))
     report = TrainingReport(len(train), len(test),
-                            evaluate(kind, learned, pick(prompts, test), pick(lengths, test)),
-                            evaluate("median", median, pick(prompts, test), pick(lengths, test)), Path(output),
+                            evaluate(kind, learned, _take(prompts, test), _take(lengths, test)),
+                            evaluate("median", median, _take(prompts, test), _take(lengths, test)), Path(output),
                             learned.length_spread)
     report.path = learned.save(output)
     return report
@@ -162,6 +159,7 @@ def cross_validated_spread(make, inputs, lengths: np.ndarray, folds: int = 5, se
 
 
 def _take(inputs, index: np.ndarray):
+    """The items of ``inputs`` (an array, or a list of prompts) at ``index``."""
     return inputs[index] if isinstance(inputs, np.ndarray) else [inputs[i] for i in index]
 
 

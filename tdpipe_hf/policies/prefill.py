@@ -130,6 +130,13 @@ def expected_rate(tokens: np.ndarray, remaining: np.ndarray, weights: np.ndarray
     return stride * float(rows[phase].sum()) / seconds if seconds > 0 else 0.0
 
 
+def _spread_of(model) -> tuple[float, float]:
+    """(``length_spread``, the cap its "runs to the cap" outcome stands for) of a predictor or
+    probe; a spread of 0 where it has none (its lengths are planned as points)."""
+    spread = getattr(model, "length_spread", None) or 0.0
+    return float(spread), float(getattr(model, "max_length", None) or np.inf)
+
+
 class GreedyPrefill:
     """Admit in arrival order the longest prefix of the waiting queue whose simulated peak KV
     usage, with the running requests, stays <= ``kv_threshold`` x the blocks (0.9 in the paper's
@@ -174,7 +181,6 @@ class GreedyPrefill:
         self.planning = planning
         self._predicted: dict[int, list[tuple[float, float]]] = {}
         self._refined: dict[int, list[tuple[float, float]]] = {}  # the probe's, after prefill: preferred
-        self._spread: dict[int, tuple[float, float]] = {}  # (length_spread, cap) of the model that answered
         self._finished: list[tuple[list[int], int]] = []
         self.probe = None
         self.num_refined = 0
@@ -199,17 +205,7 @@ class GreedyPrefill:
         ids = list(states)
         matrix = np.stack([np.asarray(states[i], dtype=np.float32) for i in ids])
         self._refined.update(zip(ids, self._ask(self.probe, matrix, "length probe")))
-        self._remember_spread(ids, self.probe)
         self.num_refined += len(ids)
-
-    def _remember_spread(self, ids, model) -> None:
-        """Note ``model``'s ``length_spread`` for these requests' outcomes (none: exact lengths)."""
-        spread = getattr(model, "length_spread", None)
-        for request_id in ids:
-            if spread:
-                self._spread[request_id] = (float(spread), float(getattr(model, "max_length", np.inf) or np.inf))
-            else:
-                self._spread.pop(request_id, None)
 
     def _ask(self, model, inputs, name: str) -> list[list[tuple[float, float]]]:
         """``model``'s (length, probability) outcomes for each input (prompts for the predictor,
@@ -232,7 +228,6 @@ class GreedyPrefill:
         if missing:
             values = self._ask(self.predictor, [r.prompt_ids for r in missing], self.name)
             self._predicted.update((r.request_id, v) for r, v in zip(missing, values))
-            self._remember_spread([r.request_id for r in missing], self.predictor)
         return [self._refined.get(r.request_id) or self._predicted[r.request_id] for r in requests]
 
     def _state(self, requests: Sequence[Request], block_size: int) -> tuple[np.ndarray, ...]:
@@ -248,7 +243,7 @@ class GreedyPrefill:
         so the longer a request runs the likelier its "runs to the cap" outcome becomes. (As a
         point, an outcome just past g kept its whole weight and promised an early finish: for
         SmolLM2's requests still running after 16-256 tokens that planned worse than a constant,
-        1.02-1.31x its error, and 0.92-1.00x with the spread; ``benchmarks/decode_probe.py``.)"""
+        1.02-1.31x its error, and 0.94-1.06x with the spread; ``benchmarks/decode_probe.py``.)"""
         count = len(requests)
         outcomes = self._outcomes(requests)
         per_request = np.fromiter(map(len, outcomes), dtype=np.int64, count=count)
@@ -260,7 +255,7 @@ class GreedyPrefill:
         cap = np.maximum(np.fromiter((r.max_new_tokens for r in requests), dtype=np.int64, count=count)
                          - generated, 1)
         lengths, probs = pairs[:, 0], pairs[:, 1]
-        if self._spread:
+        if _spread_of(self.predictor)[0] or _spread_of(self.probe)[0]:
             lengths, probs = self._given_survival(requests, owner, lengths, probs, generated)
         left = np.ceil(lengths * self.length_scale).astype(np.int64) - generated[owner]
         possible = (left > 0) & (probs > 0)
@@ -280,9 +275,10 @@ class GreedyPrefill:
         median past that point, weighted by the chance of getting there (see ``_state``)."""
         from scipy.special import ndtr, ndtri
 
-        known = [self._spread.get(r.request_id, (0.0, np.inf)) for r in requests]
-        sigma = np.array([k[0] for k in known])[owner]
-        model_cap = np.array([k[1] for k in known])[owner]
+        # each request's outcomes come from the probe once it has refined them, else the predictor
+        by_model = {True: _spread_of(self.probe), False: _spread_of(self.predictor)}
+        known = np.array([by_model[bool(self._refined.get(r.request_id))] for r in requests]).reshape(-1, 2)
+        sigma, model_cap = known[owner, 0], known[owner, 1]
         made = generated[owner].astype(np.float64)
         spread = (sigma > 0) & (lengths < model_cap) & (made > 0)
         if not spread.any():
@@ -363,7 +359,6 @@ class GreedyPrefill:
         """A request finished: its true length is a training label."""
         self._predicted.pop(request.request_id, None)
         self._refined.pop(request.request_id, None)
-        self._spread.pop(request.request_id, None)
         if not self.online:
             return
         self._finished.append((request.prompt_ids, len(request.output_ids)))
