@@ -16,8 +16,9 @@
 # stage processes sharing the GPU, once per attention backend ($BACKENDS, default
 # paged-sdpa,paged-batched), with the pipeline's timeline; (3) Llama-1B shape, bfloat16;
 # (4) a torch.profiler breakdown of the Llama-1B run (benchmarks/profile_step.py: top CUDA
-# kernels, device-busy share); (5) SmolLM2 shape, float32 (identity on a full-size model). Each step has its own time limit, the
-# whole run under 8 minutes (on 2026-12-04 the first workload, which pays the GPU's first use in
+# kernels, device-busy share); (5) SmolLM2 shape, float32 (identity on a full-size model); (6) 2 stage
+# processes with and without plan_ahead, alternated. Each step has its own time limit, the
+# whole run under 9 minutes (on 2026-12-04 the first workload, which pays the GPU's first use in
 # each process, outran 110 s; it has 150 now); one table at the end.
 # Everything goes to $OUT (default ./gpu-check): check.log, bench-*.json, trace-*.
 set -uo pipefail
@@ -70,5 +71,10 @@ step 110 llama1b-bf16 "${BENCH[@]}" --model /tmp/llama-1b-shape --dtype bfloat16
 step 50 profile python3 benchmarks/profile_step.py --model /tmp/llama-1b-shape --device cuda:0 --dtype bfloat16 \
   --num-prompts 64 --max-new-tokens 32
 step 100 smollm2-fp32 "${BENCH[@]}" --model /tmp/smollm2-shape --dtype float32 --json "$OUT/bench-smollm2-fp32.json"
+# decode steps planned ahead (plan_ahead) against plain TD-Pipe, 2 stage processes, alternated
+step 70 plan-ahead python3 -m tdpipe_hf.apps.cli bench --devices cuda:0 --num-prompts 64 --max-new-tokens 128 \
+  --systems tdpipe-dist --attention-backend paged-batched --policies tdpipe,tdpipe-ahead,tdpipe,tdpipe-ahead \
+  --model /tmp/smollm2-shape --dtype float32 --json "$OUT/bench-plan-ahead.json"
 python3 benchmarks/gpu_table.py "SmolLM2 bf16=$OUT/bench-smollm2-bf16.json" \
-  "Llama-1B bf16=$OUT/bench-llama1b-bf16.json" "SmolLM2 fp32=$OUT/bench-smollm2-fp32.json" | tee -a "$LOG"
+  "Llama-1B bf16=$OUT/bench-llama1b-bf16.json" "SmolLM2 fp32=$OUT/bench-smollm2-fp32.json" \
+  "SmolLM2 fp32, planned ahead=$OUT/bench-plan-ahead.json" | tee -a "$LOG"

@@ -24,7 +24,8 @@ def main(pairs: list[str]) -> None:
             ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
             same = "-" if r.get("same_as_hf") is None else f"{r['same_as_hf']}/{r['requests']}"
             prefix = "-" if r.get("matching_prefix") is None else f"{r['matching_prefix']:.0%}"
-            print(f"| {label} | {r['system']} | {r.get('backend') or '-'} | {r['stages']} | {r['tokens_per_s']:.1f} | "
+            system = r["system"] if r.get("policy", "tdpipe") == "tdpipe" else f"{r['system']} ({r['policy']})"
+            print(f"| {label} | {system} | {r.get('backend') or '-'} | {r['stages']} | {r['tokens_per_s']:.1f} | "
                   f"{ratio} | {same} | {prefix} |")
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from tdpipe_hf.metrics import BUBBLE_CAUSES
 
-POLICIES = ["tdpipe", "tdpipe-fill", "tdpipe-oracle", "tdpipe-no-overbook", "tdpipe-fits", "tdpipe-paper", "vllm-v0-pp",
+POLICIES = ["tdpipe", "tdpipe-ahead", "tdpipe-fill", "tdpipe-oracle", "tdpipe-no-overbook", "tdpipe-fits", "tdpipe-paper", "vllm-v0-pp",
             "vllm-v1-pp", "vllm-v1-pp-capped", "hybrid", "hybrid-throttled", "tp"]
 SETUPS = ["a100-pcie-llama2-13b", "a100-pcie-llama2-70b", "a100-pcie-qwen2.5-32b", "l20-llama2-13b",
           "l20-llama2-70b", "l20-qwen2.5-32b"]
-CAUSE_POLICIES = ["tdpipe", "tdpipe-fill", "vllm-v0-pp", "hybrid-throttled", "tp"]
+CAUSE_POLICIES = ["tdpipe", "tdpipe-ahead", "tdpipe-fill", "vllm-v0-pp", "hybrid-throttled", "tp"]
 
 
 def load(directory: Path) -> dict[str, dict[str, dict]]:
@@ -32,6 +32,7 @@ def label(rows: dict[str, dict]) -> str:
 
 def throughput_table(setups: dict[str, dict[str, dict]]) -> str:
     head = POLICIES + ["tdpipe / vllm-v0-pp", "tdpipe / best of hybrid-throttled, hybrid, tp",
+                       "tdpipe-ahead / best of hybrid-throttled, hybrid, tp",
                        "tdpipe-fill / best of hybrid-throttled, hybrid, tp", "host ms / micro-batch (tdpipe)"]
     lines = ["| setup (4 GPUs) | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for rows in setups.values():
@@ -40,6 +41,7 @@ def throughput_table(setups: dict[str, dict[str, dict]]) -> str:
         host = rows["tdpipe"].get("host_ms_per_micro_batch")
         cells = [f"{speed[p]:.0f}" if p in speed else "-" for p in POLICIES]
         cells += [f"{speed['tdpipe'] / speed['vllm-v0-pp']:.2f}x", f"{speed['tdpipe'] / best_other:.2f}x",
+                  f"{speed['tdpipe-ahead'] / best_other:.2f}x" if "tdpipe-ahead" in speed else "-",
                   f"{speed['tdpipe-fill'] / best_other:.2f}x" if "tdpipe-fill" in speed else "-",
                   "-" if host is None else f"{host:.2f}"]
         lines.append(f"| {label(rows)} | " + " | ".join(cells) + " |")

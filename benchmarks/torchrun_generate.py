@@ -29,12 +29,15 @@ def main() -> int:
     parser.add_argument("--output", help="write the generated ids here as JSON")
     parser.add_argument("--devices", help="stage devices; 'cuda': each rank its node's GPU LOCAL_RANK (default: CPU)")
     parser.add_argument("--dtype", help="weights' dtype, e.g. bfloat16 (default: as stored)")
+    parser.add_argument("--plan-ahead", action="store_true", help="plan decode steps ahead of their tokens")
     args = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     options = {"kv_blocks": args.kv_blocks} if args.kv_blocks else {}
     if args.devices:
         options["devices"] = args.devices
+    if args.plan_ahead:
+        options["plan_ahead"] = True
     if args.tiny is not None:
         import torch
 

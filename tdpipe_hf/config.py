@@ -40,6 +40,11 @@ class TDPipeConfig:
     ``decode_fill_tokens`` (ours; 0, the default, is off): a TD-Pipe decode micro-batch of fewer
     rows than this also carries chunks of admitted prompts, up to that many tokens in all (the
     other policies, which set their own batches, ignore it, as they ignore the switch).
+    ``plan_ahead`` (ours; off by default until measured to pay): in a TD-Pipe decode phase the
+    controller plans a decode micro-batch's next step before its tokens come back and the last
+    stage hands the tokens straight to stage 0, so the controller's turn-around (a result's trip
+    to it, the scheduling, the plan's trip to stage 0) is off the path between decode steps; a
+    request that stops on a token computes one step in vain. The other policies ignore it.
     ``policy``, ``admission``, ``decode_batcher``, ``switch_policy``, ``predictor`` and
     ``executor``, ``attention_backend`` are names in the plugin registry (``tdpipe_hf.plugins``): ``tdpipe policies``
     lists them; ``attention_backend="auto"`` picks ``paged-cpu`` when every stage runs on a CPU and
@@ -79,6 +84,7 @@ class TDPipeConfig:
     online_learning: bool = False
     switch_policy: str = "intensity"
     decode_fill_tokens: int = 0
+    plan_ahead: bool = False
     switch_fraction: float = 0.5
     executor: str = "local"
     threads_per_stage: int | None = None
@@ -104,6 +110,8 @@ class TDPipeConfig:
         fill = self.decode_fill_tokens
         if isinstance(fill, bool) or not isinstance(fill, int) or fill < 0:
             raise ValueError(f"TDPipeConfig.decode_fill_tokens must be a non-negative integer, got {fill!r}")
+        if not isinstance(self.plan_ahead, bool):
+            raise ValueError(f"TDPipeConfig.plan_ahead must be True or False, got {self.plan_ahead!r}")
         if self.kv_blocks is not None and self.kv_cache_bytes is not None:
             raise ValueError("TDPipeConfig: give kv_blocks or kv_cache_bytes, not both")
         if not isinstance(self.switch_fraction, (int, float)) or not 0.0 <= self.switch_fraction <= 1.0:

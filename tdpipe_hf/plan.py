@@ -8,6 +8,7 @@ token ids. Everything here is picklable so a plan can travel to another process 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 # Every phase a micro-batch can carry. "prefill": new requests' prompts (whole, or chunks that
@@ -51,6 +52,9 @@ class SequencePlan:
     sampling: SamplingSpec = GREEDY
     history: list[int] | None = None  # the ids HF's logits processors would see (only when needed)
     probe: bool = False  # send back the hidden state of the last token (see MicroBatch.probe_layer)
+    # planned ahead: ``token_ids`` is a placeholder that stage 0 replaces with the token the batch
+    # ``follows`` sampled for this request (the last stage hands it over; see ``fill_forwarded``)
+    follows: int | None = None
 
     @property
     def context_len(self) -> int:
@@ -65,6 +69,9 @@ class MicroBatch:
     # the stage running decoder layer ``probe_layer - 1`` sends back its output at the last token
     # of every ``probe`` row (HF's ``hidden_states[probe_layer]``): a length probe's input
     probe_layer: int | None = None
+    # the last stage also hands this batch's sampled tokens to stage 0, where a plan made ahead
+    # of them (rows with ``follows``) waits for them
+    forward_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -107,7 +114,11 @@ class StepResult:
 class Executor(Protocol):
     """Runs micro-batches over the stages: what the controller needs of local, spawned, torchrun
     and simulated executors alike. ``submit`` must not wait for the result; ``collect`` blocks until
-    some submitted micro-batch comes back (in any order) and raises if a stage failed."""
+    some submitted micro-batch comes back (in any order) and raises if a stage failed.
+
+    An executor with ``relays_tokens = True`` also runs micro-batches planned ahead (rows with
+    ``follows``): it hands each ``forward_tokens`` batch's tokens to stage 0 itself and runs
+    every stage's micro-batches in submission order."""
 
     num_stages: int
 
@@ -116,3 +127,12 @@ class Executor(Protocol):
     def collect(self) -> StepResult: ...
 
     def close(self) -> None: ...
+
+
+def fill_forwarded(batch: MicroBatch, tokens_of: Callable[[int], dict[int, int]]) -> None:
+    """Stage 0, before computing ``batch``: give each row planned ahead the token its request
+    got from the batch it follows (``tokens_of(batch_id)``: that batch's tokens by request id,
+    waiting for them if they are still on their way)."""
+    for seq in batch.seqs:
+        if seq.follows is not None:
+            seq.token_ids = [tokens_of(seq.follows)[seq.request_id]]

@@ -41,7 +41,7 @@ def tdpipe_scheduler(config: TDPipeConfig, blocks: BlockManager, num_stages: int
     return Scheduler(blocks, num_stages, build_admission(config, predictor), build_batcher(config),
                      build_switch(config), prefill_chunk_tokens=config.prefill_chunk_tokens,
                      max_num_seqs=config.max_num_seqs, prefill_packing=config.prefill_packing_name,
-                     decode_fill_tokens=config.decode_fill_tokens)
+                     decode_fill_tokens=config.decode_fill_tokens, plan_ahead=config.plan_ahead)
 
 
 def naive_scheduler(config: TDPipeConfig, blocks: BlockManager, num_stages: int, predictor=None) -> Scheduler:

@@ -67,6 +67,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
                            "prompts, up to 128 tokens with the rows (nearly free while a step is bound by "
                            "reading the weights), so fewer prefill phases are needed.",
             {"decode_fill_tokens": 128}, sim_predictor="realistic"),
+    Variant("tdpipe-ahead", "TD-Pipe planning each decode step before the previous one's tokens come back: "
+                            "the last stage hands them to stage 0, so the controller's turn-around is off the "
+                            "path between decode steps.", {"plan_ahead": True}, sim_predictor="realistic"),
     Variant("tdpipe-fits", "TD-Pipe admitting requests while their prompts fit in the KV cache free now (no "
                            "output-length prediction): more preemptions when answers grow.", {"admission": "fits"}),
     Variant("hybrid", "Baseline, vLLM-style: every micro-batch mixes prefill chunks with decode steps, one KV "

@@ -119,12 +119,14 @@ def torchrun_expected(num_prompts: int, max_new_tokens: int) -> list[list[int]]:
     return expected
 
 
-def test_torchrun_launch_matches_hf(tmp_path):
-    """`torchrun --nproc-per-node 2 script`: ranks become stages, rank 0 runs the controller."""
+@pytest.mark.parametrize("plan_ahead", [False, True], ids=["", "plan-ahead"])
+def test_torchrun_launch_matches_hf(tmp_path, plan_ahead):
+    """`torchrun --nproc-per-node 2 script`: ranks become stages, rank 0 runs the controller
+    (with ``plan_ahead``, stage 0's thread there takes the tokens from the results it receives)."""
     output = tmp_path / "out.json"
     launch = torchrun("--nproc-per-node", "2", "--master-port", str(free_port()),
                       args=["--num-prompts", "6", "--max-new-tokens", "10", "--kv-blocks", "10",
-                            "--output", str(output)],
+                            "--output", str(output), *(["--plan-ahead"] if plan_ahead else [])],
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stdout, stderr = launch.communicate(timeout=240)
     assert launch.returncode == 0, stderr[-3000:]

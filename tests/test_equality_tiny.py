@@ -173,3 +173,37 @@ def test_decode_fill_chunks_match_hf(num_stages):
                                     switch_fraction=0.1)
     assert torch.equal(actual, expected)
     assert stats.micro_batches.get("mixed", 0) >= 3
+
+
+@pytest.mark.parametrize("num_stages, executor", [(1, "local"), (2, "local"), (1, "distributed"),
+                                                  (2, "distributed"), (3, "distributed")])
+def test_decode_steps_planned_ahead_match_hf(num_stages, executor, monkeypatch):
+    """``plan_ahead``: decode steps planned before the tokens they compute come back (stage 0
+    gets them from the last stage) give HF's greedy tokens, with rows stopping at EOS mid-step
+    (their step planned ahead is dropped) and preemptions under a tight KV budget."""
+    from tdpipe_hf.controller.scheduler import Scheduler
+
+    planned = []
+    follow_up = Scheduler.follow_up
+
+    def counting(self, batch):
+        follow = follow_up(self, batch)
+        planned.extend(seq.request_id for seq in (follow.seqs if follow else []) if seq.follows is not None)
+        return follow
+
+    monkeypatch.setattr(Scheduler, "follow_up", counting)
+    model = tiny_model("llama", seed=55)
+    ids, mask = left_padded(random_prompts(10, low=2, high=30, seed=56))
+    eos = eos_mid_batch(model, ids, mask)
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos)
+    tdpipe_hf.wrap(model, num_stages=num_stages, block_size=4, kv_blocks=40, executor=executor, admission="fits",
+                   plan_ahead=True)
+    try:
+        actual = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos)
+        stats = model.tdpipe_engine.last_stats
+    finally:
+        tdpipe_hf.unwrap(model)
+    assert torch.equal(actual, expected)
+    assert len(planned) >= 50, "most decode rows should have been planned ahead"
+    assert stats.preemptions > 0
+    assert (expected[:, ids.shape[1]:] == eos).any(dim=1).sum() >= 1

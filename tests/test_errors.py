@@ -66,6 +66,7 @@ def test_right_padding_is_rejected(model):
     ({"kv_blocks": 8, "kv_cache_bytes": 1 << 20}, "not both"),
     ({"switch_fraction": 2.0}, "switch_fraction"),
     ({"decode_fill_tokens": -1}, "decode_fill_tokens must be a non-negative integer"),
+    ({"plan_ahead": "yes"}, "plan_ahead must be True or False"),
     ({"blocks": 8}, r"unknown TD-Pipe option\(s\) \['blocks'\]"),
     ({"executor": "ray"}, "executor"),
 ])

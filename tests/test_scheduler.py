@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from tdpipe_hf.controller import BlockManager, Controller, Request, Scheduler
 from tdpipe_hf.controller.request import Status
-from tdpipe_hf.plan import MicroBatch, StepResult
+from tdpipe_hf.plan import MicroBatch, StepResult, fill_forwarded
 from tdpipe_hf.policies import AdmitWhileFits, ReadyPoolBatcher, ThresholdSwitch
 
 VOCAB = 50
@@ -36,8 +36,11 @@ def reference(prompt: list[int], max_new: int) -> list[int]:
 
 
 class FakePipeline:
-    def __init__(self, num_stages: int, block_size: int):
+    def __init__(self, num_stages: int, block_size: int, relays_tokens: bool = False):
         self.num_stages = num_stages
+        self.relays_tokens = relays_tokens  # runs steps planned ahead: hands tokens to "stage 0"
+        self.sampled: dict[int, dict[int, int]] = {}
+        self.planned_ahead = 0  # rows that were
         self.block_size = block_size
         self.store: dict[tuple[int, int], int] = {}
         self.queue: deque[MicroBatch] = deque()
@@ -53,6 +56,8 @@ class FakePipeline:
 
     def collect(self) -> StepResult:
         batch = self.queue.popleft()
+        self.planned_ahead += sum(seq.follows is not None for seq in batch.seqs)
+        fill_forwarded(batch, self.sampled.__getitem__)
         tokens = {}
         for seq in batch.seqs:
             if batch.phase == "decode":
@@ -63,6 +68,8 @@ class FakePipeline:
             context = [self.store[(seq.block_table[p // self.block_size], p % self.block_size)]
                        for p in range(seq.context_len)]
             tokens[seq.request_id] = next_token(context)
+        if batch.forward_tokens:
+            self.sampled[batch.batch_id] = tokens
         return StepResult(batch.batch_id, tokens)
 
     def close(self) -> None:
@@ -70,11 +77,11 @@ class FakePipeline:
 
 
 def run(prompts, max_new, num_stages=2, num_blocks=64, block_size=4, chunk=32, fraction=0.5, admission=None,
-        fill=0):
+        fill=0, ahead=False):
     blocks = BlockManager(num_blocks, block_size)
     scheduler = Scheduler(blocks, num_stages, admission or AdmitWhileFits(), ReadyPoolBatcher(), ThresholdSwitch(fraction),
-                          prefill_chunk_tokens=chunk, decode_fill_tokens=fill)
-    pipeline = FakePipeline(num_stages, block_size)
+                          prefill_chunk_tokens=chunk, decode_fill_tokens=fill, plan_ahead=ahead)
+    pipeline = FakePipeline(num_stages, block_size, relays_tokens=ahead)
     requests = [Request(i, p, max_new, frozenset({EOS})) for i, p in enumerate(prompts)]
     stats = Controller(pipeline, scheduler).run(requests)
     return requests, stats, pipeline, blocks
@@ -83,19 +90,57 @@ def run(prompts, max_new, num_stages=2, num_blocks=64, block_size=4, chunk=32, f
 prompt_lists = st.lists(st.lists(st.integers(1, VOCAB - 1), min_size=1, max_size=20), min_size=1, max_size=12)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(prompts=prompt_lists, max_new=st.integers(1, 20), num_stages=st.integers(1, 4),
-       num_blocks=st.integers(11, 40), fraction=st.floats(0, 1), fill=st.sampled_from([0, 0, 3, 12]))
-def test_every_request_gets_exactly_its_tokens(prompts, max_new, num_stages, num_blocks, fraction, fill):
-    """Any schedule, with or without decode fills (prompt chunks riding decode micro-batches)."""
-    requests, stats, pipeline, blocks = run(prompts, max_new, num_stages, num_blocks, fraction=fraction, fill=fill)
+       num_blocks=st.integers(11, 40), fraction=st.floats(0, 1), fill=st.sampled_from([0, 0, 3, 12]),
+       ahead=st.booleans())
+def test_every_request_gets_exactly_its_tokens(prompts, max_new, num_stages, num_blocks, fraction, fill, ahead):
+    """Any schedule, with or without decode fills (prompt chunks riding decode micro-batches) and
+    decode steps planned ahead (a void step of a request that stopped writes KV blocks that may
+    already be another request's: the pipeline's order must make that harmless)."""
+    requests, stats, pipeline, blocks = run(prompts, max_new, num_stages, num_blocks, fraction=fraction, fill=fill,
+                                            ahead=ahead)
     for request, prompt in zip(requests, prompts):
         assert request.output_ids == reference(prompt, max_new)
         assert request.status is Status.FINISHED
         assert request.finish_reason == ("stop" if request.output_ids[-1] == EOS else "length")
     assert blocks.num_free == blocks.num_blocks, "KV blocks leaked"
-    assert pipeline.max_in_flight <= num_stages
+    assert pipeline.max_in_flight <= num_stages + ahead  # one step planned ahead at a time
     assert stats.generated_tokens == sum(len(r.output_ids) for r in requests)
+
+
+def test_decode_steps_are_planned_ahead_of_their_tokens():
+    """``plan_ahead``: most decode rows ride a step sent before the token it computes came back,
+    the pipeline holds one such step beyond its slots, and the answers are unchanged."""
+    prompts = [[(5 * i + j) % 49 + 1 for j in range(6)] for i in range(10)]
+    plain, _, _, _ = run(prompts, 24, num_blocks=200)
+    ahead, stats, pipeline, blocks = run(prompts, 24, num_blocks=200, ahead=True)
+    assert [r.output_ids for r in ahead] == [r.output_ids for r in plain]
+    decode_rows = sum(len(r.output_ids) - 1 for r in ahead)
+    assert pipeline.planned_ahead >= decode_rows // 2
+    assert pipeline.max_in_flight == 3
+    assert blocks.num_free == blocks.num_blocks
+
+
+def test_a_request_aborted_while_a_step_is_planned_ahead_is_retired_once():
+    scheduler = Scheduler(BlockManager(100, 4), 2, AdmitWhileFits(), ReadyPoolBatcher(), ThresholdSwitch(0.5),
+                          prefill_chunk_tokens=64, plan_ahead=True)
+    pipeline = FakePipeline(2, 4, relays_tokens=True)
+    finished = []
+    controller = Controller(pipeline, scheduler, on_finish=finished.append)
+    requests = [Request(i, [i + 1] * 5, 30, frozenset({EOS})) for i in range(6)]
+    for request in requests:
+        controller.add(request)
+    while pipeline.planned_ahead == 0 or not any(seq.follows is not None for b in pipeline.queue for seq in b.seqs):
+        controller.step()
+    victim = next(seq.request_id for b in pipeline.queue for seq in b.seqs if seq.follows is not None)
+    controller.abort(victim)
+    while controller.has_work:
+        controller.step()
+    assert [r.request_id for r in finished].count(victim) == 1
+    assert requests[victim].finish_reason == "abort"
+    assert all(r.output_ids == reference(r.prompt_ids, 30) for r in requests if r.request_id != victim)
+    assert scheduler.blocks.num_free == scheduler.blocks.num_blocks
 
 
 def test_tight_budget_preempts_and_recomputes():

@@ -38,6 +38,25 @@ def test_executor_pipelines_batches_on_a_virtual_clock():
     assert [e[4] for e in executor.collect().events if e[1] == "compute"] == [5.5, 7.0]
 
 
+def test_a_step_planned_ahead_enters_stage_0_once_its_tokens_leave_the_last_stage():
+    """A decode step sent before the result it follows (``plan_ahead``) waits for that batch to
+    leave the last stage, and no longer: the controller's planning time is off the path."""
+    wall = [0.0]
+    executor = SimExecutor(2, lambda seqs: [1.0, 1.0], measure_host=True, wall_clock=lambda: wall[0])
+    executor.expect(0, prompt_len=4, output_len=5)
+    first = batch(0, "decode", (0, 1, 4))
+    first.forward_tokens = True
+    executor.submit(first)
+    wall[0] += 0.25  # the controller plans the next step while the first is in the pipeline
+    ahead = MicroBatch(1, "decode", [SequencePlan(0, [-1], 5, [], follows=0)])
+    executor.submit(ahead)
+    assert executor.collect().tokens == {0: NOT_EOS}
+    wall[0] += 0.25  # absorbing the first result: off the path, the next step is already running
+    result = executor.collect()
+    assert [e[4] for e in result.events if e[1] == "compute"] == [2.0, 3.0]
+    assert result.tokens == {0: NOT_EOS} and executor.now == 4.0
+
+
 @pytest.mark.parametrize("measure_host", [False, True])
 def test_the_controllers_own_time_moves_the_clock_only_when_measured(measure_host):
     """The wall time spent between getting a result and the next submit (here a fake clock that

@@ -92,6 +92,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-fill-tokens", type=int, default=0,
                         help="decode micro-batches of fewer rows than this also carry chunks of admitted prompts, "
                              "up to this many tokens with their rows (default 0: off; pays on GPUs decoding few rows)")
+    parser.add_argument("--plan-ahead", action="store_true",
+                        help="plan each decode step before the previous one's tokens come back; the last stage "
+                             "hands them to stage 0, taking the controller off the path between decode steps")
     parser.add_argument("--online-learning", action="store_true",
                         help="finished answers' lengths keep training the predictor during the run")
     _add_placement(parser)
@@ -104,7 +107,7 @@ def _engine_options(args) -> dict:
                "paper_rules": args.paper_rules, "pack_weights": PACK_WEIGHTS[args.pack_weights], "admission": args.admission,
                "predictor": args.predictor, "kv_threshold": args.kv_threshold,
                "overbooking": args.overbooking, "decode_fill_tokens": args.decode_fill_tokens,
-               "online_learning": args.online_learning, **_placement(args)}
+               "plan_ahead": args.plan_ahead, "online_learning": args.online_learning, **_placement(args)}
     if args.kv_blocks:
         options["kv_blocks"] = args.kv_blocks
     return options

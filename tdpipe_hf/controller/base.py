@@ -129,8 +129,10 @@ class BaseScheduler:
             self.admission.refine(result.states)  # only a policy with probe_layer asks for states
         requests = {r.request_id: r for r in self.running}
         for seq in batch.seqs:
+            if seq.follows is not None and seq.request_id not in requests:
+                continue  # planned ahead, but the step before was its last: its token is void
             request = requests[seq.request_id]
-            request.in_flight = False
+            request.in_flight -= 1
             if request.cancelled:
                 self.finish(request, ABORTED)
                 output.finished.append(request)
@@ -239,7 +241,7 @@ class BaseScheduler:
     def plan(self, request: Request, max_tokens: int | None = None) -> SequencePlan:
         """Compute ``request``'s pending tokens, or only the first ``max_tokens`` of them (a
         prefill chunk, which samples nothing unless it reaches the end)."""
-        request.in_flight = True
+        request.in_flight += 1
         pending = request.pending_ids
         chunk = pending if max_tokens is None else pending[:max_tokens]
         sample = len(chunk) == len(pending)

@@ -42,7 +42,12 @@ class Controller:
         self.on_token = on_token
         self.on_finish = on_finish
         self.stats = RunStats(kv_blocks=scheduler.blocks.num_blocks)
-        self._in_flight: dict[int, MicroBatch] = {}
+        self._in_flight: dict[int, MicroBatch] = {}  # in dispatch order
+        # plan decode steps ahead of their results where the scheduler offers it and the executor
+        # hands tokens from the last stage to stage 0 (see ``_follow_up``)
+        self.plan_ahead = bool(getattr(scheduler, "plan_ahead", False) and getattr(executor, "relays_tokens", False))
+        self._followed: set[int] = set()  # in-flight batches whose next step is planned (or declined)
+        self._ahead: dict[int, int] = {}  # in-flight batch -> its next step, planned ahead and in flight too
 
     def run(self, requests: Iterable[Request], lookahead: int | None = None) -> RunStats:
         """Drive ``requests`` to completion. On an executor error nothing is half-applied: the
@@ -73,6 +78,9 @@ class Controller:
         except BaseException:
             self._in_flight.clear()
             self.executor.close()
+        finally:
+            self._ahead.clear()
+            self._followed.clear()
 
     def add(self, request: Request) -> None:
         """Queue ``request``; it is planned from the next step on."""
@@ -114,21 +122,43 @@ class Controller:
         return False
 
     def _dispatch(self) -> None:
-        while len(self._in_flight) < self.max_in_flight:
+        while len(self._in_flight) - len(self._ahead) < self.max_in_flight:
             batch = self.scheduler.schedule()
             if batch is None:
-                return
-            self._in_flight[batch.batch_id] = batch
-            self.stats.kv_used.append((self.clock(), self.scheduler.blocks.num_used))
-            self.stats.micro_batches[batch.phase] = self.stats.micro_batches.get(batch.phase, 0) + 1
-            if batch.phase == "decode":
-                self.stats.decode_batches.append((len(batch.seqs), batch.context_tokens))
-            self.executor.submit(batch)
+                break
+            self._submit(batch)
+        if self.plan_ahead and not self._ahead:
+            self._follow_up()
+
+    def _follow_up(self) -> None:
+        """Plan the oldest unfollowed decode batch's next step and send it now: stage 0 queues it
+        behind the batches in flight and starts it as soon as the last stage hands over the
+        tokens it waits for, without waiting for this loop to absorb the result and plan. It
+        takes its predecessor's slot; one such plan at a time, so each is a round of the pipeline
+        ahead and never waits on a batch queued behind it."""
+        for batch in self._in_flight.values():
+            if batch.forward_tokens and batch.batch_id not in self._followed:
+                self._followed.add(batch.batch_id)
+                follow = self.scheduler.follow_up(batch)
+                if follow is not None:
+                    self._ahead[batch.batch_id] = follow.batch_id
+                    self._submit(follow)
+                    return
+
+    def _submit(self, batch: MicroBatch) -> None:
+        self._in_flight[batch.batch_id] = batch
+        self.stats.kv_used.append((self.clock(), self.scheduler.blocks.num_used))
+        self.stats.micro_batches[batch.phase] = self.stats.micro_batches.get(batch.phase, 0) + 1
+        if batch.phase == "decode":
+            self.stats.decode_batches.append((len(batch.seqs), batch.context_tokens))
+        self.executor.submit(batch)
 
     def _absorb(self, result: StepResult) -> None:
         """Hand a returned result to the scheduler (which alone changes request state) and
         report what it produced."""
         batch = self._in_flight.pop(result.batch_id)
+        self._followed.discard(batch.batch_id)
+        self._ahead.pop(batch.batch_id, None)
         self.stats.timeline.extend(result.events)
         busy: dict[int, float] = {}
         for stage, kind, _, _, start, end in result.events:

@@ -40,7 +40,7 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0
     admitted_at: int = -1
-    in_flight: bool = False
+    in_flight: int = 0  # micro-batches in the pipeline computing it (two while a step is planned ahead)
     cancelled: bool = False  # aborted while in flight: retired when its micro-batch returns
     num_preemptions: int = 0
     finish_reason: str | None = None

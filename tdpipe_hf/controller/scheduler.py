@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 
-from ..plan import DECODE, MIXED, PREFILL, MicroBatch
+from ..plan import DECODE, MIXED, PREFILL, MicroBatch, SequencePlan
 from .base import ABORTED, BaseScheduler, StepOutput, stop_reason
 from .cost import StageTimeModel
 from .kv import BlockManager
@@ -27,6 +27,7 @@ class Phase(enum.Enum):
 
 
 PREFILL_PACKINGS = ("first-fit", "fcfs")
+AHEAD_PLACEHOLDER = -1  # a token id no embedding has: a row planned ahead that stage 0 did not fill fails loudly
 
 
 class DecodeState:
@@ -87,10 +88,13 @@ class Scheduler(BaseScheduler):
 
     def __init__(self, blocks: BlockManager, num_stages: int, admission, batcher, switch,
                  prefill_chunk_tokens: int = 512, max_num_seqs: int = 256, prefill_packing: str = "first-fit",
-                 decode_fill_tokens: int = 0):
+                 decode_fill_tokens: int = 0, plan_ahead: bool = False):
         """``decode_fill_tokens``: a decode micro-batch of fewer rows than this carries chunks of
-        admitted prompts up to that many tokens in all (0: never; see ``_fill``)."""
+        admitted prompts up to that many tokens in all (0: never; see ``_fill``). ``plan_ahead``:
+        decode micro-batches ask the last stage to hand their tokens to stage 0, and the
+        controller may plan their next step before they come back (``follow_up``)."""
         super().__init__(blocks, num_stages, admission, prefill_chunk_tokens, max_num_seqs)
+        self.plan_ahead = plan_ahead
         if isinstance(decode_fill_tokens, bool) or not isinstance(decode_fill_tokens, int) or decode_fill_tokens < 0:
             raise ValueError(f"decode_fill_tokens must be a non-negative integer, got {decode_fill_tokens!r}")
         self.decode_fill_tokens = decode_fill_tokens
@@ -244,7 +248,58 @@ class Scheduler(BaseScheduler):
         if chosen:
             self._decode_steps += 1
         seqs = [self.plan(r) for r in chosen] + [self.plan(r, size) for r, size in chunks]
-        return self.new_batch(MIXED if chosen and chunks else DECODE if chosen else PREFILL, seqs)
+        batch = self.new_batch(MIXED if chosen and chunks else DECODE if chosen else PREFILL, seqs)
+        batch.forward_tokens = self.plan_ahead and batch.phase == DECODE
+        return batch
+
+    def follow_up(self, batch: MicroBatch) -> MicroBatch | None:
+        """The next decode step of ``batch``'s rows, planned before ``batch`` comes back
+        (``plan_ahead``), so that stage 0 can start it as soon as the last stage hands over the
+        tokens: the controller's turn-around leaves the path from one decode step to the next.
+
+        Each row still decoding after ``batch`` computes the token ``batch`` samples for it (stage
+        0 fills it in). A request that stops on that token (EOS, a stop criterion, an abort) is
+        computed once in vain and its extra token dropped; one that reaches ``max_new_tokens``
+        with it, or whose logits processors need its history, or whose next KV block is not free
+        is left out and planned after the result, as without ``plan_ahead``. Decoding requests
+        not in flight join as they would join any decode micro-batch. None when the switch
+        policy hands back to prefill (the result is then awaited, as without ``plan_ahead``) or
+        nothing would run."""
+        if self.phase is not Phase.DECODE or not batch.forward_tokens:
+            return None
+        decoding = self._decoding()
+        if self.waiting and self.switch.should_prefill(self._decode_state(decoding)):
+            return None
+        running = {r.request_id: r for r in self.running}
+        carried = [request for seq in batch.seqs if (request := running.get(seq.request_id)) is not None
+                   and request.status is Status.DECODING and not request.cancelled
+                   and not request.sampling.needs_history and len(request.output_ids) + 1 < request.max_new_tokens]
+        num_decoding, context, ready = decoding
+        self._peak_decoding = max(self._peak_decoding, num_decoding)
+        # the batcher shares the decode work out as for any micro-batch: rows it leaves out
+        # (work stealing) are planned after the result, in another micro-batch
+        chosen = self.batcher.select(carried + ready, num_decoding, self.num_stages, cost=self.cost,
+                                     context=context) if carried or ready else []
+        ahead = {request.request_id for request in carried}
+        seqs = []
+        for request in chosen:
+            if request.request_id not in ahead:
+                continue
+            blocks, need = self.kv_of(request), request.num_tokens + 1
+            if not blocks.can_hold(request, need):
+                continue
+            blocks.reserve(request, need)
+            request.in_flight += 1
+            seqs.append(SequencePlan(request.request_id, [AHEAD_PLACEHOLDER], start=request.num_tokens,
+                                     block_table=list(request.block_table), sampling=request.sampling,
+                                     follows=batch.batch_id))
+        seqs += [self.plan(r) for r in self.take_decodes([r for r in chosen if r.request_id not in ahead])]
+        if not seqs:
+            return None
+        self._decode_steps += 1
+        follow = self.new_batch(DECODE, seqs)
+        follow.forward_tokens = True
+        return follow
 
     def _partially_prefilled(self) -> list[Request]:
         """Admitted requests whose prompt a decode fill has started and nothing is computing now."""

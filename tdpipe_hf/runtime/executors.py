@@ -18,7 +18,7 @@ from .torchrun import join_torchrun_pipeline, launched_by_torchrun
 def stage_setup(engine, model) -> StageSetup:
     config = engine.config
     return StageSetup(engine.num_blocks, config.block_size, *kv_geometry(model), pack_weights=config.pack_weights,
-                      attention=config.attention_backend)
+                      attention=config.attention_backend, plan_ahead=config.plan_ahead)
 
 
 def local_executor(engine, model, stages) -> LocalExecutor:

@@ -10,6 +10,7 @@ import torch
 from ..plan import MicroBatch, StepResult
 from .attention import AttentionContext, backend
 from .malloc import tune_glibc_malloc
+from .relay import TokenRelay
 from .sampler import sample_batch
 from .stage import Probe, Stage, StageSetup
 
@@ -27,8 +28,11 @@ class LocalExecutor:
     unaware of which executor it drives.
     """
 
+    relays_tokens = True  # runs micro-batches in order, so a step planned ahead finds its tokens
+
     def __init__(self, stages: list[Stage], setup: StageSetup, devices: list[torch.device] | None = None):
         self.stages = stages
+        self._relay = TokenRelay()
         self.setup = setup
         self.block_size = setup.block_size
         self.attention = backend(setup.attention)
@@ -57,6 +61,7 @@ class LocalExecutor:
         if not self._queue:
             raise RuntimeError("collect() called with no micro-batch in flight")
         batch = self._queue.popleft()
+        self._relay.fill(batch)
         contexts: dict[torch.device, AttentionContext] = {}  # one per device the stages run on
         hidden = None
         events = []
@@ -76,7 +81,10 @@ class LocalExecutor:
                                  f"failed on {batch.phase} micro-batch {batch.batch_id}: {exc}") from exc
             end = time.perf_counter()
             events.append((index, "compute", batch.batch_id, batch.phase, start, end))
-        return StepResult(batch.batch_id, sample_batch(hidden, batch), events, probe.states if probe else {})
+        tokens = sample_batch(hidden, batch)
+        if batch.forward_tokens:
+            self._relay.put(batch.batch_id, tokens)
+        return StepResult(batch.batch_id, tokens, events, probe.states if probe else {})
 
     def close(self) -> None:
         """Drop queued work and the KV cache, and give the model's modules back their own weights

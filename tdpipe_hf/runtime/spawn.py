@@ -30,6 +30,7 @@ from .attention import backend as attention_backend
 from .local import StageError
 from .malloc import tune_glibc_malloc
 from .placement import activation_backend
+from .relay import PipeRelay
 from .split import RESPLIT_GAIN, StageCosts, measured_costs, probe_stage, split_layers
 from .stage import Stage, StageSetup
 from .wire import StageWorker, prepare_stage
@@ -134,6 +135,7 @@ class DistributedExecutor:
         ctx = mp.get_context("spawn")
         self._plans = _Pipe(ctx)
         self._results = _Pipe(ctx)
+        self._tokens = _Pipe(ctx) if self.setup.plan_ahead else None  # last stage -> stage 0 (plan_ahead)
         self._restage = [_Pipe(ctx) for _ in self.stages] if probe else [None] * self.num_stages
         self._control = ctx.Queue()  # start-up answers from every worker
         self._errors = ctx.Queue()
@@ -144,7 +146,8 @@ class DistributedExecutor:
                                args=(rank, self.num_stages, port, stage, self.setup, self.threads,
                                      self.devices[rank], self.backend, self._restage[rank],
                                      self._plans if rank == 0 else None,
-                                     self._results if rank == self.num_stages - 1 else None, self._control,
+                                     self._results if rank == self.num_stages - 1 else None,
+                                     self._tokens if rank in (0, self.num_stages - 1) else None, self._control,
                                      self._errors, self._beats))
             with _without_main_reimport():
                 proc.start()
@@ -177,7 +180,7 @@ class DistributedExecutor:
         for q in (self._control, self._errors):
             q.close()
             q.cancel_join_thread()
-        for pipe in (self._plans, self._results, *self._restage):
+        for pipe in (self._plans, self._results, self._tokens, *self._restage):
             if pipe is not None:
                 pipe.close()
         self._procs = []
@@ -196,6 +199,11 @@ class DistributedExecutor:
             pass
 
     # ---- executor interface ----------------------------------------------------------------
+    @property
+    def relays_tokens(self) -> bool:
+        """With ``plan_ahead`` the workers hand decode tokens from the last stage to stage 0."""
+        return self.setup.plan_ahead
+
     def submit(self, batch: MicroBatch) -> None:
         self.start()
         self._plans.put(batch)
@@ -313,8 +321,8 @@ def _heartbeat(beats, rank: int) -> None:
         time.sleep(HEARTBEAT_SECONDS)
 
 
-def _worker_main(rank, world, port, stage, setup, threads, device, backend, restage, plans, results, control,
-                 errors, beats):
+def _worker_main(rank, world, port, stage, setup, threads, device, backend, restage, plans, results, tokens,
+                 control, errors, beats):
     threading.Thread(target=_heartbeat, args=(beats, rank), name="tdpipe-heartbeat", daemon=True).start()
     try:
         _pin_to_cores(rank, threads)
@@ -330,8 +338,12 @@ def _worker_main(rank, world, port, stage, setup, threads, device, backend, rest
                 stage = replacement
                 prepare_stage(stage, setup, threads, device)
         control.put(("ready", rank, None))
-        StageWorker(rank, world, stage, setup.block_size, backend, plans, results.put if results else None,
-                    attention=setup.attention).loop()
+        worker = StageWorker(rank, world, stage, setup.block_size, backend, plans, results.put if results else None,
+                             attention=setup.attention)
+        if tokens is not None:  # plan_ahead: the last stage hands decode tokens to stage 0
+            worker.relay = PipeRelay(tokens) if rank == 0 else None
+            worker.forward = (lambda batch_id, sampled: tokens.put((batch_id, sampled))) if rank == world - 1 else None
+        worker.loop()
         dist.destroy_process_group()
     except Exception as exc:
         errors.put((rank, f"{type(exc).__name__}: {exc}\n\nworker traceback:\n{traceback.format_exc(limit=8)}"))

@@ -201,6 +201,7 @@ class StageSetup:
     head_dim: int
     pack_weights: bool | str = False
     attention: str = "paged-sdpa"  # the attention backend's registry name
+    plan_ahead: bool = False  # the last stage hands decode tokens to stage 0 (TDPipeConfig.plan_ahead)
 
     def apply(self, stage: Stage, device: torch.device | None = None) -> None:
         if device is not None:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from ..plan import MicroBatch, StepResult
 from .local import StageError
 from .placement import GLOO, GLOO_AND_NCCL, activation_backend
+from .relay import TokenRelay
 from .stage import Stage, StageSetup
 from .wire import StageWorker, prepare_stage, recv_header, recv_object
 
@@ -65,7 +66,8 @@ def join_torchrun_pipeline(stages: list[Stage], setup: StageSetup, threads: int,
     stage = stages[rank]
     prepare_stage(stage, setup, threads, places[rank][1])
     if rank == 0:
-        return TorchrunExecutor(stages, setup.block_size, setup.num_blocks, backend, setup.attention)
+        return TorchrunExecutor(stages, setup.block_size, setup.num_blocks, backend, setup.attention,
+                                plan_ahead=setup.plan_ahead)
     worker = StageWorker(rank, world, stage, setup.block_size, backend, None, None, attention=setup.attention)
     if worker.is_last:
         worker.deliver, worker.on_shutdown = worker.send_result, worker.send_result_shutdown
@@ -90,14 +92,18 @@ class TorchrunExecutor:
     """Rank 0's side of a torchrun pipeline: stage 0 on a thread, results received on another."""
 
     def __init__(self, stages: list[Stage], block_size: int, num_blocks: int, backend: str,
-                 attention: str = "paged-sdpa"):
+                 attention: str = "paged-sdpa", plan_ahead: bool = False):
+        """``plan_ahead``: stage 0 takes a step planned ahead's tokens from the results as they
+        arrive here (the last rank sends nothing else)."""
         self.stages = stages
+        self.relays_tokens = plan_ahead
         self.num_stages = len(stages)
         self.num_blocks = num_blocks
         self._plans: queue.Queue = queue.Queue()
         self._results: queue.Queue = queue.Queue()
         worker = StageWorker(0, self.num_stages, stages[0], block_size, backend, self._plans, None,
                              attention=attention)
+        self._relay = worker.relay = TokenRelay() if plan_ahead else None
         last = self.num_stages - 1
         self._threads = [threading.Thread(target=self._guard, args=(worker.loop, 1), name="tdpipe-stage-0",
                                           daemon=True),
@@ -129,7 +135,10 @@ class TorchrunExecutor:
             header = recv_header(last)
             if header is None:
                 return
-            self._results.put(recv_object(header, last))
+            result = recv_object(header, last)
+            if self._relay is not None:
+                self._relay.put(result.batch_id, result.tokens)
+            self._results.put(result)
 
     def submit(self, batch: MicroBatch) -> None:
         if self._failure is not None:

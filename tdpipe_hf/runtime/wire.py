@@ -77,6 +77,10 @@ class StageWorker:
         self.device = stage.device
         self.wire = wire_device(backend, self.device)  # where hidden states travel from
         self._pending: list = []  # isend handles (and the tensors they read) still in flight
+        # plan_ahead: where stage 0 finds forwarded tokens (a relay's ``fill``), and how the last
+        # stage hands them over (``forward(batch_id, tokens)``); see runtime/relay.py
+        self.relay = None
+        self.forward = None
 
     def loop(self) -> None:
         if self.device.type == "cuda":  # per thread: rank 0's stage runs on a thread of its own
@@ -101,6 +105,8 @@ class StageWorker:
             events.append((self.rank, "compute", batch.batch_id, batch.phase, t1, t2))
             if self.is_last:
                 tokens = sample_batch(out, batch)
+                if batch.forward_tokens and self.forward is not None:
+                    self.forward(batch.batch_id, tokens)  # first: stage 0 may be waiting for them
                 events.append((self.rank, "sample", batch.batch_id, batch.phase, t2, time.perf_counter()))
                 self.deliver(StepResult(batch.batch_id, tokens, events, states))
             else:
@@ -109,6 +115,8 @@ class StageWorker:
     def _receive(self):
         if self.rank == 0:
             batch = self.plans.get()
+            if batch is not None and self.relay is not None:
+                self.relay.fill(batch)  # a step planned ahead waits for its tokens here
             return batch, [], None, {}
         header = recv_header(self.rank - 1)
         if header is None:

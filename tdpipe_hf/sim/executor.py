@@ -36,7 +36,13 @@ class SimExecutor:
     With ``measure_host``, the real scheduler's own work is on the critical path too: the wall
     seconds the controller spends between getting a result and submitting (absorbing the result,
     planning the next micro-batch) move the virtual clock, as the one host thread of a real
-    engine would (read from ``wall_clock``). What this executor itself computes is not counted."""
+    engine would (read from ``wall_clock``). What this executor itself computes is not counted.
+
+    A step planned ahead (``plan_ahead``: rows that follow another batch) enters stage 0 once the
+    batches it follows have left the last stage, as the real executors hand tokens over: its
+    planning happened while they were in the pipeline, off the critical path."""
+
+    relays_tokens = True
 
     def __init__(self, num_stages: int, stage_times: StageTimes, transfer: Callable[[int], float] | None = None,
                  dispatch_overhead: float = 0.0, measure_host: bool = False,
@@ -56,6 +62,7 @@ class SimExecutor:
         self._free = [0.0] * num_stages
         self._queue: deque[tuple[float, StepResult]] = deque()
         self._targets: dict[int, tuple[int, int]] = {}  # request_id -> (prompt tokens, output tokens)
+        self._left: dict[int, float] = {}  # in-flight forward_tokens batch -> when it leaves the last stage
 
     def expect(self, request_id: int, prompt_len: int, output_len: int) -> None:
         """Request ``request_id`` will stop (EOS) after ``output_len`` generated tokens."""
@@ -74,6 +81,9 @@ class SimExecutor:
             raise ValueError(f"stage_times gave {len(times)} times for {self.num_stages} stages")
         tokens = batch.num_tokens
         submitted = ready = self.now + self.dispatch_overhead
+        for seq in batch.seqs:  # a step planned ahead waits for the tokens it computes
+            if seq.follows is not None:
+                ready = max(ready, self._left[seq.follows])
         events = []
         for stage, seconds in enumerate(times):
             start = max(ready, self._free[stage])
@@ -91,6 +101,8 @@ class SimExecutor:
                 ready = end
         result = StepResult(batch.batch_id, self._tokens(batch), events)
         self._queue.append((ready, result))
+        if batch.forward_tokens:
+            self._left[batch.batch_id] = ready
         self._host_mark = self.wall_clock()
 
     def _tokens(self, batch: MicroBatch) -> dict[int, int]:
@@ -108,6 +120,7 @@ class SimExecutor:
             raise RuntimeError("collect() called with no micro-batch in flight")
         self._charge_host()
         finish, result = self._queue.popleft()
+        self._left.pop(result.batch_id, None)  # a step planned ahead of it was submitted before
         self.now = max(self.now, finish)
         self._host_mark = self.wall_clock()
         return result
@@ -121,3 +134,4 @@ class SimExecutor:
 
     def close(self) -> None:
         self._queue.clear()
+        self._left.clear()
