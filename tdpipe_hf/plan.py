@@ -7,8 +7,8 @@ token ids. Everything here is picklable so a plan can travel to another process 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 # Every phase a micro-batch can carry. "prefill": new requests' prompts (whole, or chunks that

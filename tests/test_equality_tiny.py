@@ -201,9 +201,13 @@ def test_decode_steps_planned_ahead_match_hf(num_stages, executor, monkeypatch):
     try:
         actual = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos)
         stats = model.tdpipe_engine.last_stats
+        # a second run on the same stages: tokens relayed in the first must not be taken for its own
+        again = model.generate(ids[:5], attention_mask=mask[:5], max_new_tokens=MAX_NEW, do_sample=False,
+                               eos_token_id=eos)
     finally:
         tdpipe_hf.unwrap(model)
     assert torch.equal(actual, expected)
+    assert torch.equal(again, expected[:5])
     assert len(planned) >= 50, "most decode rows should have been planned ahead"
     assert stats.preemptions > 0
     assert (expected[:, ids.shape[1]:] == eos).any(dim=1).sum() >= 1

@@ -315,3 +315,12 @@ def test_a_switch_that_ignores_admission_never_admits_on_a_stale_decision():
             controller.step()
         for request in requests + late:
             assert request.output_ids == reference(request.prompt_ids, request.max_new_tokens)
+
+
+def test_micro_batch_ids_are_never_reused_by_a_later_run():
+    """Stage 0 finds a step planned ahead's tokens by the id of the batch it follows, in relays
+    that outlive a run: a later run reusing an id could take the earlier run's tokens."""
+    prompts = [[3, 4, 5], [6, 7]]
+    _, _, first, _ = run(prompts, 6, ahead=True)
+    _, _, second, _ = run(prompts, 6, ahead=True)
+    assert not {b.batch_id for b in first.submitted} & {b.batch_id for b in second.submitted}

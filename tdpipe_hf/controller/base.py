@@ -28,6 +28,9 @@ from .kv import BlockManager
 from .request import Request, Status
 
 ABORTED = "abort"  # finish_reason of a request stopped by ``abort``
+# micro-batch ids, unique in the process across runs and schedulers: a step planned ahead finds
+# its tokens by the id of the batch it follows, in relays that outlive a run
+_BATCH_IDS = itertools.count()
 
 
 @dataclass
@@ -69,7 +72,6 @@ class BaseScheduler:
         self.cost = StageTimeModel()
         if isinstance(admission, PlansWithStageTimes):
             admission.use_stage_times(self.cost, num_stages, prefill_chunk_tokens)
-        self._batch_ids = itertools.count()
         self._admissions = itertools.count()
 
     def schedule(self) -> MicroBatch | None:
@@ -259,4 +261,4 @@ class BaseScheduler:
 
     def new_batch(self, phase: str, seqs: list[SequencePlan]) -> MicroBatch:
         probing = self.probe_layer is not None and any(seq.probe for seq in seqs)
-        return MicroBatch(next(self._batch_ids), phase, seqs, probe_layer=self.probe_layer if probing else None)
+        return MicroBatch(next(_BATCH_IDS), phase, seqs, probe_layer=self.probe_layer if probing else None)
