@@ -350,3 +350,35 @@ def test_ctrl_c_mid_run_leaves_the_engine_answering_exactly(executor):
         assert model.generate_batch(prompts, max_new_tokens=30) == expected
     finally:
         tdpipe_hf.unwrap(model)
+
+
+def test_stage_0_takes_relayed_tokens_in_while_it_waits_for_a_plan():
+    """The last stage writes every decode batch's tokens into a pipe; a stage 0 that only read
+    them when a plan came would let the pipe fill while the controller has nothing to send, and
+    the last stage would block on its write for good."""
+    import multiprocessing
+    import threading
+
+    from tdpipe_hf.plan import MicroBatch, SequencePlan
+    from tdpipe_hf.runtime.relay import PipeRelay
+    from tdpipe_hf.runtime.spawn import _Pipe
+
+    ctx = multiprocessing.get_context("spawn")
+    plans, tokens = _Pipe(ctx), _Pipe(ctx)
+    relay = PipeRelay(tokens)
+    many = {request: 7 for request in range(400)}  # a few KB a message, far past a pipe's buffer
+
+    def last_stage():
+        for batch_id in range(100):
+            tokens.put((batch_id, many))
+        plans.put(MicroBatch(200, "decode", [SequencePlan(5, [-1], 10, [0], follows=99)]))
+
+    got = []
+    writer = threading.Thread(target=last_stage, daemon=True)
+    reader = threading.Thread(target=lambda: got.append(relay.next_plan(plans)), daemon=True)
+    writer.start()
+    reader.start()
+    reader.join(60)  # hang guards, not speed limits
+    writer.join(10)
+    assert not writer.is_alive() and got, "the last stage blocked on a full token pipe"
+    assert got[0].seqs[0].token_ids == [7]

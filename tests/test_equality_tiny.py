@@ -211,3 +211,64 @@ def test_decode_steps_planned_ahead_match_hf(num_stages, executor, monkeypatch):
     assert len(planned) >= 50, "most decode rows should have been planned ahead"
     assert stats.preemptions > 0
     assert (expected[:, ids.shape[1]:] == eos).any(dim=1).sum() >= 1
+
+
+def test_a_run_whose_last_request_stops_on_eos_leaves_nothing_in_flight():
+    """The last request stops on EOS while its next step, planned ahead, is in the pipeline: the
+    run collects that step before it returns, so the next run on the same stages is clean."""
+    model = tiny_model("llama", seed=57)
+    ids, mask = left_padded(random_prompts(1, low=5, high=12, seed=58))
+    eos = eos_mid_batch(model, ids, mask)
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos)
+    assert expected.shape[1] - ids.shape[1] < MAX_NEW, "the answer must stop on EOS"
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=40, plan_ahead=True)
+    try:
+        for _ in range(2):
+            actual = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False,
+                                    eos_token_id=eos)
+            assert torch.equal(actual, expected)
+            assert not model.tdpipe_engine.executor._queue
+    finally:
+        tdpipe_hf.unwrap(model)
+
+
+def test_a_failed_step_drops_the_step_planned_ahead_of_it(monkeypatch):
+    """A batch that fails after its stages ran (here the sampler) never hands its tokens over;
+    the step planned ahead of it must go with it instead of waiting forever, and the engine
+    answers the next call exactly."""
+    import threading
+
+    from tdpipe_hf.runtime import local
+
+    model = tiny_model("llama", seed=59)
+    ids, mask = left_padded(random_prompts(4, low=3, high=12, seed=60))
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False)
+    sample_batch = local.sample_batch
+    failed = []
+
+    def failing(hidden, batch):
+        if batch.forward_tokens and not failed:
+            failed.append(batch.batch_id)
+            raise ValueError("a logits processor failed")
+        return sample_batch(hidden, batch)
+
+    monkeypatch.setattr(local, "sample_batch", failing)
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=40, plan_ahead=True)
+    outcome = []
+
+    def first_call():
+        try:
+            model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False)
+        except ValueError as exc:
+            outcome.append(exc)
+
+    try:
+        call = threading.Thread(target=first_call, daemon=True)
+        call.start()
+        call.join(120)  # a hang guard, not a speed limit
+        assert not call.is_alive(), "the run hung on a step waiting for tokens that never come"
+        assert failed and outcome and "logits processor failed" in str(outcome[0])
+        actual = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False)
+        assert torch.equal(actual, expected)
+    finally:
+        tdpipe_hf.unwrap(model)

@@ -1,7 +1,8 @@
 """The hierarchy controller's loop: decide, dispatch, absorb results. Stages only execute.
 
 The controller keeps up to ``num_stages`` micro-batches in flight and forms the next one as soon
-as a slot frees, so a stage never waits on a decision. It sees token ids only; which executor runs
+as a slot frees, so a stage never waits on a decision; with ``plan_ahead`` one more, a decode
+step planned before the result it follows. It sees token ids only; which executor runs
 the micro-batches (in-process or one process per stage) is invisible to it.
 """
 
@@ -59,7 +60,7 @@ class Controller:
         source = iter(requests)
         try:
             exhausted = self._refill(source, lookahead)
-            while self.scheduler.has_work:
+            while self.has_work:
                 self.step()
                 if not exhausted:
                     exhausted = self._refill(source, lookahead)
@@ -95,7 +96,9 @@ class Controller:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        """Requests to serve, or micro-batches still in the pipeline (a step planned ahead can
+        outlive its request: it is collected before the run ends, so no later run receives it)."""
+        return self.scheduler.has_work or bool(self._in_flight)
 
     def step(self) -> None:
         """Fill the pipeline, then absorb the next micro-batch that comes back. A server calls

@@ -27,7 +27,7 @@ class Phase(enum.Enum):
 
 
 PREFILL_PACKINGS = ("first-fit", "fcfs")
-AHEAD_PLACEHOLDER = -1  # a token id no embedding has: a row planned ahead that stage 0 did not fill fails loudly
+AHEAD_PLACEHOLDER = -1  # a token id no embedding has: an unfilled row planned ahead cannot pass for a real token
 
 
 class DecodeState:
@@ -259,12 +259,15 @@ class Scheduler(BaseScheduler):
 
         Each row still decoding after ``batch`` computes the token ``batch`` samples for it (stage
         0 fills it in). A request that stops on that token (EOS, a stop criterion, an abort) is
-        computed once in vain and its extra token dropped; one that reaches ``max_new_tokens``
-        with it, or whose logits processors need its history, or whose next KV block is not free
-        is left out and planned after the result, as without ``plan_ahead``. Decoding requests
-        not in flight join as they would join any decode micro-batch. None when the switch
-        policy hands back to prefill (the result is then awaited, as without ``plan_ahead``) or
-        nothing would run."""
+        computed once in vain and its extra token dropped (collected before the run ends); one
+        that reaches ``max_new_tokens`` with it, or has logits processors or warpers (they read
+        its history, which lacks that token), or whose next KV block is not free is left out and
+        planned after the result, as without ``plan_ahead``: so are sampled requests with
+        temperature or top-k. Carried rows keep their blocks ahead of older requests not in
+        flight (no preemption here). Decoding requests not in flight join as they would join any
+        decode micro-batch. None when the switch policy asks for prefill (the slot is then
+        planned after the result, as without ``plan_ahead``, prefill or, if none can form yet,
+        decode) or nothing would run."""
         if self.phase is not Phase.DECODE or not batch.forward_tokens:
             return None
         decoding = self._decoding()

@@ -61,6 +61,17 @@ class LocalExecutor:
         if not self._queue:
             raise RuntimeError("collect() called with no micro-batch in flight")
         batch = self._queue.popleft()
+        try:
+            return self._run(batch)
+        except StageError:
+            self._queue.clear()
+            raise
+        except BaseException:  # e.g. Ctrl-C or a logits processor's error: a step planned ahead of
+            # this batch would wait forever for its tokens, so it goes; the rest may still run
+            self._queue = deque(b for b in self._queue if all(s.follows != batch.batch_id for s in b.seqs))
+            raise
+
+    def _run(self, batch: MicroBatch) -> StepResult:
         self._relay.fill(batch)
         contexts: dict[torch.device, AttentionContext] = {}  # one per device the stages run on
         hidden = None
@@ -76,7 +87,6 @@ class LocalExecutor:
                     hidden = hidden.to(device)
                 hidden = stage.forward(hidden, contexts[device], probe)
             except Exception as exc:
-                self._queue.clear()
                 raise StageError(f"stage {index} (layers {stage.index_range.start}-{stage.index_range.stop - 1}) "
                                  f"failed on {batch.phase} micro-batch {batch.batch_id}: {exc}") from exc
             end = time.perf_counter()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import OrderedDict
+from multiprocessing.connection import wait
 
 from ..plan import MicroBatch, fill_forwarded
 
@@ -43,6 +44,13 @@ class TokenRelay:
         """Stage 0, before computing ``batch``: its rows planned ahead get their tokens."""
         fill_forwarded(batch, self.take)
 
+    def next_plan(self, plans):
+        """Stage 0's next plan from the queue ``plans``, its rows planned ahead filled in."""
+        batch = plans.get()
+        if batch is not None:
+            self.fill(batch)
+        return batch
+
 
 class PipeRelay:
     """Stage 0's end of a pipe the last stage's process writes ``(batch_id, tokens)`` to.
@@ -50,24 +58,33 @@ class PipeRelay:
     A pipe, not a ``torch.distributed`` message: the last stage writes it from its own thread
     before it computes on, where an asynchronous send would wait for a helper thread to win the
     stage's one busy core (measured on 2 cores: stage 0 then waited a median 7-9 ms for the tokens
-    of a decode step against 1-5 ms for the controller's next plan). Stage 0 reads what has
-    arrived before every micro-batch, so messages nothing asks for (a batch whose next step was
-    not planned ahead) never fill the pipe and block the last stage."""
+    of a decode step against 1-5 ms for the controller's next plan). Stage 0 reads the tokens as
+    they arrive, also while it waits for a plan, so messages nothing asks for (a batch whose next
+    step was not planned ahead) never fill the pipe and block the last stage."""
 
     def __init__(self, pipe, keep: int = KEEP):
         self._pipe = pipe
         self._tokens: OrderedDict[int, dict[int, int]] = OrderedDict()
         self._keep = keep
 
-    def fill(self, batch: MicroBatch) -> None:
-        """Stage 0, before computing ``batch``: take in what has arrived, then give its rows
-        planned ahead their tokens (waiting for them if needed)."""
+    def next_plan(self, plans):
+        """Stage 0's next plan from the pipe ``plans`` (taking in tokens while it waits), its rows
+        planned ahead filled in (waiting for their tokens if needed)."""
+        while not plans.reader.poll():
+            wait([plans.reader, self._pipe.reader])
+            self._catch_up()
+        batch = plans.get()
+        if batch is not None:
+            self._catch_up()
+            fill_forwarded(batch, self._take)
+        return batch
+
+    def _catch_up(self) -> None:
         try:
             while True:
                 self._keep_message(self._pipe.get(timeout=0))
         except queue.Empty:
             pass
-        fill_forwarded(batch, self._take)
 
     def _take(self, batch_id: int) -> dict[int, int]:
         while batch_id not in self._tokens:

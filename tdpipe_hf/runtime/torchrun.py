@@ -93,8 +93,9 @@ class TorchrunExecutor:
 
     def __init__(self, stages: list[Stage], block_size: int, num_blocks: int, backend: str,
                  attention: str = "paged-sdpa", plan_ahead: bool = False):
-        """``plan_ahead``: stage 0 takes a step planned ahead's tokens from the results as they
-        arrive here (the last rank sends nothing else)."""
+        """``plan_ahead``: stage 0 (a thread here) takes a step planned ahead's tokens from the
+        ordinary results, which the results thread puts in its relay as they arrive; the last rank
+        sends no extra message."""
         self.stages = stages
         self.relays_tokens = plan_ahead
         self.num_stages = len(stages)

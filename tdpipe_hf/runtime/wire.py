@@ -77,7 +77,7 @@ class StageWorker:
         self.device = stage.device
         self.wire = wire_device(backend, self.device)  # where hidden states travel from
         self._pending: list = []  # isend handles (and the tensors they read) still in flight
-        # plan_ahead: where stage 0 finds forwarded tokens (a relay's ``fill``), and how the last
+        # plan_ahead: where stage 0 finds forwarded tokens (a relay's ``next_plan``), and how the last
         # stage hands them over (``forward(batch_id, tokens)``); see runtime/relay.py
         self.relay = None
         self.forward = None
@@ -113,10 +113,8 @@ class StageWorker:
                 self._send(batch, events, out, states)
 
     def _receive(self):
-        if self.rank == 0:
-            batch = self.plans.get()
-            if batch is not None and self.relay is not None:
-                self.relay.fill(batch)  # a step planned ahead waits for its tokens here
+        if self.rank == 0:  # with a relay, a step planned ahead waits for its tokens here
+            batch = self.relay.next_plan(self.plans) if self.relay is not None else self.plans.get()
             return batch, [], None, {}
         header = recv_header(self.rank - 1)
         if header is None:

@@ -40,7 +40,9 @@ class SimExecutor:
 
     A step planned ahead (``plan_ahead``: rows that follow another batch) enters stage 0 once the
     batches it follows have left the last stage, as the real executors hand tokens over: its
-    planning happened while they were in the pipeline, off the critical path."""
+    planning happened while they were in the pipeline, off the critical path. The hand-over itself
+    is taken as instant (a host's wake-up latency, up to milliseconds on a busy CPU, is not
+    modelled), so the simulated gain is an upper bound."""
 
     relays_tokens = True
 
