@@ -115,7 +115,7 @@ def test_dead_stage_is_named_and_engine_recovers(model, monkeypatch):
     stage = model.tdpipe_engine.executor.stages[1]
     with monkeypatch.context() as patch:
         patch.setattr(stage, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("device lost")))
-        with pytest.raises(StageError, match=r"stage 1 \(layers 2-3\) failed on prefill micro-batch 0: device lost"):
+        with pytest.raises(StageError, match=r"stage 1 \(layers 2-3\) failed on prefill micro-batch \d+: device lost"):
             model.generate_batch(prompts, max_new_tokens=6)
     assert model.generate_batch(prompts, max_new_tokens=6) == expected
 
