@@ -31,6 +31,7 @@ ABORTED = "abort"  # finish_reason of a request stopped by ``abort``
 # micro-batch ids, unique in the process across runs and schedulers: a step planned ahead finds
 # its tokens by the id of the batch it follows, in relays that outlive a run
 _BATCH_IDS = itertools.count()
+AHEAD_PLACEHOLDER = -1  # a token id no embedding has: an unfilled row planned ahead cannot pass for a real token
 
 
 @dataclass
@@ -240,10 +241,15 @@ class BaseScheduler:
         """A preempted request waits again, first in line."""
         self.waiting.appendleft(request)
 
-    def plan(self, request: Request, max_tokens: int | None = None) -> SequencePlan:
+    def plan(self, request: Request, max_tokens: int | None = None, follows: int | None = None) -> SequencePlan:
         """Compute ``request``'s pending tokens, or only the first ``max_tokens`` of them (a
-        prefill chunk, which samples nothing unless it reaches the end)."""
+        prefill chunk, which samples nothing unless it reaches the end). With ``follows`` (a
+        decode step planned ahead): the token that batch is sampling for it, which stage 0 fills
+        in, at the position after its tokens so far."""
         request.in_flight += 1
+        if follows is not None:
+            return SequencePlan(request.request_id, [AHEAD_PLACEHOLDER], start=request.num_tokens,
+                                block_table=list(request.block_table), sampling=request.sampling, follows=follows)
         pending = request.pending_ids
         chunk = pending if max_tokens is None else pending[:max_tokens]
         sample = len(chunk) == len(pending)

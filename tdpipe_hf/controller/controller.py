@@ -48,7 +48,7 @@ class Controller:
         # hands tokens from the last stage to stage 0 (see ``_follow_up``)
         self.plan_ahead = bool(getattr(scheduler, "plan_ahead", False) and getattr(executor, "relays_tokens", False))
         self._followed: set[int] = set()  # in-flight batches whose next step is planned (or declined)
-        self._ahead: dict[int, int] = {}  # in-flight batch -> its next step, planned ahead and in flight too
+        self._ahead: set[int] = set()  # in-flight batches whose next step is in flight too
 
     def run(self, requests: Iterable[Request], lookahead: int | None = None) -> RunStats:
         """Drive ``requests`` to completion. On an executor error nothing is half-applied: the
@@ -144,7 +144,7 @@ class Controller:
                 self._followed.add(batch.batch_id)
                 follow = self.scheduler.follow_up(batch)
                 if follow is not None:
-                    self._ahead[batch.batch_id] = follow.batch_id
+                    self._ahead.add(batch.batch_id)
                     self._submit(follow)
                     return
 
@@ -161,7 +161,7 @@ class Controller:
         report what it produced."""
         batch = self._in_flight.pop(result.batch_id)
         self._followed.discard(batch.batch_id)
-        self._ahead.pop(batch.batch_id, None)
+        self._ahead.discard(batch.batch_id)
         self.stats.timeline.extend(result.events)
         busy: dict[int, float] = {}
         for stage, kind, _, _, start, end in result.events:

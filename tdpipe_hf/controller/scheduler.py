@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 
-from ..plan import DECODE, MIXED, PREFILL, MicroBatch, SequencePlan
+from ..plan import DECODE, MIXED, PREFILL, MicroBatch
 from .base import ABORTED, BaseScheduler, StepOutput, stop_reason
 from .cost import StageTimeModel
 from .kv import BlockManager
@@ -27,7 +27,6 @@ class Phase(enum.Enum):
 
 
 PREFILL_PACKINGS = ("first-fit", "fcfs")
-AHEAD_PLACEHOLDER = -1  # a token id no embedding has: an unfilled row planned ahead cannot pass for a real token
 
 
 class DecodeState:
@@ -292,10 +291,7 @@ class Scheduler(BaseScheduler):
             if not blocks.can_hold(request, need):
                 continue
             blocks.reserve(request, need)
-            request.in_flight += 1
-            seqs.append(SequencePlan(request.request_id, [AHEAD_PLACEHOLDER], start=request.num_tokens,
-                                     block_table=list(request.block_table), sampling=request.sampling,
-                                     follows=batch.batch_id))
+            seqs.append(self.plan(request, follows=batch.batch_id))
         seqs += [self.plan(r) for r in self.take_decodes([r for r in chosen if r.request_id not in ahead])]
         if not seqs:
             return None

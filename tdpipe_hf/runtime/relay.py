@@ -52,7 +52,7 @@ class TokenRelay:
         return batch
 
 
-class PipeRelay:
+class PipeRelay(TokenRelay):
     """Stage 0's end of a pipe the last stage's process writes ``(batch_id, tokens)`` to.
 
     A pipe, not a ``torch.distributed`` message: the last stage writes it from its own thread
@@ -63,9 +63,8 @@ class PipeRelay:
     step was not planned ahead) never fill the pipe and block the last stage."""
 
     def __init__(self, pipe, keep: int = KEEP):
+        super().__init__(keep)
         self._pipe = pipe
-        self._tokens: OrderedDict[int, dict[int, int]] = OrderedDict()
-        self._keep = keep
 
     def next_plan(self, plans):
         """Stage 0's next plan from the pipe ``plans`` (taking in tokens while it waits), its rows
@@ -76,23 +75,18 @@ class PipeRelay:
         batch = plans.get()
         if batch is not None:
             self._catch_up()
-            fill_forwarded(batch, self._take)
+            self.fill(batch)
         return batch
 
     def _catch_up(self) -> None:
         try:
             while True:
-                self._keep_message(self._pipe.get(timeout=0))
+                self.put(*self._pipe.get(timeout=0))
         except queue.Empty:
             pass
 
-    def _take(self, batch_id: int) -> dict[int, int]:
+    def take(self, batch_id: int) -> dict[int, int]:
+        """``batch_id``'s tokens, reading the pipe until they come (stage 0's one thread reads it)."""
         while batch_id not in self._tokens:
-            self._keep_message(self._pipe.get())
+            self.put(*self._pipe.get())
         return self._tokens[batch_id]
-
-    def _keep_message(self, message) -> None:
-        batch_id, tokens = message
-        self._tokens[batch_id] = tokens
-        while len(self._tokens) > self._keep:
-            self._tokens.popitem(last=False)
