@@ -129,6 +129,79 @@ def test_training_measures_the_spread_out_of_sample_and_saves_it(tmp_path):
     assert HiddenStateProbe.load(probe.save(tmp_path / "probe.npz")).length_spread == spread
 
 
+def test_prompt_copies_change_only_the_last_user_message():
+    from tdpipe_hf.apps.offline import Job
+    from tdpipe_hf.apps.training import copy_line
+
+    chat = Job(1, "7", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."},
+                        {"role": "assistant", "content": "Apple."}, {"role": "user", "content": "Another one?"}],
+               None, 20)
+    line = copy_line(chat, "stop")
+    assert line["id"] == "stop:7" and line["max_new_tokens"] == 20
+    assert [m["content"] for m in line["messages"]] == ["Be brief.", "Name a fruit.", "Apple.", "Another one"]
+    assert chat.messages[3]["content"] == "Another one?"  # the original is left alone
+    plain = Job(2, "8", None, "List three colours ", None)
+    assert copy_line(plain, "space") == {"id": "space:8", "prompt": "List three colours "}
+    assert copy_line(plain, "stop") == {"id": "stop:8", "prompt": "List three colours."}
+    with pytest.raises(ValueError, match="unknown prompt copy 'shout'"):
+        copy_line(plain, "shout")
+
+
+def test_copies_train_only_where_their_original_does():
+    """A copy of a held-out prompt, or of a prompt in the fold being tested, never trains: a copy
+    carrying its original's exact answer would otherwise leak it."""
+    from tdpipe_hf.apps.training import Copies, cross_validated_mae
+
+    features = np.arange(10, dtype=np.float64)[:, None]
+    lengths = features[:, 0] * 10
+    copies = Copies(features[[1, 4, 4, 8]] + 0.5, np.array([11.0, 44.0, 45.0, 88.0]), np.array([1, 4, 4, 8]))
+    mine = copies.within(np.array([4, 8, 9]))
+    assert mine.origin.tolist() == [0, 0, 1] and mine.lengths.tolist() == [44.0, 45.0, 88.0]
+    rows, target = copies.training_rows(features, lengths, np.array([4, 8, 9]))
+    assert rows[:, 0].tolist() == [4, 8, 9, 4.5, 4.5, 8.5] and target.tolist() == [40, 80, 90, 44, 45, 88]
+
+    class Memorise:
+        """Predicts the length of the training row with the same integer feature; fails on a leak."""
+
+        def fit(self, x, y):
+            self.table = {}
+            for value, length in zip(x[:, 0], y):
+                self.table.setdefault(int(value), []).append(length)
+            return self
+
+        def predict(self, x):
+            return [np.mean(self.table.get(int(value), [0.0])) for value in x[:, 0]]
+
+    # a leak would let each tested prompt read its own copy's length off the table
+    leaky = Copies(features + 0.25, lengths.copy(), np.arange(10))
+    assert cross_validated_mae(Memorise, features, lengths, copies=leaky) == pytest.approx(np.mean(lengths))
+
+
+def test_train_predictor_augments_the_probe_with_copies_of_train_prompts(tmp_path, capsys):
+    from conftest import tiny_model_dir
+
+    from tdpipe_hf.apps import cli
+    from tdpipe_hf.apps.offline import answer_lengths
+
+    model_dir = tiny_model_dir(tmp_path / "tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"id": {i}, "prompt": "word{i % 7} and more {i}."}}\n' for i in range(20)))
+    labels, output = tmp_path / "labels.jsonl", tmp_path / "predictor.npz"
+    base = ["train-predictor", str(prompts), "--labels", str(labels), "-o", str(output), "--model", str(model_dir),
+            "--max-new-tokens", "6"]
+    assert cli.main(base + ["--augment", "space,stop"]) == 0
+    printed = capsys.readouterr().out
+    assert "trained with 32 copies of the train prompts" in printed and "no copies" in printed
+    copies = answer_lengths(tmp_path / "labels.copies.jsonl")
+    train_ids = {key.partition(":")[2] for key in copies}
+    assert len(copies) == 32 and len(train_ids) == 16  # the 16 train prompts, twice; no held-out one
+    assert {key.partition(":")[0] for key in copies} == {"space", "stop"}
+    assert cli.main(base + ["--augment", "shout"]) == 2
+    assert "--augment takes kinds of space, stop, got shout" in capsys.readouterr().err
+    assert cli.main(base + ["--augment", "space", "--no-probe"]) == 2
+    assert "cannot be combined with --no-probe" in capsys.readouterr().err
+
+
 def test_bad_outcomes_name_the_predictor():
     class Lopsided(TwoOutcomes):
         def predict_outcomes(self, prompts):

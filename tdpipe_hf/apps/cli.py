@@ -167,6 +167,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     train.add_argument("--no-probe", action="store_true", help="skip the length probe on the model's hidden "
                                                                "states (saved as OUTPUT.probe.npz)")
+    train.add_argument("--augment", default="", metavar="KINDS",
+                       help="also answer near-identical copies of the train split's prompts and fit the length "
+                            "probe on them too: comma-separated, of 'space' (a trailing space) and 'stop' (the "
+                            "final full stop toggled); their answers go beside --labels, '.copies' before its "
+                            "extension (resumable)")
     _add_placement(train)
 
     ev = commands.add_parser("eval-predictor", help="a predictor's MAE on your labelled prompts, against the "
@@ -366,33 +371,52 @@ def _input_path(text: str | None):
 
 
 def _train_predictor(args) -> int:
+    import json
     from pathlib import Path
 
     import tdpipe_hf
 
     from ..models import model_name
     from .offline import run_batch
-    from .training import fit_and_report, fit_probe_and_report, read_labels
+    from .training import (copy_line, fit_and_report, fit_probe_and_report, labelled_jobs, read_copies, read_labels,
+                           split)
 
     input_path = _input_path(args.input)
+    kinds = _copy_kinds(args.augment)
+    if kinds and args.no_probe:
+        raise ValueError("--augment trains the length probe: it cannot be combined with --no-probe")
     executor = "distributed" if args.stages > 1 else "local"
     print("loading model ...", file=sys.stderr)
     model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, executor=executor,
                                                  admission="fits", **_placement(args))
     name = model_name(model)
     labels = Path(args.labels) if args.labels else Path(f"{input_path.stem}.{name}.answers.jsonl")
+    copies_labels = labels.with_name(f"{labels.stem}.copies{labels.suffix}")  # answers, like the labels
+    copies_input = labels.with_name(f"{labels.stem}.copies.prompts.jsonl")
     try:
         print(f"labelling {input_path} with {name} (max_new_tokens {args.max_new_tokens}) -> {labels}",
               file=sys.stderr)
         summary = run_batch(model, tokenizer, input_path, labels, max_new_tokens=args.max_new_tokens)
         print(summary.format(), file=sys.stderr)
+        if kinds:
+            jobs, _ = labelled_jobs(input_path, labels)
+            train, _ = split(len(jobs), args.test_fraction, args.seed)
+            with open(copies_input, "w", encoding="utf-8") as out:
+                for kind in kinds:
+                    out.writelines(json.dumps(copy_line(jobs[i], kind)) + "\n" for i in train)
+            print(f"labelling {len(kinds) * len(train)} copies of the train split's prompts -> {copies_labels}",
+                  file=sys.stderr)
+            summary = run_batch(model, tokenizer, copies_input, copies_labels, max_new_tokens=args.max_new_tokens)
+            print(summary.format(), file=sys.stderr)
     finally:
         model.tdpipe_engine.close()
     prompts, lengths = read_labels(input_path, labels, tokenizer)
+    copies = None
+    if kinds:
+        copies = read_copies(copies_input, copies_labels, tokenizer,
+                             [job.id for job in labelled_jobs(input_path, labels)[0]])
     report = fit_and_report(prompts, lengths, args.output or f"{name}.npz", kind=args.kind,
                             test_fraction=args.test_fraction, seed=args.seed)
-    import json
-
     from ..models import weight_signature
 
     # beside the predictor: shipped in tdpipe_hf/data/predictors, it lets models with these weights
@@ -404,9 +428,19 @@ def _train_predictor(args) -> int:
         from ..predictors import PROBE_SUFFIX
 
         probe = fit_probe_and_report(model, prompts, lengths, report.path.with_name(report.path.stem + PROBE_SUFFIX),
-                                     test_fraction=args.test_fraction, seed=args.seed)
+                                     test_fraction=args.test_fraction, seed=args.seed, copies=copies)
         print(probe.format())
     return 0
+
+
+def _copy_kinds(text: str) -> list[str]:
+    from .training import PROMPT_COPIES
+
+    kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
+    unknown = [kind for kind in kinds if kind not in PROMPT_COPIES]
+    if unknown:
+        raise ValueError(f"--augment takes kinds of {', '.join(PROMPT_COPIES)}, got {', '.join(unknown)}")
+    return list(dict.fromkeys(kinds))
 
 
 def _eval_predictor(args) -> int:

@@ -58,18 +58,93 @@ def evaluate(name: str, predictor, prompts: list[list[int]], lengths: list[int])
     return Accuracy(name, float(np.mean(np.abs(predicted - truth))), float(np.mean(buckets_hit)), len(lengths))
 
 
+def labelled_jobs(input_path: str | Path, answers_path: str | Path) -> tuple[list[Job], list[int]]:
+    """(job, output length) for every input line that has an answer, in input order: the order
+    :func:`split` indexes."""
+    lengths = answer_lengths(answers_path)
+    jobs, labels = [], []
+    for _, job in read_jobs(input_path):
+        if isinstance(job, Job) and job.id in lengths:
+            jobs.append(job)
+            labels.append(lengths.pop(job.id))
+    return jobs, labels
+
+
 def read_labels(input_path: str | Path, answers_path: str | Path, tokenizer, chat_template: bool = True
                 ) -> tuple[list[list[int]], list[int]]:
     """(prompt ids, output length) for every input line that has an answer, tokenized the way
     ``run_batch`` tokenized it."""
-    lengths = answer_lengths(answers_path)
+    jobs, labels = labelled_jobs(input_path, answers_path)
     use_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
-    prompts, labels = [], []
-    for _, job in read_jobs(input_path):
-        if isinstance(job, Job) and job.id in lengths:
-            prompts.append(tokenize_job(tokenizer, job, use_template))
-            labels.append(lengths.pop(job.id))
-    return prompts, labels
+    return [tokenize_job(tokenizer, job, use_template) for job in jobs], labels
+
+
+# Near-identical copies of a prompt (``train-predictor --augment``). SmolLM2's greedy answers to
+# them run to the cap or not independently of the original's about a fifth of the time (README,
+# *More labels*), so each is a fresh label for nearly the same meaning.
+PROMPT_COPIES = {
+    "space": lambda text: text.rstrip() + " ",
+    "stop": lambda text: text.rstrip()[:-1] if text.rstrip()[-1:] in ".?!" else text.rstrip() + ".",
+}
+
+
+def copy_line(job: Job, kind: str) -> dict:
+    """The ``tdpipe run`` input line of ``job``'s ``kind`` copy, id ``KIND:ID``: its last user
+    message (or its prompt) changed by ``PROMPT_COPIES[kind]``."""
+    if kind not in PROMPT_COPIES:
+        raise ValueError(f"unknown prompt copy {kind!r}; known: {', '.join(PROMPT_COPIES)}")
+    change = PROMPT_COPIES[kind]
+    line: dict = {"id": f"{kind}:{job.id}"}
+    if job.messages is None:
+        line["prompt"] = change(job.prompt)
+    else:
+        messages = [dict(m) for m in job.messages]
+        last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+        messages[last]["content"] = change(str(messages[last]["content"]))
+        line["messages"] = messages
+    if job.max_new_tokens is not None:
+        line["max_new_tokens"] = job.max_new_tokens
+    return line
+
+
+@dataclass
+class Copies:
+    """Labelled copies of labelled prompts, as extra training rows: ``origin[i]`` is the index of
+    the prompt that row ``i`` copies, so that a copy trains only where its original does (never
+    when its original is being tested, in the held-out split or a cross-validation fold)."""
+
+    inputs: list | np.ndarray  # prompt ids, or hidden states
+    lengths: np.ndarray
+    origin: np.ndarray
+
+    def within(self, index: np.ndarray) -> "Copies":
+        """The copies of the prompts at ``index``, their origins renumbered to positions in it."""
+        position = {int(p): i for i, p in enumerate(index)}
+        keep = np.array([i for i, o in enumerate(self.origin) if int(o) in position], dtype=int)
+        return Copies(_take(self.inputs, keep), self.lengths[keep],
+                      np.array([position[int(self.origin[i])] for i in keep], dtype=int))
+
+    def training_rows(self, inputs, lengths: np.ndarray, index: np.ndarray):
+        """(inputs, lengths) of the prompts at ``index`` followed by their copies."""
+        mine = self.within(index)
+        if isinstance(inputs, np.ndarray):
+            rows = np.concatenate([inputs[index], mine.inputs]) if len(mine.lengths) else inputs[index]
+        else:
+            rows = _take(inputs, index) + list(mine.inputs)
+        return rows, np.concatenate([np.asarray(lengths, dtype=np.float64)[index], mine.lengths])
+
+
+def read_copies(copies_path: str | Path, answers_path: str | Path, tokenizer, origins: list[str],
+                chat_template: bool = True) -> Copies:
+    """The answered copies of ``copies_path`` (ids ``KIND:ID``), tied to their prompts' positions
+    in ``origins`` (the labelled prompts' ids, in order); copies of other ids are left out."""
+    jobs, lengths = labelled_jobs(copies_path, answers_path)
+    position = {job_id: i for i, job_id in enumerate(origins)}
+    use_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
+    keep = [(job, n) for job, n in zip(jobs, lengths) if job.id.partition(":")[2] in position]
+    return Copies([tokenize_job(tokenizer, job, use_template) for job, _ in keep],
+                  np.array([n for _, n in keep], dtype=np.float64),
+                  np.array([position[job.id.partition(":")[2]] for job, _ in keep], dtype=int))
 
 
 def split(count: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,18 +199,22 @@ def probe_layers(num_layers: int) -> list[int]:
     return sorted({max(1, min(num_layers - 1, round(num_layers * f))) for f in (0.33, 0.5, 0.6, 0.67, 0.75, 0.85)})
 
 
-def cross_validated_mae(make, features: np.ndarray, lengths: np.ndarray, folds: int = 5, seed: int = 0) -> float:
-    """Mean absolute error of ``make().fit`` over ``folds`` folds of (features, lengths)."""
+def cross_validated_mae(make, features: np.ndarray, lengths: np.ndarray, folds: int = 5, seed: int = 0,
+                        copies: Copies | None = None) -> float:
+    """Mean absolute error of ``make().fit`` over ``folds`` folds of (features, lengths); each
+    fold also trains on the ``copies`` of its training prompts."""
     from sklearn.model_selection import KFold
 
     errors = []
     for train, test in KFold(folds, shuffle=True, random_state=seed).split(features):
-        predicted = make().fit(features[train], lengths[train]).predict(features[test])
+        rows, target = copies.training_rows(features, lengths, train) if copies else (features[train], lengths[train])
+        predicted = make().fit(rows, target).predict(features[test])
         errors.append(np.mean(np.abs(np.asarray(predicted) - lengths[test])))
     return float(np.mean(errors))
 
 
-def cross_validated_spread(make, inputs, lengths: np.ndarray, folds: int = 5, seed: int = 0) -> float | None:
+def cross_validated_spread(make, inputs, lengths: np.ndarray, folds: int = 5, seed: int = 0,
+                           copies: Copies | None = None) -> float | None:
     """How far answers that stop before the cap land from the "stops earlier" outcome ``make()``
     predicts for them, out of sample: the standard deviation of log(1 + length) - log(1 + guess)
     over ``folds`` folds. Greedy prefill plans that outcome as a log-normal of this spread (see
@@ -146,7 +225,8 @@ def cross_validated_spread(make, inputs, lengths: np.ndarray, folds: int = 5, se
     cap = lengths.max()
     residuals = []
     for train, test in KFold(folds, shuffle=True, random_state=seed).split(lengths):
-        model = make().fit(_take(inputs, train), lengths[train])
+        model = make().fit(*(copies.training_rows(inputs, lengths, train) if copies
+                             else (_take(inputs, train), lengths[train])))
         if not hasattr(model, "predict_outcomes"):
             return None
         for outcomes, truth in zip(model.predict_outcomes(_take(inputs, test)), lengths[test]):
@@ -175,37 +255,58 @@ class ProbeReport:
     baseline: Accuracy
     path: Path
     spread: float | None = None
+    copies: int = 0  # copies of train-split prompts it was also trained on (--augment)
+    without_copies: Accuracy | None = None  # the same layer and C, fitted on the prompts alone
 
     def format(self) -> str:
         tried = ", ".join(f"{layer}: {mae:.1f}" for layer, mae in self.layer_errors.items())
-        return (f"length probe after prefill: layer {self.layer}, C {self.C} (5-fold MAE on the train split by "
-                f"layer: {tried})\n  {self.probe.format()}\n  {self.baseline.format()}\n"
+        trained = f", trained with {self.copies} copies of the train prompts" if self.copies else ""
+        without = f"\n  {self.without_copies.format()}" if self.without_copies else ""
+        return (f"length probe after prefill: layer {self.layer}, C {self.C}{trained} (5-fold MAE on the train "
+                f"split by layer: {tried})\n  {self.probe.format()}{without}\n  {self.baseline.format()}\n"
                 f"{_spread_line(self.spread)}saved {self.path}")
 
 
 def fit_probe_and_report(model, prompts: list[list[int]], lengths: list[int], output: str | Path,
-                         test_fraction: float = 0.2, seed: int = 0, progress: bool = True) -> ProbeReport:
+                         test_fraction: float = 0.2, seed: int = 0, progress: bool = True,
+                         copies: Copies | None = None) -> ProbeReport:
     """Fit a hidden-state length probe on the train split of the same split ``fit_and_report``
     uses, its layer and regularisation chosen by cross-validation inside the train split, report
-    it on the test split against the best constant (the train split's median) and save it."""
+    it on the test split against the best constant (the train split's median) and save it.
+    ``copies`` of train-split prompts (``--augment``) train it too, in every fold where their
+    original trains; the report then also gives the same probe fitted without them."""
     from ..predictors.probe import HiddenStateProbe, last_token_states
 
     train, test = split(len(prompts), test_fraction, seed)
     candidates = probe_layers(model.config.num_hidden_layers)
     states = last_token_states(model, prompts, candidates, progress=progress)
+    mine = copies.within(train) if copies is not None else None  # origins: positions in ``train``
+    mine = mine if mine is not None and len(mine.lengths) else None
+    copy_states = last_token_states(model, mine.inputs, candidates, progress=progress) if mine else None
+
+    def copies_at(layer: int) -> Copies | None:
+        return Copies(copy_states[layer], mine.lengths, mine.origin) if mine else None
+
     target = np.asarray(lengths, dtype=np.float64)
     grid = {(layer, C): cross_validated_mae(lambda layer=layer, C=C: HiddenStateProbe(layer, C=C),
-                                            states[layer][train], target[train], seed=seed)
+                                            states[layer][train], target[train], seed=seed, copies=copies_at(layer))
             for layer in candidates for C in PROBE_REGULARISATION}
     layer, C = min(grid, key=grid.get)
     errors = {n: min(mae for (m, _), mae in grid.items() if m == n) for n in candidates}
-    probe = HiddenStateProbe(layer, C=C).fit(states[layer][train], target[train])
+    rows, rows_target = states[layer][train], target[train]
+    if mine:
+        rows, rows_target = copies_at(layer).training_rows(rows, rows_target, np.arange(len(train)))
+    probe = HiddenStateProbe(layer, C=C).fit(rows, rows_target)
     probe.length_spread = cross_validated_spread(lambda: HiddenStateProbe(layer, C=C), states[layer][train],
-                                                 target[train], seed=seed)
+                                                 target[train], seed=seed, copies=copies_at(layer))
     test_states, test_lengths = states[layer][test], target[test].tolist()
+    without = None
+    if mine:
+        alone = HiddenStateProbe(layer, C=C).fit(states[layer][train], target[train])
+        without = evaluate("no copies", alone, test_states, test_lengths)
     return ProbeReport(layer, C, errors, evaluate("probe", probe, test_states, test_lengths),
                        evaluate("median", FixedGuess(np.median(target[train])), test_states, test_lengths),
-                       probe.save(output), probe.length_spread)
+                       probe.save(output), probe.length_spread, len(mine.lengths) if mine else 0, without)
 
 
 def read_lengths_file(path: str | Path, tokenizer, chat_template: bool = True) -> tuple[list[list[int]], list[int]]:
