@@ -79,9 +79,9 @@ def read_labels(input_path: str | Path, answers_path: str | Path, tokenizer, cha
     return [tokenize_job(tokenizer, job, use_template) for job in jobs], labels
 
 
-# Near-identical copies of a prompt (``train-predictor --augment``). SmolLM2's greedy answers to
-# them run to the cap or not independently of the original's about a fifth of the time (README,
-# *More labels*), so each is a fresh label for nearly the same meaning.
+# Near-identical copies of a prompt (``train-predictor --augment``). Whether SmolLM2's greedy
+# answer runs to the cap changes under such a copy for about a fifth of the prompts (README,
+# *Near-identical prompts*), so each copy is a label of its own for nearly the same meaning.
 PROMPT_COPIES = {
     "space": lambda text: text.rstrip() + " ",
     "stop": lambda text: text.rstrip()[:-1] if text.rstrip()[-1:] in ".?!" else text.rstrip() + ".",
@@ -207,7 +207,8 @@ def cross_validated_mae(make, features: np.ndarray, lengths: np.ndarray, folds: 
 
     errors = []
     for train, test in KFold(folds, shuffle=True, random_state=seed).split(features):
-        rows, target = copies.training_rows(features, lengths, train) if copies else (features[train], lengths[train])
+        rows, target = (copies.training_rows(features, lengths, train) if copies is not None
+                        else (features[train], lengths[train]))
         predicted = make().fit(rows, target).predict(features[test])
         errors.append(np.mean(np.abs(np.asarray(predicted) - lengths[test])))
     return float(np.mean(errors))
@@ -225,7 +226,7 @@ def cross_validated_spread(make, inputs, lengths: np.ndarray, folds: int = 5, se
     cap = lengths.max()
     residuals = []
     for train, test in KFold(folds, shuffle=True, random_state=seed).split(lengths):
-        model = make().fit(*(copies.training_rows(inputs, lengths, train) if copies
+        model = make().fit(*(copies.training_rows(inputs, lengths, train) if copies is not None
                              else (_take(inputs, train), lengths[train])))
         if not hasattr(model, "predict_outcomes"):
             return None
