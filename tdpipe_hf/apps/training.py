@@ -82,9 +82,16 @@ def read_labels(input_path: str | Path, answers_path: str | Path, tokenizer, cha
 # Near-identical copies of a prompt (``train-predictor --augment``). Whether SmolLM2's greedy
 # answer runs to the cap changes under such a copy for about a fifth of the prompts (README,
 # *Near-identical prompts*), so each copy is a label of its own for nearly the same meaning.
+def _first_letter_case_toggled(text: str) -> str:
+    at = next((i for i, c in enumerate(text) if c.swapcase() != c), None)
+    return text + " " if at is None else text[:at] + text[at].swapcase() + text[at + 1:]
+
+
 PROMPT_COPIES = {
     "space": lambda text: text.rstrip() + " ",
     "stop": lambda text: text.rstrip()[:-1] if text.rstrip()[-1:] in ".?!" else text.rstrip() + ".",
+    "case": _first_letter_case_toggled,
+    "newline": lambda text: text.rstrip() + "\n",
 }
 
 
