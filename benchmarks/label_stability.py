@@ -7,11 +7,12 @@ the copies written by ``benchmarks/perturbed_prompts.py`` (ids ``KIND:ID``), the
 1. Stability: for each kind of copy, how often its answer runs to the cap when the original's
    does (and does not), and how often the two lengths are equal. ``same`` (the prompt unchanged,
    answered again in other batches) is the engine's own noise.
-2. What the prompt's meaning can tell at best: on prompts with all three answers (original,
-   ``space``, ``stop``), the error of guessing each answer's length by the median of its own three
-   (in-sample for that prompt, so optimistic: a predictor that knew each meaning's length
-   distribution exactly would do about this well) and by the mean of its two siblings, as a
-   multiple of the best constant's error (the median of all original lengths).
+2. What the prompt's meaning can tell at best: on prompts with an answer for the original and
+   each copy of ``--kinds`` (default ``space,stop``), the error of guessing each answer's length
+   by the median of its prompt's answers (in-sample for that prompt, so optimistic: a predictor
+   that knew each meaning's length distribution exactly would do about this well) and the
+   original's by the mean of its copies', as a multiple of the best constant's error (the median
+   of all original lengths).
 3. Whether the copies help as training data: the prompt-only predictor (``sklearn``) and the
    length probe after prefill, each fitted on ``train-predictor``'s train split (seed 0, 20 % held
    out) with and without the copies of the training prompts, scored on the held-out originals,
@@ -21,10 +22,10 @@ the copies written by ``benchmarks/perturbed_prompts.py`` (ids ``KIND:ID``), the
         benchmarks/data/prompts.SmolLM2-135M-Instruct.lengths.jsonl \
         benchmarks/data/prompts.SmolLM2-135M-Instruct.lengths.copies.jsonl [--probe-layers 20]
 
-The last file holds SmolLM2's answer lengths for the ``space`` and ``stop`` copies of all 645
-prompts and the ``same`` copies of the first 160 (``perturbed_prompts.py``, then ``tdpipe run
---max-new-tokens 512`` at 1 stage, 2026-12-07); ``train-predictor --augment space,stop`` reads the
-train split's copies from it.
+The last file holds SmolLM2's answer lengths for the ``space``, ``stop``, ``case`` and ``newline``
+copies of all 645 prompts and the ``same`` copies of the first 160 (``perturbed_prompts.py``, then
+``tdpipe run --max-new-tokens 512`` at 1 stage, 2026-12-07); ``train-predictor --augment`` reads
+the train split's copies from it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from tdpipe_hf.models import load_model_and_tokenizer
 from tdpipe_hf.predictors.learned import LearnedLengthPredictor
 from tdpipe_hf.predictors.probe import HiddenStateProbe, last_token_states
 
-COPIES = ("space", "stop")  # train-predictor --augment's kinds (training.PROMPT_COPIES)
 
 
 def stability(original: dict[str, int], copies: dict[str, dict[str, int]], cap: int) -> None:
@@ -58,21 +58,23 @@ def stability(original: dict[str, int], copies: dict[str, dict[str, int]], cap: 
               f"{(at_a == at_b).mean():>15.1%} {(a == b).mean():>12.1%} {np.median(np.abs(a - b)):>14.0f}")
 
 
-def meaning_bound(original: dict[str, int], copies: dict[str, dict[str, int]], ids: list[str], label: str) -> None:
-    ids = [i for i in ids if all(i in copies.get(k, {}) for k in COPIES)]
+def meaning_bound(original: dict[str, int], copies: dict[str, dict[str, int]], kinds: list[str], ids: list[str],
+                  label: str) -> None:
+    ids = [i for i in ids if all(i in copies.get(k, {}) for k in kinds)]
     if not ids:
         return
-    three = np.array([[original[i], *(copies[k][i] for k in COPIES)] for i in ids], dtype=np.float64)
-    constant = np.median(three[:, 0])
-    base = np.abs(three[:, 0] - constant).mean()
-    own_median = np.abs(three - np.median(three, axis=1, keepdims=True)).mean()
-    own_base = np.abs(three - constant).mean()
-    siblings = np.abs(three[:, 0] - three[:, 1:].mean(axis=1)).mean()
+    answers = np.array([[original[i], *(copies[k][i] for k in kinds)] for i in ids], dtype=np.float64)
+    constant = np.median(answers[:, 0])
+    base = np.abs(answers[:, 0] - constant).mean()
+    own_median = np.abs(answers - np.median(answers, axis=1, keepdims=True)).mean()
+    own_base = np.abs(answers - constant).mean()
+    siblings = np.abs(answers[:, 0] - answers[:, 1:].mean(axis=1)).mean()
+    n = answers.shape[1]
     print(f"   {label}: {len(ids)} prompts; best constant {constant:.0f} tokens, MAE {base:.1f} on the originals, "
-          f"{own_base:.1f} on all three answers")
-    print(f"     each answer guessed by its prompt's median of three: MAE {own_median:.1f} "
+          f"{own_base:.1f} on all {n} answers")
+    print(f"     each answer guessed by its prompt's median of {n}: MAE {own_median:.1f} "
           f"({own_median / own_base:.2f}x the constant)")
-    print(f"     the original guessed by the mean of its two copies: MAE {siblings:.1f} ({siblings / base:.2f}x)")
+    print(f"     the original guessed by the mean of its {n - 1} copies: MAE {siblings:.1f} ({siblings / base:.2f}x)")
 
 
 def fit_score(make, train_x, train_y, test_x, test_y) -> float:
@@ -118,6 +120,7 @@ def main() -> None:
     parser.add_argument("answers", help="the copies' lengths: tdpipe run's answers to perturbed_prompts.py's output")
     parser.add_argument("--model", help="HF directory or .gguf (default: the shipped SmolLM2)")
     parser.add_argument("--probe-layers", default="20", help="comma-separated probe layers ('' skips the probe)")
+    parser.add_argument("--kinds", default="space,stop", help="the copies sections 2 and 3 use (default space,stop)")
     parser.add_argument("--cap", type=int, default=512)
     args = parser.parse_args()
 
@@ -132,15 +135,15 @@ def main() -> None:
     print("2. what the prompt's meaning can tell at best")
     order = [pid for pid in jobs if pid in original]  # input order: the order split() indexes
     train, test = split(len(order), 0.2, 0)
-    meaning_bound(original, copies, order, "all prompts")
-    meaning_bound(original, copies, [order[i] for i in test], "held-out split")
+    kinds = [k for k in args.kinds.split(",") if k]
+    meaning_bound(original, copies, kinds, order, "all prompts")
+    meaning_bound(original, copies, kinds, [order[i] for i in test], "held-out split")
 
     print("3. the copies of the training prompts as more training data")
     model, tokenizer = load_model_and_tokenizer(args.model)
     use_template = getattr(tokenizer, "chat_template", None) is not None
     ids = [tokenize_job(tokenizer, jobs[pid], use_template) for pid in order]
     lengths = np.array([original[pid] for pid in order], dtype=np.float64)
-    kinds = [k for k in COPIES if k in copies]
     copy_ids = {k: [tokenize_job(tokenizer, parse_line(json.dumps(copy_line(jobs[pid], k)), 0), use_template)
                     for pid in order] for k in kinds}
     copy_lengths = {k: [copies[k].get(pid) for pid in order] for k in kinds}

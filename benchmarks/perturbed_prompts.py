@@ -6,8 +6,10 @@ Writes one JSONL for ``tdpipe run`` with, for each prompt of INPUT, the lines
 ``{"id": "KIND:ID", "prompt": ...}`` for each KIND asked for:
 - ``same``: the prompt unchanged (answered again in other batches: the engine's own noise),
 - ``space``: a trailing space added,
-- ``stop``: the final full stop, question or exclamation mark removed, or a full stop added
-  (these two are ``tdpipe train-predictor --augment``'s copies).
+- ``stop``: the final full stop, question or exclamation mark removed, or a full stop added,
+- ``case``: the first letter's case toggled,
+- ``newline``: a trailing newline added
+  (all but ``same`` are ``tdpipe train-predictor --augment``'s copies, ``training.PROMPT_COPIES``).
 
     python benchmarks/perturbed_prompts.py ../shared/data/prompts.jsonl OUT.jsonl --kinds space,stop
     tdpipe run OUT.jsonl -o OUT.answers.jsonl --max-new-tokens 512

@@ -169,9 +169,9 @@ def _parser() -> argparse.ArgumentParser:
                                                                "states (saved as OUTPUT.probe.npz)")
     train.add_argument("--augment", default="", metavar="KINDS",
                        help="also answer near-identical copies of the train split's prompts and fit the length "
-                            "probe on them too: comma-separated, of 'space' (a trailing space) and 'stop' (the "
-                            "final full stop toggled); their answers go beside --labels, '.copies' before its "
-                            "extension (resumable)")
+                            "probe on them too: comma-separated, of 'space' (a trailing space), 'stop' (the final "
+                            "full stop toggled), 'case' (the first letter's case toggled), 'newline' (a trailing "
+                            "newline); their answers go beside --labels, '.copies' before its extension (resumable)")
     _add_placement(train)
 
     ev = commands.add_parser("eval-predictor", help="a predictor's MAE on your labelled prompts, against the "
