@@ -145,6 +145,9 @@ def test_prompt_copies_change_only_the_last_user_message():
     plain = Job(2, "8", None, "List three colours ", None)
     assert copy_line(plain, "space") == {"id": "space:8", "prompt": "List three colours "}
     assert copy_line(plain, "stop") == {"id": "stop:8", "prompt": "List three colours."}
+    assert copy_line(plain, "case")["prompt"] == "list three colours "
+    assert copy_line(Job(3, "9", None, "  2 + 2?", None), "case")["prompt"] == "  2 + 2? "  # no letter: a space
+    assert copy_line(plain, "newline")["prompt"] == "List three colours\n"
     with pytest.raises(ValueError, match="unknown prompt copy 'shout'"):
         copy_line(plain, "shout")
 
