@@ -378,8 +378,7 @@ def _train_predictor(args) -> int:
 
     from ..models import model_name
     from .offline import run_batch
-    from .training import (copy_line, fit_and_report, fit_probe_and_report, labelled_jobs, read_copies, read_labels,
-                           split)
+    from .training import fit_and_report, fit_probe_and_report, label_copies, read_labels
 
     input_path = _input_path(args.input)
     kinds = _copy_kinds(args.augment)
@@ -391,30 +390,18 @@ def _train_predictor(args) -> int:
                                                  admission="fits", **_placement(args))
     name = model_name(model)
     labels = Path(args.labels) if args.labels else Path(f"{input_path.stem}.{name}.answers.jsonl")
-    copies_labels = labels.with_name(f"{labels.stem}.copies{labels.suffix}")  # answers, like the labels
-    copies_input = labels.with_name(f"{labels.stem}.copies.prompts.jsonl")
+    copies = None
     try:
         print(f"labelling {input_path} with {name} (max_new_tokens {args.max_new_tokens}) -> {labels}",
               file=sys.stderr)
         summary = run_batch(model, tokenizer, input_path, labels, max_new_tokens=args.max_new_tokens)
         print(summary.format(), file=sys.stderr)
         if kinds:
-            jobs, _ = labelled_jobs(input_path, labels)
-            train, _ = split(len(jobs), args.test_fraction, args.seed)
-            with open(copies_input, "w", encoding="utf-8") as out:
-                for kind in kinds:
-                    out.writelines(json.dumps(copy_line(jobs[i], kind)) + "\n" for i in train)
-            print(f"labelling {len(kinds) * len(train)} copies of the train split's prompts -> {copies_labels}",
-                  file=sys.stderr)
-            summary = run_batch(model, tokenizer, copies_input, copies_labels, max_new_tokens=args.max_new_tokens)
-            print(summary.format(), file=sys.stderr)
+            copies = label_copies(model, tokenizer, input_path, labels, kinds, args.test_fraction, args.seed,
+                                  args.max_new_tokens)
     finally:
         model.tdpipe_engine.close()
     prompts, lengths = read_labels(input_path, labels, tokenizer)
-    copies = None
-    if kinds:
-        copies = read_copies(copies_input, copies_labels, tokenizer,
-                             [job.id for job in labelled_jobs(input_path, labels)[0]])
     report = fit_and_report(prompts, lengths, args.output or f"{name}.npz", kind=args.kind,
                             test_fraction=args.test_fraction, seed=args.seed)
     from ..models import weight_signature

@@ -10,13 +10,15 @@ so labelling is resumable like any ``tdpipe run`` job and its tokens are HF ``ge
 from __future__ import annotations
 
 import bisect
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .. import plugins
-from .offline import Job, answer_lengths, read_jobs, tokenize_job
+from .offline import Job, answer_lengths, read_jobs, run_batch, tokenize_job
 
 BUCKET_EDGES = (32, 64, 128, 256, 512)  # buckets: <32, 32-63, 64-127, 128-255, 256-511, >=512
 
@@ -152,6 +154,24 @@ def read_copies(copies_path: str | Path, answers_path: str | Path, tokenizer, or
     return Copies([tokenize_job(tokenizer, job, use_template) for job, _ in keep],
                   np.array([n for _, n in keep], dtype=np.float64),
                   np.array([position[job.id.partition(":")[2]] for job, _ in keep], dtype=int))
+
+
+def label_copies(model, tokenizer, input_path: str | Path, labels: str | Path, kinds: list[str],
+                 test_fraction: float, seed: int, max_new_tokens: int) -> Copies:
+    """Answer the ``kinds`` copies of the train split's labelled prompts with the engine, as
+    ``train-predictor --augment`` does: their prompts go to ``LABELS_STEM.copies.prompts.jsonl``,
+    their answers (resumable) to ``LABELS_STEM.copies`` + the labels' extension."""
+    labels = Path(labels)
+    prompts = labels.with_name(f"{labels.stem}.copies.prompts.jsonl")
+    answers = labels.with_name(f"{labels.stem}.copies{labels.suffix}")
+    jobs, _ = labelled_jobs(input_path, labels)
+    train, _ = split(len(jobs), test_fraction, seed)
+    with open(prompts, "w", encoding="utf-8") as out:
+        for kind in kinds:
+            out.writelines(json.dumps(copy_line(jobs[i], kind)) + "\n" for i in train)
+    print(f"labelling {len(kinds) * len(train)} copies of the train split's prompts -> {answers}", file=sys.stderr)
+    print(run_batch(model, tokenizer, prompts, answers, max_new_tokens=max_new_tokens).format(), file=sys.stderr)
+    return read_copies(prompts, answers, tokenizer, [job.id for job in jobs])
 
 
 def split(count: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
