@@ -187,6 +187,7 @@ def test_train_predictor_augments_the_probe_with_copies_of_train_prompts(tmp_pat
 
     from tdpipe_hf.apps import cli
     from tdpipe_hf.apps.offline import answer_lengths
+    from tdpipe_hf.apps.training import split
 
     model_dir = tiny_model_dir(tmp_path / "tiny")
     prompts = tmp_path / "prompts.jsonl"
@@ -199,7 +200,7 @@ def test_train_predictor_augments_the_probe_with_copies_of_train_prompts(tmp_pat
     assert "trained with 32 copies of the train prompts" in printed and "no copies" in printed
     copies = answer_lengths(tmp_path / "labels.copies.jsonl")
     train_ids = {key.partition(":")[2] for key in copies}
-    assert len(copies) == 32 and len(train_ids) == 16  # the 16 train prompts, twice; no held-out one
+    assert len(copies) == 32 and train_ids == {str(i) for i in split(20, 0.2, 0)[0]}  # train prompts only
     assert {key.partition(":")[0] for key in copies} == {"space", "stop"}
     assert cli.main(base + ["--augment", "shout"]) == 2
     assert re.search(r"--augment takes kinds of space, stop.*, got shout", capsys.readouterr().err)
