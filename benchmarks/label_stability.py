@@ -38,11 +38,10 @@ import numpy as np
 from sklearn.model_selection import KFold
 
 from tdpipe_hf.apps.offline import Job, answer_lengths, parse_line, read_jobs, tokenize_job
-from tdpipe_hf.apps.training import copy_line, split
+from tdpipe_hf.apps.training import Copies, _take, copy_line, cross_validated_mae, split
 from tdpipe_hf.models import load_model_and_tokenizer
 from tdpipe_hf.predictors.learned import LearnedLengthPredictor
 from tdpipe_hf.predictors.probe import HiddenStateProbe, last_token_states
-
 
 
 def stability(original: dict[str, int], copies: dict[str, dict[str, int]], cap: int) -> None:
@@ -77,40 +76,38 @@ def meaning_bound(original: dict[str, int], copies: dict[str, dict[str, int]], k
     print(f"     the original guessed by the mean of its {n - 1} copies: MAE {siblings:.1f} ({siblings / base:.2f}x)")
 
 
-def fit_score(make, train_x, train_y, test_x, test_y) -> float:
-    model = make().fit(train_x, train_y)
-    return float(np.abs(np.asarray(model.predict(test_x)) - np.asarray(test_y)).mean())
-
-
-def compare_training(name: str, make, rows, lengths: np.ndarray, copy_rows: dict, copy_lengths: dict,
-                     train: np.ndarray, test: np.ndarray, select) -> None:
-    """``rows``: the originals' inputs (list or array, indexed by ``select``); ``copy_rows[kind]``
-    the copies' inputs, aligned with the originals (None where a copy has no answer)."""
-    def with_copies(index: np.ndarray):
-        xs, ys = [select(rows, index)], [lengths[index]]
-        for kind in copy_rows:
-            have = np.array([i for i in index if copy_lengths[kind][i] is not None], dtype=int)
-            xs.append(select(copy_rows[kind], have))
-            ys.append(np.array([copy_lengths[kind][i] for i in have], dtype=np.float64))
-        if isinstance(xs[0], np.ndarray):
-            return np.concatenate(xs), np.concatenate(ys)
-        return [x for part in xs for x in part], np.concatenate(ys)
+def compare_training(name: str, make, rows, lengths: np.ndarray, copies: Copies, train: np.ndarray,
+                     test: np.ndarray) -> None:
+    """``make``'s MAE on the held-out originals and by 5-fold cross-validation, trained on the
+    originals alone and with their ``copies``, as multiples of the best constant's."""
+    def held_out(training_rows) -> float:
+        model = make().fit(*training_rows)
+        return float(np.abs(np.asarray(model.predict(_take(rows, test))) - lengths[test]).mean())
 
     constant = np.abs(lengths[test] - np.median(lengths[train])).mean()
-    alone = fit_score(make, select(rows, train), lengths[train], select(rows, test), lengths[test])
-    x, y = with_copies(train)
-    augmented = fit_score(make, x, y, select(rows, test), lengths[test])
-    folds = {"alone": [], "copies": [], "constant": []}
-    for fold_train, fold_test in KFold(5, shuffle=True, random_state=0).split(lengths):
-        folds["constant"].append(np.abs(lengths[fold_test] - np.median(lengths[fold_train])).sum())
-        folds["alone"].append(fit_score(make, select(rows, fold_train), lengths[fold_train],
-                                        select(rows, fold_test), lengths[fold_test]) * len(fold_test))
-        x, y = with_copies(fold_train)
-        folds["copies"].append(fit_score(make, x, y, select(rows, fold_test), lengths[fold_test]) * len(fold_test))
-    cv = {k: sum(v) / len(lengths) for k, v in folds.items()}
+    alone = held_out((_take(rows, train), lengths[train]))
+    augmented = held_out(copies.training_rows(rows, lengths, train))
+    folds = KFold(5, shuffle=True, random_state=0).split(lengths)
+    cv_constant = np.mean([np.abs(lengths[te] - np.median(lengths[tr])).mean() for tr, te in folds])
+    cv_alone = cross_validated_mae(make, rows, lengths) / cv_constant
+    cv_copies = cross_validated_mae(make, rows, lengths, copies=copies) / cv_constant
     print(f"   {name:<28} held out: alone {alone:6.1f} ({alone / constant:.2f}x), with copies {augmented:6.1f} "
-          f"({augmented / constant:.2f}x) | 5-fold: alone {cv['alone'] / cv['constant']:.2f}x, "
-          f"with copies {cv['copies'] / cv['constant']:.2f}x")
+          f"({augmented / constant:.2f}x) | 5-fold: alone {cv_alone:.2f}x, with copies {cv_copies:.2f}x")
+
+
+def copies_of(kinds: list[str], inputs: dict, copy_lengths: dict) -> Copies:
+    """The answered copies of ``kinds`` as one ``Copies`` (``inputs[kind]``, ``copy_lengths[kind]``
+    aligned with the originals; a length is None where a copy has no answer)."""
+    rows, lengths, origin = [], [], []
+    for kind in kinds:
+        for i, length in enumerate(copy_lengths[kind]):
+            if length is not None:
+                rows.append(inputs[kind][i])
+                lengths.append(length)
+                origin.append(i)
+    if rows and isinstance(rows[0], np.ndarray):
+        rows = np.stack(rows)
+    return Copies(rows, np.array(lengths, dtype=np.float64), np.array(origin, dtype=int))
 
 
 def main() -> None:
@@ -147,8 +144,8 @@ def main() -> None:
     copy_ids = {k: [tokenize_job(tokenizer, parse_line(json.dumps(copy_line(jobs[pid], k)), 0), use_template)
                     for pid in order] for k in kinds}
     copy_lengths = {k: [copies[k].get(pid) for pid in order] for k in kinds}
-    compare_training("prompt only (sklearn)", LearnedLengthPredictor, ids, lengths, copy_ids, copy_lengths,
-                     train, test, lambda rows, index: [rows[i] for i in index])
+    compare_training("prompt only (sklearn)", LearnedLengthPredictor, ids, lengths,
+                     copies_of(kinds, copy_ids, copy_lengths), train, test)
     layers = [int(x) for x in args.probe_layers.split(",") if x]
     if layers:
         states = last_token_states(model, ids, layers, progress=True)
@@ -156,8 +153,8 @@ def main() -> None:
         for layer in layers:
             for C in (0.001, 0.003, 0.01):
                 compare_training(f"probe, layer {layer}, C {C}", lambda layer=layer, C=C: HiddenStateProbe(layer, C=C),
-                                 states[layer], lengths, {k: copy_states[k][layer] for k in kinds}, copy_lengths,
-                                 train, test, lambda rows, index: rows[index])
+                                 states[layer], lengths,
+                                 copies_of(kinds, {k: copy_states[k][layer] for k in kinds}, copy_lengths), train, test)
 
 
 if __name__ == "__main__":

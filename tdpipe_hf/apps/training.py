@@ -226,17 +226,18 @@ def probe_layers(num_layers: int) -> list[int]:
     return sorted({max(1, min(num_layers - 1, round(num_layers * f))) for f in (0.33, 0.5, 0.6, 0.67, 0.75, 0.85)})
 
 
-def cross_validated_mae(make, features: np.ndarray, lengths: np.ndarray, folds: int = 5, seed: int = 0,
+def cross_validated_mae(make, features, lengths: np.ndarray, folds: int = 5, seed: int = 0,
                         copies: Copies | None = None) -> float:
     """Mean absolute error of ``make().fit`` over ``folds`` folds of (features, lengths); each
-    fold also trains on the ``copies`` of its training prompts."""
+    fold also trains on the ``copies`` of its training prompts. ``features``: an array, or a list
+    of prompts."""
     from sklearn.model_selection import KFold
 
     errors = []
-    for train, test in KFold(folds, shuffle=True, random_state=seed).split(features):
+    for train, test in KFold(folds, shuffle=True, random_state=seed).split(lengths):
         rows, target = (copies.training_rows(features, lengths, train) if copies is not None
-                        else (features[train], lengths[train]))
-        predicted = make().fit(rows, target).predict(features[test])
+                        else (_take(features, train), lengths[train]))
+        predicted = make().fit(rows, target).predict(_take(features, test))
         errors.append(np.mean(np.abs(np.asarray(predicted) - lengths[test])))
     return float(np.mean(errors))
 
