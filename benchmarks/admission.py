@@ -12,11 +12,12 @@ prefill, the shipped length probe, overbooking where the run's stage times say i
 request (``greedy-point``, as the paper); the baseline "admit while the KV fits now"
 (``fits``), and greedy prefill with an oracle that knows every answer's length (``oracle``; from
 benchmarks/data/*.lengths.jsonl, the model's own greedy answers), also with overbooking
-(``oracle-overbook``: the upper bound of the default), and the default with the shipped
-predictor's "stops earlier" outcome planned as a point (``overbook-nospread``, as before
-2026-12-07). A greedy policy's name may
-end in ``@T`` to plan under ``kv_threshold=T`` (``greedy@0.9``, ``oracle@1.0``). Prints tokens/s,
-preemptions and mean KV utilisation per policy.
+(``oracle-overbook``: the upper bound of the default), vLLM v0's pipeline schedule as TD-Pipe
+measured it (``vllm-v0-pp``: the KV split between per-stage engines, requests pinned to one,
+no predictor), and the default with the shipped predictor's "stops earlier" outcome planned as
+a point (``overbook-nospread``, as before 2026-12-07). A greedy policy's name may end in ``@T``
+to plan under ``kv_threshold=T`` (``greedy@0.9``, ``oracle@1.0``). A policy named twice runs
+twice (to see the host's drift). Prints tokens/s, preemptions and mean KV utilisation per run.
 """
 
 from __future__ import annotations
@@ -72,12 +73,13 @@ def main() -> None:
                                  "length_probe": False},
                 "overbook": {"admission": "greedy", "overbooking": "cost"},
                 "oracle": {"admission": "greedy", "overbooking": "off", "predictor": oracle},
-                "oracle-overbook": {"admission": "greedy", "overbooking": "cost", "predictor": oracle}}
+                "oracle-overbook": {"admission": "greedy", "overbooking": "cost", "predictor": oracle},
+                "vllm-v0-pp": {"policy": "vllm-v0-pp"}}
     point_predictor, point_probe = without_spread()
     settings["overbook-nospread"] = {"admission": "greedy", "overbooking": "cost", "predictor": point_predictor,
                                      "length_probe": point_probe}
-    rows = []
-    for name in args.policies.split(","):
+    rows, outputs = [], []
+    for run, name in enumerate(args.policies.split(",")):
         base, _, threshold = name.partition("@")
         options = dict(settings[base], num_stages=args.stages,
                        executor="distributed" if args.stages > 1 else "local")
@@ -87,7 +89,8 @@ def main() -> None:
             options["kv_threshold"] = float(threshold)
         tdpipe_hf.wrap(model, **options)
         try:
-            summary = run_batch(model, tokenizer, source, work / f"{name}.jsonl", max_new_tokens=args.max_new_tokens)
+            outputs.append(work / f"{run}.{name}.jsonl")  # a policy named twice runs twice, not resumes
+            summary = run_batch(model, tokenizer, source, outputs[-1], max_new_tokens=args.max_new_tokens)
             blocks = model.tdpipe_engine.num_blocks
         finally:
             tdpipe_hf.unwrap(model)
@@ -99,9 +102,8 @@ def main() -> None:
     print(f"\n{'policy':<19} {'tok/s':>7} {'preempt':>8} {'KV use':>7}")
     for row in rows:
         print(f"{row['policy']:<19} {row['tokens_per_s']:>7} {row['preemptions']:>8} {100 * row['kv_utilisation']:>6.1f}%")
-    same = {name: answer_lengths(work / f"{name}.jsonl") for name in (r["policy"] for r in rows)}
-    reference = next(iter(same.values()))
-    print("identical output lengths across policies:", all(v == reference for v in same.values()))
+    same = [answer_lengths(output) for output in outputs]
+    print("identical output lengths across policies:", all(lengths == same[0] for lengths in same))
 
 
 if __name__ == "__main__":

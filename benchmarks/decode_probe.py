@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import tdpipe_hf
-from tdpipe_hf.apps.training import cross_validated_mae, cross_validated_spread, read_labels, split
+from tdpipe_hf.apps.training import cross_validate, read_labels, split
 from tdpipe_hf.predictors.probe import HiddenStateProbe
 
 STEPS = (0, 8, 16, 32, 64)
@@ -117,8 +117,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for layer in LAYERS:
         after_prefill = HiddenStateProbe(layer, C=0.001).fit(states[layer, 0][train], lengths[train])
-        spread = cross_validated_spread(lambda: HiddenStateProbe(layer, C=0.001), states[layer, 0][train],
-                                        lengths[train])
+        spread = cross_validate(lambda: HiddenStateProbe(layer, C=0.001), states[layer, 0][train],
+                                lengths[train]).spread
         for k in STEPS + LATE:
             tr, te = train[lengths[train] > k], test[lengths[test] > k]
             constant = np.mean(np.abs(np.median(lengths[tr]) - lengths[te]))
@@ -127,8 +127,8 @@ def main() -> None:
             refitted = "-"
             if k in STEPS:
                 features = states[layer, k]
-                C = min(C_GRID, key=lambda c: cross_validated_mae(lambda: HiddenStateProbe(layer, C=c),
-                                                                    features[tr], lengths[tr]))
+                C = min(C_GRID, key=lambda c: cross_validate(lambda: HiddenStateProbe(layer, C=c),
+                                                               features[tr], lengths[tr]).mae)
                 refit = HiddenStateProbe(layer, C=C).fit(features[tr], lengths[tr])
                 probe = np.mean(np.abs(np.asarray(refit.predict(features[te])) - lengths[te]))
                 refitted = f"{probe:.1f} ({probe / constant:.2f}x)"

@@ -38,7 +38,7 @@ import numpy as np
 from sklearn.model_selection import KFold
 
 from tdpipe_hf.apps.offline import Job, answer_lengths, parse_line, read_jobs, tokenize_job
-from tdpipe_hf.apps.training import Copies, _take, copy_line, cross_validated_mae, split
+from tdpipe_hf.apps.training import Copies, copy_line, cross_validate, split, take
 from tdpipe_hf.models import load_model_and_tokenizer
 from tdpipe_hf.predictors.learned import LearnedLengthPredictor
 from tdpipe_hf.predictors.probe import HiddenStateProbe, last_token_states
@@ -82,15 +82,15 @@ def compare_training(name: str, make, rows, lengths: np.ndarray, copies: Copies,
     originals alone and with their ``copies``, as multiples of the best constant's."""
     def held_out(training_rows) -> float:
         model = make().fit(*training_rows)
-        return float(np.abs(np.asarray(model.predict(_take(rows, test))) - lengths[test]).mean())
+        return float(np.abs(np.asarray(model.predict(take(rows, test))) - lengths[test]).mean())
 
     constant = np.abs(lengths[test] - np.median(lengths[train])).mean()
-    alone = held_out((_take(rows, train), lengths[train]))
+    alone = held_out((take(rows, train), lengths[train]))
     augmented = held_out(copies.training_rows(rows, lengths, train))
     folds = KFold(5, shuffle=True, random_state=0).split(lengths)
     cv_constant = np.mean([np.abs(lengths[te] - np.median(lengths[tr])).mean() for tr, te in folds])
-    cv_alone = cross_validated_mae(make, rows, lengths) / cv_constant
-    cv_copies = cross_validated_mae(make, rows, lengths, copies=copies) / cv_constant
+    cv_alone = cross_validate(make, rows, lengths).mae / cv_constant
+    cv_copies = cross_validate(make, rows, lengths, copies=copies).mae / cv_constant
     print(f"   {name:<28} held out: alone {alone:6.1f} ({alone / constant:.2f}x), with copies {augmented:6.1f} "
           f"({augmented / constant:.2f}x) | 5-fold: alone {cv_alone:.2f}x, with copies {cv_copies:.2f}x")
 

@@ -118,13 +118,13 @@ def test_a_spread_makes_a_long_running_request_likelier_to_run_to_the_cap():
 
 
 def test_training_measures_the_spread_out_of_sample_and_saves_it(tmp_path):
-    from tdpipe_hf.apps.training import cross_validated_spread
+    from tdpipe_hf.apps.training import cross_validate
 
     rng = np.random.default_rng(0)
     states = rng.normal(size=(300, 8))
     true_log = 3.0 + states[:, 0]  # the log length a probe can read off the state ...
     lengths = np.minimum(np.round(np.expm1(true_log + rng.normal(scale=0.5, size=300))), 200)  # ... give or take 0.5
-    spread = cross_validated_spread(lambda: HiddenStateProbe(1, C=0.01, alpha=1.0), states, lengths)
+    spread = cross_validate(lambda: HiddenStateProbe(1, C=0.01, alpha=1.0), states, lengths).spread
     assert 0.4 < spread < 0.7
     probe = HiddenStateProbe(1).fit(states, lengths)
     probe.length_spread = spread
@@ -155,7 +155,7 @@ def test_prompt_copies_change_only_the_last_user_message():
 def test_copies_train_only_where_their_original_does():
     """A copy of a held-out prompt, or of a prompt in the fold being tested, never trains: a copy
     carrying its original's exact answer would otherwise leak it."""
-    from tdpipe_hf.apps.training import Copies, cross_validated_mae
+    from tdpipe_hf.apps.training import Copies, cross_validate
 
     features = np.arange(10, dtype=np.float64)[:, None]
     lengths = features[:, 0] * 10
@@ -179,7 +179,7 @@ def test_copies_train_only_where_their_original_does():
 
     # a leak would let each tested prompt read its own copy's length off the table
     leaky = Copies(features + 0.25, lengths.copy(), np.arange(10))
-    assert cross_validated_mae(Memorise, features, lengths, copies=leaky) == pytest.approx(np.mean(lengths))
+    assert cross_validate(Memorise, features, lengths, copies=leaky).mae == pytest.approx(np.mean(lengths))
 
 
 def test_train_predictor_augments_the_probe_with_copies_of_train_prompts(tmp_path, capsys):
@@ -204,8 +204,37 @@ def test_train_predictor_augments_the_probe_with_copies_of_train_prompts(tmp_pat
     assert {key.partition(":")[0] for key in copies} == {"space", "stop"}
     assert cli.main(base + ["--augment", "shout"]) == 2
     assert re.search(r"--augment takes kinds of space, stop.*, got shout", capsys.readouterr().err)
-    assert cli.main(base + ["--augment", "space", "--no-probe"]) == 2
-    assert "cannot be combined with --no-probe" in capsys.readouterr().err
+    # without the probe the copies are still offered to the prompt-only predictor
+    assert cli.main(base + ["--augment", "space", "--no-probe", "-o", str(tmp_path / "alone.npz")]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"copies: (trained with|left out) 16 copies", printed) and "length probe" not in printed
+    assert not (tmp_path / "alone.probe.npz").exists()
+
+
+def test_copies_train_the_prompt_only_predictor_where_cross_validation_says_they_help(tmp_path):
+    """The length depends on the prompt's first token only; copies with their original's length
+    teach that (chosen), copies with the opposite length mislead (left out, and the held-out
+    report shows what they would have cost)."""
+    from tdpipe_hf.apps.training import Copies, fit_and_report
+
+    rng = np.random.default_rng(0)
+
+    def prompt(key: int) -> list[int]:
+        return [key] + rng.integers(100, 5000, 8).tolist()
+
+    keys = [1 + i % 2 for i in range(20)]
+    prompts, lengths = [prompt(k) for k in keys], [20 if k == 1 else 400 for k in keys]
+    origin = np.repeat(np.arange(20), 5)
+    good = Copies([prompt(keys[o]) for o in origin], np.array([lengths[o] for o in origin], float), origin)
+    bad = Copies(good.inputs, 420.0 - good.lengths, origin)
+    helped = fit_and_report(prompts, lengths, tmp_path / "helped.npz", copies=good)
+    misled = fit_and_report(prompts, lengths, tmp_path / "misled.npz", copies=bad)
+    assert helped.copies.used and helped.copies.count == 80  # the 16 train prompts' copies only
+    assert helped.copies.with_copies < helped.copies.without
+    assert not misled.copies.used and misled.copies.other.mae > misled.learned.mae
+    assert "left out 80 copies" in misled.format()
+    plain = fit_and_report(prompts, lengths, tmp_path / "plain.npz")
+    assert plain.copies is None and misled.learned.mae == plain.learned.mae
 
 
 def test_bad_outcomes_name_the_predictor():

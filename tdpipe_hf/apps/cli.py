@@ -169,7 +169,8 @@ def _parser() -> argparse.ArgumentParser:
                                                                "states (saved as OUTPUT.probe.npz)")
     train.add_argument("--augment", default="", metavar="KINDS",
                        help="also answer near-identical copies of the train split's prompts and fit the length "
-                            "probe on them too: comma-separated, of 'space' (a trailing space), 'stop' (the final "
+                            "probe on them too (and the predictor, where 5-fold cross-validation in the train "
+                            "split says they help it): comma-separated, of 'space' (a trailing space), 'stop' (the final "
                             "full stop toggled), 'case' (the first letter's case toggled), 'newline' (a trailing "
                             "newline); their answers go beside --labels, '.copies' before its extension (resumable)")
     _add_placement(train)
@@ -233,7 +234,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="prefill micro-batch token target (default: 512, 2048 for separate-batch baselines)")
     sim.add_argument("--prediction-error", default=None,
                      help="BIAS:SIGMA[,BIAS:SIGMA...]: the log-normal error of the realistic length predictor "
-                          "(default: the shipped predictor's measured 0.617:1.173); several levels sweep it")
+                          "(default 0.617:1.173, measured for the predictor shipped until 2026-12-07; the one "
+                          "shipped since: 0.202:1.096); several levels sweep it")
     sim.add_argument("--host-cost", default="measured",
                      help="the controller's time on the critical path: 'measured' (default: the real "
                           "scheduler's wall time per step, as it runs here), 'none', or fixed SECONDS per micro-batch")
@@ -382,8 +384,6 @@ def _train_predictor(args) -> int:
 
     input_path = _input_path(args.input)
     kinds = _copy_kinds(args.augment)
-    if kinds and args.no_probe:
-        raise ValueError("--augment trains the length probe: it cannot be combined with --no-probe")
     executor = "distributed" if args.stages > 1 else "local"
     print("loading model ...", file=sys.stderr)
     model, tokenizer = tdpipe_hf.from_pretrained(args.model, num_stages=args.stages, executor=executor,
@@ -403,7 +403,7 @@ def _train_predictor(args) -> int:
         model.tdpipe_engine.close()
     prompts, lengths = read_labels(input_path, labels, tokenizer)
     report = fit_and_report(prompts, lengths, args.output or f"{name}.npz", kind=args.kind,
-                            test_fraction=args.test_fraction, seed=args.seed)
+                            test_fraction=args.test_fraction, seed=args.seed, copies=copies)
     from ..models import weight_signature
 
     # beside the predictor: shipped in tdpipe_hf/data/predictors, it lets models with these weights

@@ -130,7 +130,7 @@ class Copies:
         """The copies of the prompts at ``index``, their origins renumbered to positions in it."""
         position = {int(p): i for i, p in enumerate(index)}
         keep = np.array([i for i, o in enumerate(self.origin) if int(o) in position], dtype=int)
-        return Copies(_take(self.inputs, keep), self.lengths[keep],
+        return Copies(take(self.inputs, keep), self.lengths[keep],
                       np.array([position[int(self.origin[i])] for i in keep], dtype=int))
 
     def training_rows(self, inputs, lengths: np.ndarray, index: np.ndarray):
@@ -139,7 +139,7 @@ class Copies:
         if isinstance(inputs, np.ndarray):
             rows = np.concatenate([inputs[index], mine.inputs]) if len(mine.lengths) else inputs[index]
         else:
-            rows = _take(inputs, index) + list(mine.inputs)
+            rows = take(inputs, index) + list(mine.inputs)
         return rows, np.concatenate([np.asarray(lengths, dtype=np.float64)[index], mine.lengths])
 
 
@@ -188,10 +188,31 @@ class TrainingReport:
     baseline: Accuracy
     path: Path
     spread: float | None = None  # of early answers' log length, 5-fold in the train split
+    copies: "CopiesChoice | None" = None
 
     def format(self) -> str:
+        choice = f"  {self.copies.format()}\n" if self.copies else ""
         return (f"held-out split: {self.test_size} prompts (trained on {self.train_size})\n"
-                f"  {self.learned.format()}\n  {self.baseline.format()}\n{_spread_line(self.spread)}saved {self.path}")
+                f"  {self.learned.format()}\n{choice}  {self.baseline.format()}\n{_spread_line(self.spread)}"
+                f"saved {self.path}")
+
+
+@dataclass
+class CopiesChoice:
+    """Whether the prompt-only predictor trains on the copies too: chosen by 5-fold MAE inside the
+    train split (the copies teach it more on some workloads and mislead it on others), with the
+    other choice's held-out accuracy kept for the report."""
+
+    count: int
+    used: bool
+    with_copies: float  # 5-fold MAE inside the train split
+    without: float
+    other: Accuracy  # the choice not taken, on the held-out split
+
+    def format(self) -> str:
+        verdict = "trained with" if self.used else "left out"
+        return (f"copies: {verdict} {self.count} copies of the train prompts (5-fold MAE in the train split "
+                f"{self.with_copies:.1f} with them, {self.without:.1f} without)\n  {self.other.format()}")
 
 
 def _spread_line(spread: float | None) -> str:
@@ -199,23 +220,38 @@ def _spread_line(spread: float | None) -> str:
 
 
 def fit_and_report(prompts: list[list[int]], lengths: list[int], output: str | Path, kind: str = "sklearn",
-                   test_fraction: float = 0.2, seed: int = 0) -> TrainingReport:
-    """Fit ``kind`` on the train split, compare with the best constant on the test split, save it."""
+                   test_fraction: float = 0.2, seed: int = 0, copies: Copies | None = None) -> TrainingReport:
+    """Fit ``kind`` on the train split, compare with the best constant on the test split, save it.
+    ``copies`` of train-split prompts (``--augment``) train it too where 5-fold cross-validation
+    inside the train split says they help."""
     if len(prompts) < 10:
         raise ValueError(f"need at least 10 labelled prompts to train and test a predictor, got {len(prompts)}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test fraction must be between 0 and 1, got {test_fraction}")
     train, test = split(len(prompts), test_fraction, seed)
-
     make = plugins.load(plugins.PREDICTORS, kind)
-    learned = make().fit(_take(prompts, train), _take(lengths, train))
-    learned.length_spread = cross_validated_spread(make, _take(prompts, train), np.asarray(_take(lengths, train)),
-                                                   seed=seed)
-    median = FixedGuess(np.median(_take(lengths, train)))
-    report = TrainingReport(len(train), len(test),
-                            evaluate(kind, learned, _take(prompts, test), _take(lengths, test)),
-                            evaluate("median", median, _take(prompts, test), _take(lengths, test)), Path(output),
-                            learned.length_spread)
+    inputs, target = take(prompts, train), np.asarray(take(lengths, train), dtype=np.float64)
+    test_inputs, test_lengths = take(prompts, test), take(lengths, test)
+    mine = copies.within(train) if copies is not None else None  # origins: positions in ``train``
+    mine = mine if mine is not None and len(mine.lengths) else None
+    choice = None
+    if mine:
+        with_copies = cross_validate(make, inputs, target, seed=seed, copies=mine)
+        without = cross_validate(make, inputs, target, seed=seed)
+        used = with_copies.mae < without.mae
+        other_rows = (inputs, target) if used else mine.training_rows(inputs, target, np.arange(len(train)))
+        other = evaluate("no copies" if used else "copies", make().fit(*other_rows), test_inputs, test_lengths)
+        choice = CopiesChoice(len(mine.lengths), used, with_copies.mae, without.mae, other)
+        mine, validated = (mine, with_copies) if used else (None, without)
+    else:
+        validated = cross_validate(make, inputs, target, seed=seed)
+    rows = mine.training_rows(inputs, target, np.arange(len(train))) if mine else (inputs, target)
+    learned = make().fit(*rows)
+    learned.length_spread = validated.spread
+    median = FixedGuess(np.median(target))
+    report = TrainingReport(len(train), len(test), evaluate(kind, learned, test_inputs, test_lengths),
+                            evaluate("median", median, test_inputs, test_lengths), Path(output),
+                            learned.length_spread, choice)
     report.path = learned.save(output)
     return report
 
@@ -226,48 +262,43 @@ def probe_layers(num_layers: int) -> list[int]:
     return sorted({max(1, min(num_layers - 1, round(num_layers * f))) for f in (0.33, 0.5, 0.6, 0.67, 0.75, 0.85)})
 
 
-def cross_validated_mae(make, features, lengths: np.ndarray, folds: int = 5, seed: int = 0,
-                        copies: Copies | None = None) -> float:
-    """Mean absolute error of ``make().fit`` over ``folds`` folds of (features, lengths); each
-    fold also trains on the ``copies`` of its training prompts. ``features``: an array, or a list
-    of prompts."""
-    from sklearn.model_selection import KFold
-
-    errors = []
-    for train, test in KFold(folds, shuffle=True, random_state=seed).split(lengths):
-        rows, target = (copies.training_rows(features, lengths, train) if copies is not None
-                        else (_take(features, train), lengths[train]))
-        predicted = make().fit(rows, target).predict(_take(features, test))
-        errors.append(np.mean(np.abs(np.asarray(predicted) - lengths[test])))
-    return float(np.mean(errors))
+@dataclass
+class CrossValidated:
+    mae: float  # mean absolute error over the folds
+    # How far answers that stop before the cap land from the "stops earlier" outcome the model
+    # predicts for them: the standard deviation of log(1 + length) - log(1 + guess). Greedy prefill
+    # plans that outcome as a log-normal of this spread (``GreedyPrefill._state``). None when the
+    # model gives no single "stops earlier" outcome.
+    spread: float | None
 
 
-def cross_validated_spread(make, inputs, lengths: np.ndarray, folds: int = 5, seed: int = 0,
-                           copies: Copies | None = None) -> float | None:
-    """How far answers that stop before the cap land from the "stops earlier" outcome ``make()``
-    predicts for them, out of sample: the standard deviation of log(1 + length) - log(1 + guess)
-    over ``folds`` folds. Greedy prefill plans that outcome as a log-normal of this spread (see
-    ``GreedyPrefill._state``). None when the model gives no single "stops earlier" outcome."""
+def cross_validate(make, inputs, lengths: np.ndarray, folds: int = 5, seed: int = 0,
+                   copies: Copies | None = None) -> CrossValidated:
+    """``make().fit`` over ``folds`` folds of (inputs, lengths), out of sample; each fold also
+    trains on the ``copies`` of its training prompts. ``inputs``: an array, or a list of prompts.
+    One fit per fold gives both figures."""
     from sklearn.model_selection import KFold
 
     lengths = np.asarray(lengths, dtype=np.float64)
     cap = lengths.max()
-    residuals = []
+    errors, residuals, spread_known = [], [], True
     for train, test in KFold(folds, shuffle=True, random_state=seed).split(lengths):
-        model = make().fit(*(copies.training_rows(inputs, lengths, train) if copies is not None
-                             else (_take(inputs, train), lengths[train])))
-        if not hasattr(model, "predict_outcomes"):
-            return None
-        for outcomes, truth in zip(model.predict_outcomes(_take(inputs, test)), lengths[test]):
+        rows, target = (copies.training_rows(inputs, lengths, train) if copies is not None
+                        else (take(inputs, train), lengths[train]))
+        model = make().fit(rows, target)
+        tested = take(inputs, test)
+        errors.append(np.mean(np.abs(np.asarray(model.predict(tested)) - lengths[test])))
+        spread_known = spread_known and hasattr(model, "predict_outcomes")
+        for outcomes, truth in zip(model.predict_outcomes(tested) if spread_known else [], lengths[test]):
             early = [length for length, _ in outcomes if length < cap]
-            if len(early) != 1:
-                return None
-            if truth < cap:
+            spread_known = spread_known and len(early) == 1
+            if spread_known and truth < cap:
                 residuals.append(np.log1p(truth) - np.log1p(early[0]))
-    return float(np.std(residuals)) if len(residuals) >= 2 else None
+    spread = float(np.std(residuals)) if spread_known and len(residuals) >= 2 else None
+    return CrossValidated(float(np.mean(errors)), spread)
 
 
-def _take(inputs, index: np.ndarray):
+def take(inputs, index: np.ndarray):
     """The items of ``inputs`` (an array, or a list of prompts) at ``index``."""
     return inputs[index] if isinstance(inputs, np.ndarray) else [inputs[i] for i in index]
 
@@ -317,17 +348,16 @@ def fit_probe_and_report(model, prompts: list[list[int]], lengths: list[int], ou
         return Copies(copy_states[layer], mine.lengths, mine.origin) if mine else None
 
     target = np.asarray(lengths, dtype=np.float64)
-    grid = {(layer, C): cross_validated_mae(lambda layer=layer, C=C: HiddenStateProbe(layer, C=C),
-                                            states[layer][train], target[train], seed=seed, copies=copies_at(layer))
+    grid = {(layer, C): cross_validate(lambda layer=layer, C=C: HiddenStateProbe(layer, C=C),
+                                       states[layer][train], target[train], seed=seed, copies=copies_at(layer))
             for layer in candidates for C in PROBE_REGULARISATION}
-    layer, C = min(grid, key=grid.get)
-    errors = {n: min(mae for (m, _), mae in grid.items() if m == n) for n in candidates}
+    layer, C = min(grid, key=lambda cell: grid[cell].mae)
+    errors = {n: min(found.mae for (m, _), found in grid.items() if m == n) for n in candidates}
     rows, rows_target = states[layer][train], target[train]
     if mine:
         rows, rows_target = copies_at(layer).training_rows(rows, rows_target, np.arange(len(train)))
     probe = HiddenStateProbe(layer, C=C).fit(rows, rows_target)
-    probe.length_spread = cross_validated_spread(lambda: HiddenStateProbe(layer, C=C), states[layer][train],
-                                                 target[train], seed=seed, copies=copies_at(layer))
+    probe.length_spread = grid[layer, C].spread
     test_states, test_lengths = states[layer][test], target[test].tolist()
     without = None
     if mine:
