@@ -79,6 +79,63 @@ def test_distribution_planning_books_expected_use_not_the_likelier_class():
     assert GreedyPrefill(predictor, kv_threshold=1.0).admit(waiting, [], blocks, 64) == 18
 
 
+def test_point_planning_takes_the_likeliest_outcome_not_predict():
+    """``predict`` is a predictor's MAE-best guess (the median); "point" planning is the paper's
+    class: a request whose likeliest outcome is "stops at 10" is planned at 10 even if its
+    ``predict`` says 60."""
+
+    class MedianAboveItsClass(TwoOutcomes):
+        def predict(self, prompts):
+            return [60] * len(prompts)
+
+    waiting = [Request(i, [1] * 16, 100) for i in range(20)]
+    predictor = MedianAboveItsClass(cap=100, short=10, p=0.4)
+    # the likeliest outcome, 10 tokens: ceil((16 + 10) / 16) = 2 blocks each -> all 20 fit in 45
+    assert GreedyPrefill(predictor, kv_threshold=1.0, planning="point").admit(waiting, [], BlockManager(45, 16),
+                                                                              64) == 20
+
+
+def test_median_length_is_the_median_of_the_predicted_distribution():
+    """With a spread, the guess for p < 0.5 is where the mixture (p at the cap, the rest a
+    log-normal below it) reaches half its mass; p >= 0.5 guesses the cap; no spread: the class."""
+    from scipy.stats import norm
+
+    from tdpipe_hf.predictors.base import median_length
+
+    cap, spread = 512.0, 0.8
+    p = np.array([0.0, 0.2, 0.45, 0.5, 0.7])
+    short = np.array([100.0, 100.0, 60.0, 300.0, 50.0])
+    guess = np.array(median_length(p, short, cap, spread))
+
+    def mixture_cdf(x, p, s):
+        below = norm.cdf((np.log(x) - np.log(s)) / spread) / norm.cdf((np.log(cap) - np.log(s)) / spread)
+        return (1 - p) * below
+
+    for i in range(3):
+        assert guess[i] < cap
+        assert mixture_cdf(guess[i], p[i], short[i]) == pytest.approx(0.5, abs=1e-9)
+    assert guess[1] > guess[0] and guess[3] == 300.0 and guess[4] == cap
+    assert median_length(p, short, cap) == [100.0, 100.0, 60.0, 300.0, cap]
+
+
+def test_the_median_guess_has_a_lower_absolute_error_than_the_likelier_class():
+    """The reason ``predict`` gives the median: on answers drawn from the predicted distributions
+    it errs less, on average, than the likelier outcome does."""
+    from tdpipe_hf.predictors.base import median_length
+
+    rng = np.random.default_rng(0)
+    cap, spread, n = 512.0, 0.9, 20_000
+    p, short = rng.uniform(0, 1, n), np.exp(rng.uniform(np.log(20), np.log(300), n))
+    early = np.exp(np.log(short) + spread * rng.standard_normal(n))
+    while (early >= cap).any():  # the "stops earlier" outcome lives below the cap
+        again = early >= cap
+        early[again] = np.exp(np.log(short[again]) + spread * rng.standard_normal(again.sum()))
+    truth = np.where(rng.uniform(0, 1, n) < p, cap, early)
+    median_error = np.abs(np.array(median_length(p, short, cap, spread)) - truth).mean()
+    class_error = np.abs(np.array(median_length(p, short, cap)) - truth).mean()
+    assert median_error < 0.99 * class_error  # 121.7 against 124.8 tokens
+
+
 def test_running_request_past_its_short_outcome_is_planned_at_the_cap():
     predictor = TwoOutcomes(cap=100, short=10, p=0.1)
     policy = GreedyPrefill(predictor, kv_threshold=1.0)
@@ -129,6 +186,40 @@ def test_training_measures_the_spread_out_of_sample_and_saves_it(tmp_path):
     probe = HiddenStateProbe(1).fit(states, lengths)
     probe.length_spread = spread
     assert HiddenStateProbe.load(probe.save(tmp_path / "probe.npz")).length_spread == spread
+
+
+def test_predict_guesses_the_median_once_the_spread_is_known():
+    """Both two-part models guess the median of their distribution with a spread, the likelier
+    outcome without; cross-validation scores the guess they will make once shipped."""
+    from tdpipe_hf.apps.training import cross_validate
+    from tdpipe_hf.predictors.base import median_length
+
+    rng = np.random.default_rng(1)
+    states = rng.normal(size=(300, 8))
+    at_cap = states[:, 1] + rng.normal(scale=1.5, size=300) > 0.3
+    lengths = np.where(at_cap, 200, np.minimum(np.round(np.expm1(3.0 + states[:, 0])), 199))
+    prompts = [rng.integers(1, 50, size=int(n)).tolist() for n in rng.integers(3, 12, size=300)]
+    for model, inputs in ((HiddenStateProbe(1, C=0.01, alpha=1.0).fit(states, lengths), states),
+                          (LearnedLengthPredictor(epochs=5).fit(prompts, lengths.tolist()), prompts)):
+        parts = model._parts(inputs)
+        assert model.predict(inputs) == median_length(*parts, 200.0)
+        model.length_spread = 0.8
+        guesses = model.predict(inputs)
+        assert guesses == median_length(*parts, 200.0, 0.8)
+        early = parts[0] < 0.5
+        assert early.any() and guesses != median_length(*parts, 200.0)
+    found = cross_validate(lambda: HiddenStateProbe(1, C=0.01, alpha=1.0), states, lengths)
+    as_classes = cross_validate(lambda: LikelierProbe(1, C=0.01, alpha=1.0), states, lengths)
+    assert found.spread == as_classes.spread and found.mae != as_classes.mae
+
+
+class LikelierProbe(HiddenStateProbe):
+    """A probe that always guesses its likelier outcome, whatever its spread."""
+
+    def predict(self, states):
+        from tdpipe_hf.predictors.base import median_length
+
+        return median_length(*self._parts(states), self.max_length)
 
 
 def test_prompt_copies_change_only_the_last_user_message():

@@ -240,7 +240,9 @@ def fit_and_report(prompts: list[list[int]], lengths: list[int], output: str | P
         without = cross_validate(make, inputs, target, seed=seed)
         used = with_copies.mae < without.mae
         other_rows = (inputs, target) if used else mine.training_rows(inputs, target, np.arange(len(train)))
-        other = evaluate("no copies" if used else "copies", make().fit(*other_rows), test_inputs, test_lengths)
+        other_model = make().fit(*other_rows)
+        other_model.length_spread = (without if used else with_copies).spread
+        other = evaluate("no copies" if used else "copies", other_model, test_inputs, test_lengths)
         choice = CopiesChoice(len(mine.lengths), used, with_copies.mae, without.mae, other)
         mine, validated = (mine, with_copies) if used else (None, without)
     else:
@@ -276,18 +278,19 @@ def cross_validate(make, inputs, lengths: np.ndarray, folds: int = 5, seed: int 
                    copies: Copies | None = None) -> CrossValidated:
     """``make().fit`` over ``folds`` folds of (inputs, lengths), out of sample; each fold also
     trains on the ``copies`` of its training prompts. ``inputs``: an array, or a list of prompts.
-    One fit per fold gives both figures."""
+    One fit per fold gives both figures: the spread from every fold's early answers, then each
+    fold's MAE with that spread (a predictor's point guess, the median of its distribution, uses it)."""
     from sklearn.model_selection import KFold
 
     lengths = np.asarray(lengths, dtype=np.float64)
     cap = lengths.max()
-    errors, residuals, spread_known = [], [], True
+    fitted, residuals, spread_known = [], [], True
     for train, test in KFold(folds, shuffle=True, random_state=seed).split(lengths):
         rows, target = (copies.training_rows(inputs, lengths, train) if copies is not None
                         else (take(inputs, train), lengths[train]))
         model = make().fit(rows, target)
         tested = take(inputs, test)
-        errors.append(np.mean(np.abs(np.asarray(model.predict(tested)) - lengths[test])))
+        fitted.append((model, tested, lengths[test]))
         spread_known = spread_known and hasattr(model, "predict_outcomes")
         for outcomes, truth in zip(model.predict_outcomes(tested) if spread_known else [], lengths[test]):
             early = [length for length, _ in outcomes if length < cap]
@@ -295,6 +298,11 @@ def cross_validate(make, inputs, lengths: np.ndarray, folds: int = 5, seed: int 
             if spread_known and truth < cap:
                 residuals.append(np.log1p(truth) - np.log1p(early[0]))
     spread = float(np.std(residuals)) if spread_known and len(residuals) >= 2 else None
+    errors = []
+    for model, tested, truth in fitted:
+        if spread is not None:
+            model.length_spread = spread
+        errors.append(np.mean(np.abs(np.asarray(model.predict(tested)) - truth)))
     return CrossValidated(float(np.mean(errors)), spread)
 
 
@@ -362,6 +370,8 @@ def fit_probe_and_report(model, prompts: list[list[int]], lengths: list[int], ou
     without = None
     if mine:
         alone = HiddenStateProbe(layer, C=C).fit(states[layer][train], target[train])
+        alone.length_spread = cross_validate(lambda: HiddenStateProbe(layer, C=C), states[layer][train],
+                                             target[train], seed=seed).spread
         without = evaluate("no copies", alone, test_states, test_lengths)
     return ProbeReport(layer, C, errors, evaluate("probe", probe, test_states, test_lengths),
                        evaluate("median", FixedGuess(np.median(target[train])), test_states, test_lengths),

@@ -147,8 +147,9 @@ class GreedyPrefill:
     when it has ``predict_outcomes``: every outcome of every request enters the simulation with its
     probability (a running request's outcomes it has already outlived are dropped and the rest
     renormalised; with a predictor's ``length_spread``, weighed by the chance of lasting so long),
-    so the plan follows the expected KV use of the whole set. ``"point"`` plans with ``predict``
-    alone, as the paper does with its bucket classifier's class.
+    so the plan follows the expected KV use of the whole set. ``"point"`` plans with one length per
+    request, the likeliest outcome, as the paper does with its bucket classifier's class
+    (``predict`` for a predictor without outcomes).
 
     With ``online``, finished requests' true lengths go to ``predictor.update`` every
     ``update_every`` finishes (and cached predictions are refreshed).
@@ -210,9 +211,13 @@ class GreedyPrefill:
     def _ask(self, model, inputs, name: str) -> list[list[tuple[float, float]]]:
         """``model``'s (length, probability) outcomes for each input (prompts for the predictor,
         hidden states for the probe): its distribution when planning with distributions and it
-        has one, else one sure outcome at its point prediction."""
-        if self.planning == "distribution" and isinstance(model, PredictsOutcomes):
-            return checked_outcomes(model, inputs, name)
+        has one; else one sure outcome: the likeliest of its outcomes (the paper's class, ties to
+        the shorter), or its point prediction where it gives no outcomes."""
+        if isinstance(model, PredictsOutcomes):
+            outcomes = checked_outcomes(model, inputs, name)
+            if self.planning == "distribution":
+                return outcomes
+            return [[(max(pairs, key=lambda pair: (pair[1], -pair[0]))[0], 1.0)] for pairs in outcomes]
         return [[(length, 1.0)] for length in checked_predictions(model, inputs, name)]
 
     @classmethod

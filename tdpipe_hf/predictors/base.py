@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from scipy.special import ndtr, ndtri
 
 
 @runtime_checkable
@@ -103,10 +104,22 @@ def checked_outcomes(predictor, prompts: list[list[int]], name: str = "") -> lis
     return out
 
 
-def likelier_outcome(at_cap: np.ndarray, short: np.ndarray, cap: float) -> list[float]:
+def median_length(at_cap: np.ndarray, short: np.ndarray, cap: float, spread: float | None = None) -> list[float]:
     """For a two-part predictor (probability of running to ``cap``, length if it stops earlier):
-    the more likely of the two outcomes per request, the lower absolute error."""
-    return np.where(at_cap > 0.5, cap, short).tolist()
+    the median of its length distribution per request, the point with the lowest expected
+    absolute error. Without a ``spread`` the "stops earlier" outcome is a point and the median is
+    the likelier outcome; with one (the standard deviation of log length around it, measured out
+    of sample) it is a log-normal below the cap, and a request with cap probability p < 0.5 gets
+    that log-normal's 0.5 / (1 - p) quantile: the likelier the cap, the longer the guess."""
+    at_cap, short = np.asarray(at_cap, dtype=np.float64), np.asarray(short, dtype=np.float64)
+    median = np.where(at_cap > 0.5, cap, short)
+    early = at_cap < 0.5
+    if spread and early.any():
+        log_short = np.log(np.maximum(short[early], 1.0))
+        below_cap = ndtr((math.log(cap) - log_short) / spread)  # the log-normal's mass below the cap
+        quantile = np.clip(0.5 / (1.0 - at_cap[early]) * below_cap, 1e-12, 1.0 - 1e-12)
+        median[early] = np.minimum(np.exp(log_short + spread * ndtri(quantile)), cap)
+    return median.tolist()
 
 
 def two_outcomes(at_cap: np.ndarray, short: np.ndarray, cap: float) -> list[list[tuple[float, float]]]:

@@ -19,7 +19,7 @@ from scipy import sparse
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import SGDClassifier, SGDRegressor
 
-from .base import likelier_outcome, read_arrays, save_arrays, two_outcomes
+from .base import median_length, read_arrays, save_arrays, two_outcomes
 
 
 def token_ngrams(ids: list[int]) -> list[str]:
@@ -95,10 +95,10 @@ class LearnedLengthPredictor:
         return at_cap, short
 
     def predict(self, prompts: list[list[int]]) -> list[float]:
-        """The more likely of the two outcomes (the lower error per request)."""
+        """The median of the predicted length distribution (the lowest expected absolute error)."""
         if not prompts:
             return []
-        return likelier_outcome(*self._parts(prompts), self.max_length)
+        return median_length(*self._parts(prompts), self.max_length, self.length_spread)
 
     def predict_outcomes(self, prompts: list[list[int]]) -> list[list[tuple[float, float]]]:
         """Both outcomes with their probabilities: planning with the whole distribution keeps the

@@ -61,7 +61,8 @@ class NoisyOraclePredictor(OraclePredictor):
     # (seed 0) of shared/data/prompts.jsonl, cap 512: mean 0.617, standard deviation 1.173
     # (measured 2026-12-03; MAE 159.8 tokens against 168.3 for the best constant, the median).
     # The predictor shipped since 2026-12-07 (trained with four copies of each prompt) has mean
-    # 0.202, standard deviation 1.096 and MAE 151.5 there; the simulator keeps the older, more
+    # 0.202, standard deviation 1.096 and MAE 151.5 there for its likelier outcome (0.546, 1.106 and
+    # 152.7 for the median its ``predict`` gives since); the simulator keeps the older, more
     # pessimistic error as its default so that its tables stay comparable.
     REALISTIC = (0.617, 1.173)
 
