@@ -185,6 +185,57 @@ def test_the_death_of_either_node_is_reported_by_the_other(tmp_path, victim, sur
     assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "stage processes left behind"
 
 
+CONTROLLER = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import random_prompts, tiny_model
+import tdpipe_hf
+
+if __name__ == "__main__":
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=43), num_stages=2, executor="distributed")
+    prompts = random_prompts(8, seed=44)
+    model.generate_batch(prompts, max_new_tokens=4)
+    print(" ".join(str(p.pid) for p in model.tdpipe_engine.executor._procs), flush=True)
+    while True:  # busy until killed
+        model.generate_batch(prompts, max_new_tokens=40)
+"""
+
+
+def test_stage_processes_exit_when_their_controller_is_killed(tmp_path):
+    """A controller killed outright (SIGKILL: no close, no atexit) must not leave its stage
+    processes behind, holding memory and a core each."""
+    script = tmp_path / "controller.py"
+    script.write_text(CONTROLLER.format(tests=str(Path(__file__).parent)))
+    controller = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+    workers = []
+    try:
+        line = controller.stdout.readline()
+        assert line.strip(), controller.stderr.read()[-3000:]
+        workers = [int(pid) for pid in line.split()]
+        time.sleep(0.5)
+        os.kill(controller.pid, signal.SIGKILL)
+        controller.wait(timeout=30)
+        deadline = time.monotonic() + 60  # a hang guard: orphans would still be there
+        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.2)
+        assert not [pid for pid in workers if _alive(pid)], "stage processes outlived their controller"
+    finally:
+        controller.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has exited: only its parent's wait is missing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_hung_worker_is_reported_and_killed():
     model = tdpipe_hf.wrap(tiny_model("llama", seed=47), num_stages=2, executor="distributed")
     engine = model.tdpipe_engine

@@ -143,6 +143,12 @@ class Copies:
         return rows, np.concatenate([np.asarray(lengths, dtype=np.float64)[index], mine.lengths])
 
 
+def copies_within(copies: Copies | None, index: np.ndarray) -> Copies | None:
+    """``copies.within(index)``, or None when there are no copies of those prompts."""
+    mine = copies.within(index) if copies is not None else None
+    return mine if mine is not None and len(mine.lengths) else None
+
+
 def read_copies(copies_path: str | Path, answers_path: str | Path, tokenizer, origins: list[str],
                 chat_template: bool = True) -> Copies:
     """The answered copies of ``copies_path`` (ids ``KIND:ID``), tied to their prompts' positions
@@ -232,8 +238,7 @@ def fit_and_report(prompts: list[list[int]], lengths: list[int], output: str | P
     make = plugins.load(plugins.PREDICTORS, kind)
     inputs, target = take(prompts, train), np.asarray(take(lengths, train), dtype=np.float64)
     test_inputs, test_lengths = take(prompts, test), take(lengths, test)
-    mine = copies.within(train) if copies is not None else None  # origins: positions in ``train``
-    mine = mine if mine is not None and len(mine.lengths) else None
+    mine = copies_within(copies, train)  # origins: positions in ``train``
     choice = None
     if mine:
         with_copies = cross_validate(make, inputs, target, seed=seed, copies=mine)
@@ -348,8 +353,7 @@ def fit_probe_and_report(model, prompts: list[list[int]], lengths: list[int], ou
     train, test = split(len(prompts), test_fraction, seed)
     candidates = probe_layers(model.config.num_hidden_layers)
     states = last_token_states(model, prompts, candidates, progress=progress)
-    mine = copies.within(train) if copies is not None else None  # origins: positions in ``train``
-    mine = mine if mine is not None and len(mine.lengths) else None
+    mine = copies_within(copies, train)  # origins: positions in ``train``
     copy_states = last_token_states(model, mine.inputs, candidates, progress=progress) if mine else None
 
     def copies_at(layer: int) -> Copies | None:

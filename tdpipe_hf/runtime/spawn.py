@@ -315,15 +315,21 @@ def _pin_to_cores(rank: int, threads: int) -> None:
         os.sched_setaffinity(0, mine)
 
 
-def _heartbeat(beats, rank: int) -> None:
+def _heartbeat(beats, rank: int, controller: int) -> None:
+    """Beat for the controller's watchdog, and exit when the controller is gone: a controller
+    killed outright (SIGKILL, the OOM killer) closes nothing, and a stage left waiting on its
+    peers would otherwise hold its memory and spin on a core forever."""
     while True:
+        if os.getppid() != controller:  # re-parented: the process that spawned this stage died
+            os._exit(1)
         beats[rank] = time.monotonic()
         time.sleep(HEARTBEAT_SECONDS)
 
 
 def _worker_main(rank, world, port, stage, setup, threads, device, backend, restage, plans, results, tokens,
                  control, errors, beats):
-    threading.Thread(target=_heartbeat, args=(beats, rank), name="tdpipe-heartbeat", daemon=True).start()
+    threading.Thread(target=_heartbeat, args=(beats, rank, os.getppid()), name="tdpipe-heartbeat",
+                     daemon=True).start()
     try:
         _pin_to_cores(rank, threads)
         tune_glibc_malloc()
