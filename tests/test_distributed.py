@@ -185,6 +185,18 @@ def test_the_death_of_either_node_is_reported_by_the_other(tmp_path, victim, sur
     assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "stage processes left behind"
 
 
+def test_ctrl_c_is_the_controllers_to_handle_not_a_stages():
+    """Ctrl-C in a terminal signals every process of the job; a stage ignores it (the controller
+    stops the run and closes the stages), so a stray SIGINT does not kill a stage mid-run."""
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=43), num_stages=2, executor="distributed")
+    prompts = random_prompts(6, seed=45)
+    expected = model.generate_batch(prompts, max_new_tokens=8)  # starts the workers
+    for proc in model.tdpipe_engine.executor._procs:
+        os.kill(proc.pid, signal.SIGINT)
+    assert model.generate_batch(prompts, max_new_tokens=8) == expected
+    tdpipe_hf.unwrap(model)
+
+
 CONTROLLER = """
 import sys
 sys.path.insert(0, {tests!r})

@@ -264,6 +264,28 @@ def test_cli_places_stages_and_names_a_missing_gpu(tmp_path, capsys):
     assert sorted(json.loads(line)["id"] for line in output.read_text().splitlines()) == ["line-1", "line-2"]
 
 
+def test_an_interrupted_run_says_what_it_kept(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during ``tdpipe run``: exit 130 and a line saying how many answers are kept and that
+    a rerun resumes, not a traceback; the engine is closed either way."""
+    from tdpipe_hf.apps import cli, offline
+
+    def one_answer_then_ctrl_c(model, tokenizer, input_path, output, *args, **kwargs):
+        with open(output, "a") as out:
+            out.write(json.dumps({"id": "line-1", "output": "hi"}) + "\n")
+        raise KeyboardInterrupt
+
+    closed = []
+    monkeypatch.setattr(offline, "run_batch", one_answer_then_ctrl_c)
+    monkeypatch.setattr(tdpipe_hf.engine.TDPipeEngine, "close", lambda self: closed.append(True))
+    model_dir = tiny_model_dir(tmp_path / "tiny", seed=53)
+    source = write_lines(tmp_path / "in.jsonl", [{"prompt": "hello"}, {"prompt": "pipelines"}])
+    output = tmp_path / "out.jsonl"
+    assert cli.main(["run", str(source), "--model", str(model_dir), "-o", str(output), "--no-chat-template"]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; 1 answer(s) are in {output}, and the same command resumes" in err
+    assert "Traceback" not in err and closed
+
+
 def test_eval_predictor_compares_with_the_best_constant(tmp_path, capsys):
     from tdpipe_hf.apps import cli
 

@@ -350,6 +350,11 @@ def _run(args) -> int:
     try:
         summary = run_batch(model, tokenizer, input_path, output, args.errors, max_new_tokens=args.max_new_tokens,
                             chat_template=not args.no_chat_template)
+    except KeyboardInterrupt:  # Ctrl-C: say what is kept instead of a traceback
+        done = sum(1 for line in open(output, "rb") if line.endswith(b"\n")) if output.exists() else 0
+        print(f"tdpipe run: interrupted; {done} answer(s) are in {output}, and the same command resumes "
+              f"from there", file=sys.stderr)
+        return 130
     finally:
         model.tdpipe_engine.close()
     print(summary.format())
@@ -589,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"tdpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"tdpipe {args.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 import multiprocessing.spawn as mp_spawn
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -328,6 +329,9 @@ def _heartbeat(beats, rank: int, controller: int) -> None:
 
 def _worker_main(rank, world, port, stage, setup, threads, device, backend, restage, plans, results, tokens,
                  control, errors, beats):
+    # Ctrl-C in a terminal reaches every process of the job: the controller stops the run and
+    # closes the stages, so a stage does not die on its own with a traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_heartbeat, args=(beats, rank, os.getppid()), name="tdpipe-heartbeat",
                      daemon=True).start()
     try:
