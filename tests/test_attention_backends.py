@@ -3,6 +3,8 @@ same gathered context; ``auto`` picks per device and falls back when the kernel 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,3 +166,23 @@ def test_loading_the_kernel_keeps_denormals():
     cpu_attention.kernel()
     tiny = torch.tensor([1e-39])
     assert (tiny * torch.ones(64))[0].item() > 0
+
+
+@needs_kernel
+def test_a_built_kernel_loads_past_a_lock_left_by_a_killed_build():
+    """A process killed while building (or checking) the kernel leaves torch's build lock behind;
+    ``cpp_extension.load`` then waits on it forever. A kernel already built must load anyway."""
+    import subprocess
+    import sys
+
+    lock = Path(cpu_attention.kernel().__file__).with_name("lock")
+    assert not lock.exists()
+    lock.touch()
+    try:
+        loaded = subprocess.run([sys.executable, "-c", "from tdpipe_hf.runtime import cpu_attention as c; "
+                                 "print(c.kernel().__name__)"], capture_output=True, text=True,
+                                timeout=120)  # a hang guard: the old way never returned
+    finally:
+        lock.unlink()
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.strip() == Path(cpu_attention.kernel().__file__).name.split(".")[0]

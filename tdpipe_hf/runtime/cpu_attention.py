@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -41,13 +42,23 @@ def kernel():
     digest = hashlib.sha1("\n".join([flags, *_CFLAGS, _SOURCE.read_text()]).encode()).hexdigest()[:12]
     name = f"tdpipe_paged_decode_{digest}"
     built = Path(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so")
-    if not built.exists():  # the user would otherwise see an unexplained pause
-        print("tdpipe_hf: building the paged-cpu attention kernel (once for this machine, about 30 s)",
-              file=sys.stderr, flush=True)
-    module = cpp_extension.load(name=name, sources=[str(_SOURCE)],
-                                extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-                                verbose=False)
-    return module
+    if built.exists():
+        # The name pins the source and flags, so a built library is current: load it as is.
+        # ``cpp_extension.load`` would first take its build lock, and a lock left by a process
+        # killed while building makes every later start wait on it forever, without a word.
+        spec = importlib.util.spec_from_file_location(name, built)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    # the user would otherwise see an unexplained pause
+    print("tdpipe_hf: building the paged-cpu attention kernel (once for this machine, about 30 s)",
+          file=sys.stderr, flush=True)
+    lock = built.with_name("lock")
+    if lock.exists():
+        print(f"tdpipe_hf: waiting for {lock}: another process is building the kernel; if none is "
+              f"(one was killed while building), delete that file", file=sys.stderr, flush=True)
+    return cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                              verbose=False)
 
 
 @functools.cache
