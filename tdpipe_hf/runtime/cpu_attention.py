@@ -46,10 +46,13 @@ def kernel():
         # The name pins the source and flags, so a built library is current: load it as is.
         # ``cpp_extension.load`` would first take its build lock, and a lock left by a process
         # killed while building makes every later start wait on it forever, without a word.
-        spec = importlib.util.spec_from_file_location(name, built)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        try:
+            spec = importlib.util.spec_from_file_location(name, built)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        except (ImportError, OSError):  # a library cut short by a killed build: build it again below
+            pass
     # the user would otherwise see an unexplained pause
     print("tdpipe_hf: building the paged-cpu attention kernel (once for this machine, about 30 s)",
           file=sys.stderr, flush=True)
