@@ -57,3 +57,12 @@ def tiny_model_dir(path, seed: int = 0):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has exited: only its parent's wait is missing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_generate, left_padded, random_prompts, tdpipe_generate, tiny_model
+from conftest import hf_generate, left_padded, process_running, random_prompts, tdpipe_generate, tiny_model
 
 import tdpipe_hf
 from tdpipe_hf.controller import Request
@@ -229,23 +229,14 @@ def test_stage_processes_exit_when_their_controller_is_killed(tmp_path):
         os.kill(controller.pid, signal.SIGKILL)
         controller.wait(timeout=30)
         deadline = time.monotonic() + 60  # a hang guard: orphans would still be there
-        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+        while time.monotonic() < deadline and any(process_running(pid) for pid in workers):
             time.sleep(0.2)
-        assert not [pid for pid in workers if _alive(pid)], "stage processes outlived their controller"
+        assert not [pid for pid in workers if process_running(pid)], "stage processes outlived their controller"
     finally:
         controller.kill()
         for pid in workers:
-            if _alive(pid):
+            if process_running(pid):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie has exited: only its parent's wait is missing)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_hung_worker_is_reported_and_killed():

@@ -22,7 +22,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import tdpipe_hf  # noqa: E402
-from conftest import tiny_model_dir  # noqa: E402
+from conftest import process_running, tiny_model_dir  # noqa: E402
 from tdpipe_hf.apps.openai_server import TextTracker, build_app, running_in_thread  # noqa: E402
 from tdpipe_hf.runtime.spawn import free_port  # noqa: E402
 
@@ -311,14 +311,6 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def children_of_safe(pid: int) -> set[int]:
     try:
         return children_of(pid)
@@ -350,7 +342,7 @@ def test_tdpipe_serve_answers_then_shuts_down_on_sigterm_leaving_no_stage_proces
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, output[-3000:]
-        assert not [pid for pid in workers if running(pid)], "stage processes left behind"
+        assert not [pid for pid in workers if process_running(pid)], "stage processes left behind"
     finally:
         if proc.poll() is None:
             proc.kill()
