@@ -198,6 +198,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": NAME, "prompt": "a", "best_of": 3}, "not supported"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "tempreature": 0}, "unknown parameter 'tempreature'"),
     ("/v1/completions", b"{not json", "not valid JSON"),
+    ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),  # nested past Python's recursion limit
+    ("/v1/completions", {"model": NAME, "prompt": "a", "stream": True, "stream_options": "usage"},
+     "'stream_options' must be an object"),
     ("/v1/completions", b"[1, 2]", "must be a JSON object"),
     ("/v1/completions", b"\xff\xfe", "not valid JSON"),
 ]
@@ -228,6 +231,23 @@ def test_bad_requests_get_openai_errors_and_others_are_untouched(served):
     runner.join(timeout=120)
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in result["events"][:-1])
     assert text == expected
+
+
+def test_a_tiny_or_whole_number_temperature_is_served(served):
+    """A temperature of 1e-300 overflowed float32 logits and failed every request in the
+    micro-batch; below 1e-5 it is greedy now (as in vLLM). A whole number such as 2 was refused
+    by HF's warper (it wants a float) with an error that blamed the prompt."""
+    client, model, tokenizer = served
+    prompt = "Name three colours."
+    expected = greedy_text(model, tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"], 8)
+    for temperature in (1e-300, 1e-6):
+        reply = client.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 8,
+                                                     "temperature": temperature})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == expected
+    reply = client.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 8,
+                                                 "temperature": 2, "seed": 1})
+    assert reply.status_code == 200, reply.text
 
 
 def test_a_prompt_over_the_context_is_blamed_on_the_prompt(served):

@@ -52,6 +52,10 @@ UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "presence_p
                "response_format": (None, {"type": "text"}), "prediction": (None,), "audio": (None,),
                "modalities": (None, ["text"]), "parallel_tool_calls": (None,)}
 IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "model", "reasoning_effort"}
+# A temperature this small is greedy decoding, as in vLLM (``_SAMPLING_EPS``): dividing float32
+# logits by 1e-40 overflows to inf, and the sampler would fail the whole micro-batch, every
+# request in it included.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -66,15 +70,16 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
 
     def spec(self, choice: int) -> SamplingSpec:
-        """The engine's sampling for choice ``choice``: greedy at temperature 0, else HF's own
-        temperature and top-p warpers; ``seed`` differs per choice so n > 1 gives n samples."""
-        if self.temperature == 0:
+        """The engine's sampling for choice ``choice``: greedy at temperature 0 (and below
+        ``GREEDY_BELOW``), else HF's own temperature and top-p warpers; ``seed`` differs per choice
+        so n > 1 gives n samples."""
+        if self.temperature < GREEDY_BELOW:
             return GREEDY
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
         processors = LogitsProcessorList()
         if self.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(self.temperature))
+            processors.append(TemperatureLogitsWarper(float(self.temperature)))
         if self.top_p < 1.0:
             processors.append(TopPLogitsWarper(self.top_p))
         seed = None if self.seed is None else self.seed + choice
@@ -347,7 +352,7 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
     async def read_json(request: Request) -> dict:
         try:
             body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
             raise APIError(f"the request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise APIError("the request body must be a JSON object")
@@ -380,7 +385,10 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise APIError("'stream' must be true or false", "stream")
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise APIError("'stream_options' must be an object", "stream_options")
+        include_usage = bool(options.get("include_usage")) if stream else False
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         choices = service.start(prompt, sampling, loop, queue, "messages" if chat else "prompt")
