@@ -197,6 +197,38 @@ def test_ctrl_c_is_the_controllers_to_handle_not_a_stages():
     tdpipe_hf.unwrap(model)
 
 
+def test_ctrl_c_while_the_stages_start_up_does_not_kill_them():
+    """A SIGINT that reaches a stage during its start-up imports (Ctrl-C right after the first
+    request) used to kill it inside ``import torch``; the run must go on."""
+    import threading
+
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=43), num_stages=2, executor="distributed")
+    executor = model.tdpipe_engine.executor
+    signalled: set[int] = set()
+    stop = threading.Event()
+
+    def interrupt_each_new_stage():
+        while not stop.is_set():
+            for proc in list(executor._procs):
+                if proc.pid and proc.pid not in signalled:
+                    os.kill(proc.pid, signal.SIGINT)
+                    signalled.add(proc.pid)
+            time.sleep(0.005)
+
+    prompts = random_prompts(6, seed=45)
+    watcher = threading.Thread(target=interrupt_each_new_stage, daemon=True)
+    watcher.start()
+    try:
+        answers = model.generate_batch(prompts, max_new_tokens=8)
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    assert len(signalled) == 2
+    tdpipe_hf.unwrap(model)
+    assert answers == tdpipe_hf.wrap(model, num_stages=1).generate_batch(prompts, max_new_tokens=8)
+    tdpipe_hf.unwrap(model)
+
+
 CONTROLLER = """
 import sys
 sys.path.insert(0, {tests!r})

@@ -150,7 +150,7 @@ class DistributedExecutor:
                                      self._results if rank == self.num_stages - 1 else None,
                                      self._tokens if rank in (0, self.num_stages - 1) else None, self._control,
                                      self._errors, self._beats))
-            with _without_main_reimport():
+            with _without_main_reimport(), _sigint_blocked():
                 proc.start()
             self._procs.append(proc)
 
@@ -306,6 +306,18 @@ def _without_main_reimport():
         mp_spawn.get_preparation_data = original
 
 
+@contextmanager
+def _sigint_blocked():
+    """Block SIGINT in this thread while it starts a stage: the new process inherits the mask, so
+    a Ctrl-C during its start-up imports stays pending until ``_worker_main`` ignores it (else the
+    stage dies inside ``import torch`` and the controller reports a confusing crash)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 # ---- worker side ----------------------------------------------------------------------------
 def _pin_to_cores(rank: int, threads: int) -> None:
     """Give each stage its own cores when there are enough: no migrations, no stage stealing
@@ -332,6 +344,7 @@ def _worker_main(rank, world, port, stage, setup, threads, device, backend, rest
     # Ctrl-C in a terminal reaches every process of the job: the controller stops the run and
     # closes the stages, so a stage does not die on its own with a traceback of its own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked since spawn (``_sigint_blocked``)
     threading.Thread(target=_heartbeat, args=(beats, rank, os.getppid()), name="tdpipe-heartbeat",
                      daemon=True).start()
     try:
