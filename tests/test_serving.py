@@ -49,3 +49,57 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving():
         server.submit([5, 6], max_new_tokens=0)
     assert len(server.submit([5, 6, 7], max_new_tokens=4).tokens()) >= 1
     server.close()
+
+
+def test_a_stage_that_dies_between_requests_does_not_fail_the_next_one():
+    """A stage process killed while the server is idle is noticed by the server (its stages are
+    closed and restart with the next request), instead of the next request failing on it."""
+    import os
+    import signal
+    import time
+
+    model = tiny_model("llama", seed=71)
+    prompt = random_prompts(1, low=2, high=20, seed=73)[0]
+    expected = hf_generate(model, torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
+    tdpipe_hf.wrap(model, num_stages=2, executor="distributed", block_size=4, kv_blocks=64)
+    server = Server(model)
+    executor = model.tdpipe_engine.executor
+    try:
+        assert list(server.submit(prompt, max_new_tokens=6)) == expected  # starts the stage processes
+        os.kill(executor._procs[1].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60  # a hang guard: the idle check runs every second
+        while executor.running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not executor.running and server.stage_restarts == 1
+        assert list(server.submit(prompt, max_new_tokens=6)) == expected
+    finally:
+        server.close()
+        tdpipe_hf.unwrap(model)
+
+
+def test_totals_survive_a_failed_run():
+    """After a failure the server starts a fresh controller (its ``stats`` restart); the totals a
+    Prometheus counter reports must not go back to 0."""
+    model = tiny_model("llama", seed=71)
+    prompt = random_prompts(1, low=2, high=20, seed=74)[0]
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=64)
+    server = Server(model)
+    try:
+        first = list(server.submit(prompt, max_new_tokens=5))
+        before = server.totals["generated_tokens"]
+        assert before == len(first) > 0
+
+        def broken_step():
+            raise RuntimeError("a stage failed")
+
+        server.controller.step = broken_step
+        stream = server.submit(prompt, max_new_tokens=5)
+        with pytest.raises(RuntimeError, match="a stage failed"):
+            list(stream)
+        assert server.engine_failures == 1 and server.stats.generated_tokens == 0
+        assert server.totals["generated_tokens"] == before
+        assert list(server.submit(prompt, max_new_tokens=5)) == first  # the fresh controller serves
+        assert server.totals["generated_tokens"] == 2 * before
+    finally:
+        server.close()
+        tdpipe_hf.unwrap(model)

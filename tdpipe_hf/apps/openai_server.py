@@ -300,13 +300,16 @@ class OpenAIService:
         metric("requests_finished_total", "counter", "Choices finished, by finish reason.",
                [(f'{{reason="{reason}"}}', count) for reason, count in sorted(self.finished.items())] or [("", 0)])
         metric("http_requests_total", "counter", "Completion requests received.", [("", self.http_requests)])
-        metric("generated_tokens_total", "counter", "Tokens generated.", [("", stats.generated_tokens)])
+        totals = server.totals
+        metric("generated_tokens_total", "counter", "Tokens generated.", [("", totals["generated_tokens"])])
         metric("kv_blocks_used", "gauge", "KV cache blocks in use.", [("", blocks.num_used)])
         metric("kv_blocks_total", "gauge", "KV cache blocks in the budget.", [("", blocks.num_blocks)])
-        metric("preemptions_total", "counter", "Requests preempted (recomputed later).",
-               [("", server.controller.scheduler.num_preemptions)])
-        metric("phase_switches_total", "counter", "Prefill/decode phase switches.",
-               [("", server.controller.scheduler.num_phase_switches)])
+        metric("preemptions_total", "counter", "Requests preempted (recomputed later).", [("", totals["preemptions"])])
+        metric("phase_switches_total", "counter", "Prefill/decode phase switches.", [("", totals["phase_switches"])])
+        metric("engine_failures_total", "counter", "Runs that failed (their requests with them) and restarted.",
+               [("", server.engine_failures)])
+        metric("stage_restarts_total", "counter", "Stage failures noticed between requests (no request lost).",
+               [("", server.stage_restarts)])
         bubbles = run_metrics.bubble_ratios(list(stats.timeline)).get("all", {})
         metric("stage_bubble_ratio", "gauge", "Idle share of each stage over the recent timeline.",
                [(f'{{stage="{stage}"}}', round(ratio, 4)) for stage, ratio in sorted(bubbles.items())] or [("", 0)])

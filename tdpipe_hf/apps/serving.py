@@ -9,8 +9,10 @@ others run joins them at the next step, so concurrent users share the pipeline's
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from ..controller import Request
@@ -19,6 +21,8 @@ from ..mixin import check_vocabulary, eos_token_ids
 from ..plan import GREEDY, SamplingSpec
 
 DONE = object()  # the last item a TokenStream's sink receives
+logger = logging.getLogger(__name__)
+IDLE_CHECK_SECONDS = 1.0  # how often an idle server looks at its stage processes
 KEEP_EVENTS = 20_000  # timeline events kept for a long-lived server (the most recent)
 
 
@@ -68,6 +72,10 @@ class Server:
         self._streams: dict[int, TokenStream] = {}
         self._ids = itertools.count()
         self._closed = threading.Event()
+        self._idle_checked = time.monotonic()
+        self.stage_restarts = 0  # stage failures noticed between requests (see ``_check_idle_stages``)
+        self.engine_failures = 0  # runs that failed and were started afresh
+        self._earlier = {"generated_tokens": 0, "preemptions": 0, "phase_switches": 0}  # of replaced controllers
         self.controller = self.engine.controller(on_token=self._on_token, on_finish=self._on_finish)
         self._thread = threading.Thread(target=self._loop, name="tdpipe-server", daemon=True)
         self._thread.start()
@@ -76,6 +84,17 @@ class Server:
     def stats(self) -> RunStats:
         """The running totals and recent timeline of everything served so far."""
         return self.controller.stats
+
+    def _counts(self) -> dict[str, int]:
+        scheduler = self.controller.scheduler
+        return {"generated_tokens": self.controller.stats.generated_tokens,
+                "preemptions": scheduler.num_preemptions, "phase_switches": scheduler.num_phase_switches}
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Tokens generated, preemptions and phase switches since the server started (``stats``
+        restarts with the engine after a failure; these do not, as counters must not)."""
+        return {name: self._earlier[name] + value for name, value in self._counts().items()}
 
     @property
     def is_running(self) -> bool:
@@ -130,6 +149,20 @@ class Server:
     def _on_finish(self, request: Request) -> None:
         self._streams.pop(request.request_id).put(DONE)
 
+    def _check_idle_stages(self) -> None:
+        """Every ``IDLE_CHECK_SECONDS`` while idle: a stage process that died (or froze) between
+        requests is noticed now and the stages are closed, so the next request starts fresh
+        ones instead of being the one that fails on it."""
+        now = time.monotonic()
+        if now - self._idle_checked < IDLE_CHECK_SECONDS:
+            return
+        self._idle_checked = now
+        failure = getattr(self.engine.executor, "idle_failure", lambda: None)()
+        if failure is not None:
+            logger.warning("tdpipe_hf: %s while the server was idle; the stages restart with the next request",
+                           failure)
+            self.stage_restarts += 1
+
     def _loop(self) -> None:
         while not self._closed.is_set():
             try:  # wait for work when idle; otherwise only take what has arrived
@@ -142,6 +175,7 @@ class Server:
                 continue
             except queue.Empty:
                 if not self.controller.has_work:
+                    self._check_idle_stages()
                     continue
             try:
                 self.controller.step()
@@ -150,5 +184,8 @@ class Server:
                     stream.error = exc
                     stream.put(DONE)
                 self._streams.clear()
+                for name, value in self._counts().items():  # totals stay totals across a restart
+                    self._earlier[name] += value
+                self.engine_failures += 1
                 self.controller = self.engine.controller(on_token=self._on_token, on_finish=self._on_finish)
             del self.controller.stats.timeline[:-KEEP_EVENTS]

@@ -217,6 +217,17 @@ class DistributedExecutor:
         self._in_flight -= 1
         return result
 
+    def idle_failure(self) -> str | None:
+        """With nothing in flight: what went wrong with a worker since the last run (it died or
+        stopped beating), or None. The workers are then closed, so that the next ``submit``
+        starts fresh ones instead of failing on the dead one."""
+        if not self._procs or self._in_flight:
+            return None
+        failure = self._failure()
+        if failure is not None:
+            self.close(force=True)
+        return failure
+
     def _get(self, source, deadline: float | None, what: str):
         """Next message from ``source``; a dead or failing worker becomes a StageError naming it."""
         while True:
