@@ -369,6 +369,49 @@ def test_tdpipe_serve_answers_then_shuts_down_on_sigterm_leaving_no_stage_proces
             proc.communicate()
 
 
+def test_requests_still_open_after_the_shutdown_grace_end_with_an_error(tmp_path):
+    """SIGTERM with ``--shutdown-grace 0``: a stream still running gets an error event and
+    ``[DONE]``, a plain request a JSON 500 saying the server closed; neither is cut off."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tdpipe_hf", "serve", "--port", str(port), "--shutdown-grace", "0",
+                             "--served-model-name", NAME],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    payload = {"model": NAME, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 400,
+               "temperature": 0}
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        plain: dict = {}
+        waiter = threading.Thread(target=lambda: plain.update(reply=httpx.post(
+            f"{base}/v1/chat/completions", json=payload, timeout=120)))
+        waiter.start()
+        lines = []
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json={**payload, "stream": True},
+                          timeout=120) as stream:
+            for line in stream.iter_lines():
+                if line and not lines:
+                    proc.send_signal(signal.SIGTERM)  # the first chunk is out: both requests are running
+                lines.append(line)
+        waiter.join(timeout=120)
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, output[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "the server closed before this request finished" in json.loads(events[-2])["error"]["message"]
+    reply = plain["reply"]
+    assert reply.status_code == 500 and "the server closed" in reply.json()["error"]["message"]
+
+
 def test_the_demo_mounts_on_the_server_and_chats_through_its_engine(tmp_path):
     pytest.importorskip("gradio")
     from fastapi.testclient import TestClient

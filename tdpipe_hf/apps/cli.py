@@ -148,6 +148,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="the model name clients send (default: the model's name)")
     serve.add_argument("--max-tokens", type=_positive, default=1024,
                        help="tokens generated for requests that set no max_tokens (default 1024)")
+    serve.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+                       help="on SIGTERM / Ctrl-C, how long open requests may still run before they end with an "
+                            "error (default 10)")
     serve.add_argument("--demo", action="store_true", help="also serve the Gradio demo at /demo, chatting "
                                                            "through this server's engine (needs gradio)")
     _add_engine_options(serve)
@@ -542,13 +545,15 @@ def _serve(args) -> int:
         return 2
     from .openai_server import serve
 
+    if not args.shutdown_grace >= 0:
+        raise ValueError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
     print("loading model ...", file=sys.stderr)
     model, tokenizer = tdpipe_hf.from_pretrained(args.model_path, **_engine_options(args))
     name = args.served_model_name or model_name(model)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
     try:
         serve(model, tokenizer, name, host=args.host, port=args.port, max_tokens_limit=args.max_tokens,
-              demo=args.demo, model_path=args.model_path)
+              demo=args.demo, model_path=args.model_path, shutdown_grace=args.shutdown_grace)
     finally:
         model.tdpipe_engine.close()
     return 0

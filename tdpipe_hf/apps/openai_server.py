@@ -475,8 +475,9 @@ async def _sse(service: OpenAIService, choices: list[Choice], queue: asyncio.Que
         if include_usage:
             yield chunk([], service.usage(prompt, choices))
         yield "data: [DONE]\n\n"
-    except RuntimeError as exc:  # the engine failed mid-stream: say so in the stream
+    except RuntimeError as exc:  # the engine failed mid-stream (or the server is closing): say so
         yield f"data: {json.dumps(APIError(str(exc), status=500, kind='server_error').body())}\n\n"
+        yield "data: [DONE]\n\n"
     finally:
         service.cancel(choices)
         service.record(choices)
@@ -484,9 +485,10 @@ async def _sse(service: OpenAIService, choices: list[Choice], queue: asyncio.Que
 
 def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
           max_tokens_limit: int = 1024, log_level: str = "info", demo: bool = False,
-          model_path: str | None = None) -> None:
-    """Run the server until SIGTERM / Ctrl-C: it stops accepting, gives open requests up to 10 s,
-    cancels the rest and closes the engine (no stage process is left behind)."""
+          model_path: str | None = None, shutdown_grace: float = 10.0) -> None:
+    """Run the server until SIGTERM / Ctrl-C: it stops accepting, gives open requests up to
+    ``shutdown_grace`` seconds, ends the rest with an error (an error event and ``[DONE]`` on a
+    stream, a JSON 500 otherwise) and closes the engine (no stage process is left behind)."""
     import signal
 
     import uvicorn
@@ -494,6 +496,16 @@ def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int 
     class GracefulServer(uvicorn.Server):
         """uvicorn re-raises the signal after its graceful shutdown, so the process would die of
         it (exit -15); once everything is closed, exiting 0 is the truth."""
+
+        async def shutdown(self, sockets=None):
+            # After the grace period close the engine's server: every open request then ends with
+            # the documented error instead of being cancelled by uvicorn mid-response.
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(shutdown_grace, lambda: loop.run_in_executor(None, engine_server.close))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
 
         @contextmanager
         def capture_signals(self):
@@ -506,7 +518,10 @@ def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int 
 
     app = build_app(model, tokenizer, model_name, max_tokens_limit, close_engine=True, demo=demo,
                     model_path=model_path)
-    GracefulServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)).run()
+    engine_server = app.state.service.server
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_grace + 30)  # a last resort: the engine closes first
+    GracefulServer(config).run()
 
 
 @contextmanager
