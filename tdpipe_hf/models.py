@@ -91,6 +91,15 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(out["input_ids"] if hasattr(out, "keys") else out)  # a BatchEncoding in transformers 5
 
 
+def check_text(what: str, text: str) -> None:
+    """A ValueError naming ``what`` if ``text`` cannot be encoded as UTF-8 (a lone surrogate from a
+    JSON ``\\ud800`` escape): the tokenizer would fail with an error about its own types."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid Unicode text: {exc.reason} at position {exc.start}") from None
+
+
 def normalize_messages(messages) -> list[dict]:
     """Chat messages as the chat template takes them: each ``{"role": str, "content": str}``, where
     ``content`` may also be OpenAI's list of text parts (joined). A ``ValueError`` names the first
@@ -111,6 +120,7 @@ def normalize_messages(messages) -> list[dict]:
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts, got "
                              f"{type(content).__name__}")
+        check_text(f"messages[{i}].content", content)
         clean.append({"role": message["role"], "content": content})
     return clean
 

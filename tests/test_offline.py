@@ -141,6 +141,9 @@ def test_parse_line_rejects_nonsense():
         parse_line(json.dumps({"body": {"messages": []}}), 1)
     with pytest.raises(ValueError, match="JSON object"):
         parse_line("[1, 2]", 1)
+    for lone_surrogate in ('{"prompt": "a\\ud800"}', '{"messages": [{"role": "user", "content": "\\udfff"}]}'):
+        with pytest.raises(ValueError, match="not valid Unicode text"):
+            parse_line(lone_surrogate, 1)
 
 
 def _run_cli(model_dir: Path, source: Path, output: Path) -> subprocess.Popen:

@@ -181,6 +181,9 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, "only text parts"),
     ("/v1/completions", {"model": NAME, "prompt": ""}, "'prompt' is empty"),
+    ("/v1/completions", b'{"model": "smol", "prompt": "a\\ud800b"}', "'prompt' is not valid Unicode text"),
+    ("/v1/chat/completions", b'{"model": "smol", "messages": [{"role": "user", "content": "\\ud800"}]}',
+     "messages[0].content is not valid Unicode text"),  # lone surrogates: JSON allows the escape
     ("/v1/completions", {"model": NAME, "prompt": {"text": "a"}}, "'prompt' must be"),
     ("/v1/completions", {"model": NAME, "prompt": [10**9]}, "outside the vocabulary"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": "ten"}, "'max_tokens' must be"),

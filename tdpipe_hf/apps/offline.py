@@ -19,7 +19,7 @@ from pathlib import Path
 from ..controller import Request
 from ..controller.controller import RunStats
 from ..mixin import eos_token_ids
-from ..models import chat_prompt_ids, normalize_messages
+from ..models import chat_prompt_ids, check_text, normalize_messages
 from ..models import model_name as model_name_of
 
 FSYNC_SECONDS = 1.0
@@ -122,6 +122,11 @@ def _job(record: dict, line: int, job_id: str | None) -> Job:
         raise BadLine(f"'prompt' must be a string, got {type(prompt).__name__}")
     elif not prompt.strip():
         raise BadLine("empty prompt")
+    else:
+        try:
+            check_text("'prompt'", prompt)
+        except ValueError as exc:
+            raise BadLine(str(exc)) from None
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise BadLine(f"max tokens must be a positive integer, got {limit!r}")
     return Job(line, job_id, messages, prompt, limit, openai)

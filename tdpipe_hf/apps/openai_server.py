@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .. import metrics as run_metrics
-from ..models import normalize_messages
+from ..models import check_text, normalize_messages
 from ..plan import GREEDY, SamplingSpec
 from .serving import DONE, Server, TokenStream
 
@@ -191,6 +191,10 @@ class OpenAIService:
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError("'prompt' is empty", "prompt")
+            try:
+                check_text("'prompt'", prompt)
+            except ValueError as exc:
+                raise APIError(str(exc), "prompt") from None
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt)
