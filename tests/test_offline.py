@@ -110,7 +110,7 @@ def test_undecodable_and_huge_lines_are_reported_and_the_rest_answered(tiny, tmp
     assert summary.errors == 4 and set(errors) == {2, 3, 4, 5}
     assert errors[2] == "not valid UTF-8: byte 0xe9 at column 33"
     assert errors[3] == "not valid UTF-8: byte 0xff at column 1"
-    assert errors[4].startswith("could not tokenize")
+    assert errors[4] == "'prompt' is not valid Unicode text: surrogates not allowed at position 1"
     assert "more than the model's context of 256" in errors[5]
 
 

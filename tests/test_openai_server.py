@@ -22,7 +22,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import tdpipe_hf  # noqa: E402
-from conftest import process_running, tiny_model_dir  # noqa: E402
+from conftest import byte_tokenizer, process_running, tiny_model, tiny_model_dir  # noqa: E402
 from tdpipe_hf.apps.openai_server import TextTracker, build_app, running_in_thread  # noqa: E402
 from tdpipe_hf.runtime.spawn import free_port  # noqa: E402
 
@@ -394,6 +394,10 @@ def test_requests_still_open_after_the_shutdown_grace_end_with_an_error(tmp_path
         waiter = threading.Thread(target=lambda: plain.update(reply=httpx.post(
             f"{base}/v1/chat/completions", json=payload, timeout=120)))
         waiter.start()
+        deadline = time.monotonic() + 120  # a hang guard: wait until the plain request runs
+        with httpx.Client(base_url=base, timeout=10) as client:
+            while metric(client, "requests_running") < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
         lines = []
         with httpx.stream("POST", f"{base}/v1/chat/completions", json={**payload, "stream": True},
                           timeout=120) as stream:
@@ -434,3 +438,23 @@ def test_the_demo_mounts_on_the_server_and_chats_through_its_engine(tmp_path):
             assert reply.status_code == 200
     finally:
         tdpipe_hf.unwrap(model)
+
+
+def test_a_request_that_arrives_while_the_server_closes_gets_a_json_503():
+    import asyncio
+
+    from tdpipe_hf.apps.openai_server import APIError, OpenAIService, Sampling
+    from tdpipe_hf.apps.serving import Server
+
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=5), num_stages=1)
+    server = Server(model)
+    service = OpenAIService(server, byte_tokenizer(), "tiny", 64)
+    server.close()
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(APIError) as refused:
+            service.start([5, 6, 7], Sampling(max_tokens=4), loop, asyncio.Queue())
+    finally:
+        loop.close()
+        tdpipe_hf.unwrap(model)
+    assert refused.value.status == 503 and "the server is shutting down" in refused.value.message

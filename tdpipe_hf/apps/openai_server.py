@@ -243,6 +243,9 @@ class OpenAIService:
         except ValueError as exc:
             self.cancel(choices)
             raise APIError(str(exc), "prompt") from None
+        except RuntimeError as exc:  # the engine's server closed (shutting down) before this request got in
+            self.cancel(choices)
+            raise APIError(f"{exc}: the server is shutting down", status=503, kind="server_error") from None
         return choices
 
     def cancel(self, choices: list[Choice]) -> None:
