@@ -341,6 +341,17 @@ def children_of_safe(pid: int) -> set[int]:
         return set()
 
 
+def wait_until_healthy(proc: subprocess.Popen, base: str, timeout: float = 240) -> None:
+    """Until ``tdpipe serve`` at ``base`` answers /health (or its process ends, or ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+
+
 def test_tdpipe_serve_answers_then_shuts_down_on_sigterm_leaving_no_stage_process(tmp_path):
     model_dir = tiny_model_dir(tmp_path / "tiny", seed=5)
     port = free_port()
@@ -349,13 +360,7 @@ def test_tdpipe_serve_answers_then_shuts_down_on_sigterm_leaving_no_stage_proces
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_until_healthy(proc, base)
         reply = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 8,
                                                             "temperature": 0}, timeout=120)
         assert reply.status_code == 200, reply.text
@@ -383,13 +388,7 @@ def test_requests_still_open_after_the_shutdown_grace_end_with_an_error(tmp_path
     payload = {"model": NAME, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 400,
                "temperature": 0}
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_until_healthy(proc, base)
         plain: dict = {}
         waiter = threading.Thread(target=lambda: plain.update(reply=httpx.post(
             f"{base}/v1/chat/completions", json=payload, timeout=120)))
