@@ -354,7 +354,10 @@ def _run(args) -> int:
         summary = run_batch(model, tokenizer, input_path, output, args.errors, max_new_tokens=args.max_new_tokens,
                             chat_template=not args.no_chat_template)
     except KeyboardInterrupt:  # Ctrl-C: say what is kept instead of a traceback
-        done = sum(1 for line in open(output, "rb") if line.endswith(b"\n")) if output.exists() else 0
+        done = 0
+        if output.exists():
+            with open(output, "rb") as answers:
+                done = sum(1 for line in answers if line.endswith(b"\n"))
         print(f"tdpipe run: interrupted; {done} answer(s) are in {output}, and the same command resumes "
               f"from there", file=sys.stderr)
         return 130
