@@ -82,7 +82,8 @@ class Server:
 
     @property
     def stats(self) -> RunStats:
-        """The running totals and recent timeline of everything served so far."""
+        """The running totals and recent timeline of the current engine run (they restart after
+        an engine failure; ``totals`` does not)."""
         return self.controller.stats
 
     def _counts(self) -> dict[str, int]:
