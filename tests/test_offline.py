@@ -232,6 +232,8 @@ def test_cli_names_a_missing_input(tmp_path, capsys):
     (["serve", "--port", "99999"], "a port is at most 65535, got 99999"),
     (["serve", "--port", "abc"], "expected a positive integer, got abc"),
     (["run", "--kv-blocks", "1.5"], "expected a positive integer, got 1.5"),
+    (["serve", "--shutdown-grace", "-1"], "expected a number of seconds >= 0, got -1"),
+    (["serve", "--shutdown-grace", "nan"], "expected a number of seconds >= 0, got nan"),
 ])
 def test_cli_refuses_bad_arguments_with_the_reason(argv, message, capsys):
     from tdpipe_hf.apps import cli

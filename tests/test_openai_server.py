@@ -178,6 +178,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": NAME, "messages": "hi"}, "'messages' must be"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"content": "hi"}]}, "'role'"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": 5}]}, "content must be"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]},
+     "messages[0].role 'wizard' is not one of system, developer, user, assistant, tool"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, "only text parts"),
     ("/v1/completions", {"model": NAME, "prompt": ""}, "'prompt' is empty"),
@@ -457,3 +459,46 @@ def test_a_request_that_arrives_while_the_server_closes_gets_a_json_503():
         loop.close()
         tdpipe_hf.unwrap(model)
     assert refused.value.status == 503 and "the server is shutting down" in refused.value.message
+
+
+def test_the_server_answers_others_while_a_prompt_is_tokenized():
+    """A long prompt's tokenization runs off the event loop: while one is under way, ``/health``
+    and other requests are answered (before, a 4 MB prompt held every request for seconds)."""
+    entered, release = threading.Event(), threading.Event()
+    tokenizer = byte_tokenizer()
+
+    class SlowTokenizer:
+        """The byte tokenizer, holding any prompt that starts with "slow" until released."""
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, text, **kwargs):
+            if text.startswith("slow"):
+                entered.set()
+                release.wait(timeout=60)
+            return tokenizer(text, **kwargs)
+
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=5, vocab_size=len(tokenizer)), num_stages=1)
+    try:
+        with running_in_thread(build_app(model, SlowTokenizer(), "tiny", 64)) as base:
+            answers = []
+            slow = threading.Thread(target=lambda: answers.append(httpx.post(
+                f"{base}/v1/completions", json={"model": "tiny", "prompt": "slow one", "max_tokens": 3,
+                                                "temperature": 0}, timeout=120)))
+            slow.start()
+            assert entered.wait(timeout=60)
+            try:
+                health = httpx.get(f"{base}/health", timeout=30)
+                other = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "quick",
+                                                                   "max_tokens": 3, "temperature": 0}, timeout=30)
+            finally:
+                release.set()
+                slow.join(timeout=120)
+    finally:
+        tdpipe_hf.unwrap(model)
+    assert health.status_code == 200 and other.status_code == 200
+    assert other.json()["usage"]["completion_tokens"] == 3
+    assert answers and answers[0].status_code == 200, answers[0].text
+    assert answers[0].json()["usage"]["completion_tokens"] == 3
+

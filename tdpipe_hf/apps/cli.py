@@ -37,6 +37,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text}")
+    return value
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 PACK_WEIGHTS = {"auto": "auto", "on": True, "off": False}  # --pack-weights -> TDPipeConfig.pack_weights
 
@@ -148,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="the model name clients send (default: the model's name)")
     serve.add_argument("--max-tokens", type=_positive, default=1024,
                        help="tokens generated for requests that set no max_tokens (default 1024)")
-    serve.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+    serve.add_argument("--shutdown-grace", type=_seconds, default=10.0, metavar="SECONDS",
                        help="on SIGTERM / Ctrl-C, how long open requests may still run before they end with an "
                             "error (default 10)")
     serve.add_argument("--demo", action="store_true", help="also serve the Gradio demo at /demo, chatting "
@@ -548,8 +558,6 @@ def _serve(args) -> int:
         return 2
     from .openai_server import serve
 
-    if not args.shutdown_grace >= 0:
-        raise ValueError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
     print("loading model ...", file=sys.stderr)
     model, tokenizer = tdpipe_hf.from_pretrained(args.model_path, **_engine_options(args))
     name = args.served_model_name or model_name(model)

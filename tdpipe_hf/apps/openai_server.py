@@ -205,6 +205,10 @@ class OpenAIService:
             clean = normalize_messages(body.get("messages"))
         except ValueError as exc:
             raise APIError(str(exc), "messages") from None
+        for i, message in enumerate(clean):
+            if message["role"] not in CHAT_ROLES:
+                raise APIError(f"messages[{i}].role {message['role']!r} is not one of {', '.join(CHAT_ROLES)}",
+                               "messages")
         try:
             return list(self.tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True,
                                                            return_dict=False))
@@ -391,7 +395,9 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
                 raise APIError(f"unknown parameter '{name}'", name, code="unknown_parameter")
         service.check_model(body)
         sampling = parse_sampling(body)
-        prompt = service.chat_prompt(body) if chat else service.completion_prompt(body)
+        loop = asyncio.get_running_loop()
+        # Tokenizing a long prompt takes a while: off the event loop, so other requests go on.
+        prompt = await loop.run_in_executor(None, service.chat_prompt if chat else service.completion_prompt, body)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise APIError("'stream' must be true or false", "stream")
@@ -399,7 +405,6 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
         if not isinstance(options, dict):
             raise APIError("'stream_options' must be an object", "stream_options")
         include_usage = bool(options.get("include_usage")) if stream else False
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         choices = service.start(prompt, sampling, loop, queue, "messages" if chat else "prompt")
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -444,6 +449,7 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
     return app
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # the roles OpenAI's chat API takes
 KNOWN = {False: {"prompt", "max_tokens", "temperature", "top_p", "seed", "n", "stop", "stream"},
          True: {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stop",
                 "stream"}}
