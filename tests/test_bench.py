@@ -74,3 +74,25 @@ def test_run_vllm_finds_a_relative_python_from_its_scratch_directory(tmp_path, m
     monkeypatch.chdir(tmp_path / "work")
     outputs, seconds = run_vllm("../venv/bin/python", "model-dir", [[1, 2, 3]], max_new_tokens=2, eos={0})
     assert (outputs, seconds) == ([[7, 8]], 0.5)
+
+
+def test_rounds_alternate_the_order_and_pair_ratios_within_a_round():
+    """With rounds, the tdpipe rows run forward, then backward, ...; HF runs once; the summary
+    takes each row's ratio to the first configuration within the same round."""
+    tokenizer = byte_tokenizer(chat_template=True)
+    model = tiny_model("llama", seed=84, vocab_size=len(tokenizer))
+    rows = bench.run_benchmark(model, tokenizer, ["hello there", "a longer prompt about pipelines"],
+                               max_new_tokens=4, stages=(1,), systems=("hf-generate", "tdpipe"),
+                               policies=("tdpipe", "vllm-v0-pp"), log=lambda line: None, rounds=3)
+    order = [(row.policy, row.round) for row in rows[1:]]
+    assert rows[0].system == "hf-generate" and all(r.system != "hf-generate" for r in rows[1:])
+    assert order == [("tdpipe", 0), ("vllm-v0-pp", 0), ("vllm-v0-pp", 1), ("tdpipe", 1),
+                     ("tdpipe", 2), ("vllm-v0-pp", 2)]
+    assert all(row.same_as_hf == 2 for row in rows[1:])
+    # the summary pairs rows of one round: made-up rates whose per-round ratios are 2, 3 and 4
+    for row, rate in zip(rows[1:], [10.0, 20.0, 90.0, 30.0, 5.0, 20.0]):
+        row.tokens_per_s = rate
+    summary = bench.format_rounds(rows).splitlines()
+    assert summary[2].startswith("| tdpipe-local | tdpipe |") and "| 3 | 10.0 | 5.0-30.0 | 1.000x |" in summary[2]
+    assert "| 3 | 20.0 | 20.0-90.0 | 3.000x |" in summary[3]
+    assert bench.format_rounds(rows[:3]) == ""  # one round: nothing to pair

@@ -8,6 +8,7 @@ EOS; HF's padding after EOS is not counted. This module measures; it asserts not
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ class BenchRow:
     # mean share of each request's tokens, from the start, equal to HF generate's: 1.0 when all are
     # the same; below 1 it says how early answers part (in bfloat16, batch shape alone can part them)
     matching_prefix: float | None = None
+    round: int = 0  # with ``rounds`` > 1: which pass over the tdpipe rows this row came from
 
 
 def sample_prompts_path() -> Path:
@@ -128,7 +130,7 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
                   local_threads: tuple[int, ...] = (), trace: str | None = None,
                   policies: tuple[str, ...] = ("tdpipe",), vllm_python: str | None = None,
                   backends: tuple[str, ...] = ("auto",), log=print,
-                  on_row: Callable[[list[BenchRow]], None] | None = None) -> list[BenchRow]:
+                  on_row: Callable[[list[BenchRow]], None] | None = None, rounds: int = 1) -> list[BenchRow]:
     """Run ``systems`` one after the other on the same prompts, tdpipe once per policy variant
     (names in ``tdpipe_hf.variants``). ``trace``: write the last distributed run's timeline as a Chrome trace
     (``trace``) and a PNG (``trace`` + ``.png``); with several policies, one of each per policy
@@ -137,7 +139,11 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
     (:func:`gemm_bound`), measured in the same run. ``backends``: tdpipe runs once per attention
     backend named (``auto``: the one chosen for the devices). HF ``generate`` runs once untimed first,
     so that neither side pays the device's first-use costs in its figure. ``on_row`` gets the rows
-    so far after each one, so a run cut short keeps what it measured."""
+    so far after each one, so a run cut short keeps what it measured. ``rounds``: the tdpipe rows run
+    that many times, every other round in reverse order, so that a host whose speed drifts during
+    the run favours no row (:func:`format_rounds` pairs them up); the other systems run once."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     import tdpipe_hf
     from tdpipe_hf import metrics
     from tdpipe_hf.runtime.placement import parse_devices
@@ -150,16 +156,16 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
     reference = None
 
     def add(system: str, n_stages: int, outputs: list[list[int]], seconds: float, stats=None,
-            threads: int | None = None, policy: str = "-", backend: str | None = None) -> None:
+            threads: int | None = None, policy: str = "-", backend: str | None = None, pass_: int = 0) -> None:
         generated = sum(len(o) for o in outputs)
         same = None if reference is None else sum(a == b for a, b in zip(outputs, reference))
         row = BenchRow(system, n_stages, len(outputs), generated, round(seconds, 3),
                        round(generated / seconds, 2), threads or torch.get_num_threads(), same, policy,
-                       backend=backend)
+                       backend=backend, round=pass_)
         if reference is not None:
             row.matching_prefix = round(matching_prefix(outputs, reference), 4)
         line = (f"  {system:<20} {policy:<16} {backend or '-':<14} stages={n_stages} {generated} tokens in "
-                f"{seconds:.1f}s -> {row.tokens_per_s:.1f} tok/s")
+                f"{seconds:.1f}s -> {row.tokens_per_s:.1f} tok/s" + (f" (round {pass_ + 1})" if rounds > 1 else ""))
         if stats is not None:
             row.preemptions = stats.preemptions
             row.kv_utilisation = round(metrics.mean_kv_utilisation(stats.kv_used, stats.kv_blocks), 4)
@@ -174,7 +180,7 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
             on_row(rows)
 
     def run_tdpipe(system: str, n_stages: int, threads: int | None = None, policy: str = "tdpipe",
-                   backend: str = "auto", **options) -> None:
+                   backend: str = "auto", pass_: int = 0, **options) -> None:
         options = {**(tdpipe_options or {}), **variant(policy, engine=True).options, **options}
         devices = parse_devices(options.get("devices"))
         if devices is not None and len(devices) > n_stages:  # each row runs on the first devices listed
@@ -194,7 +200,7 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
         finally:
             tdpipe_hf.unwrap(model)
             torch.set_num_threads(default_threads)
-        add(system, n_stages, outputs, seconds, stats, threads, policy, backend)
+        add(system, n_stages, outputs, seconds, stats, threads, policy, backend, pass_)
         if trace and options.get("executor") == "distributed":
             path = Path(trace)
             tags = ([policy] if len(policies) > 1 else []) + ([backend] if len(backends) > 1 else [])
@@ -238,18 +244,49 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
             on_row(rows)
     for policy in policies:
         variant(policy, engine=True)  # unknown names fail before anything runs
+    tdpipe_rows = []  # (system, stages, options of run_tdpipe), in the order of a forward round
     for policy in policies:
         for backend in backends:
             if "tdpipe" in systems:
                 for n_stages in stages:
-                    run_tdpipe("tdpipe-local", n_stages, policy=policy, backend=backend)
+                    tdpipe_rows.append(("tdpipe-local", n_stages, dict(policy=policy, backend=backend)))
                     for threads in local_threads:
-                        run_tdpipe("tdpipe-local", n_stages, threads=threads, policy=policy, backend=backend)
+                        tdpipe_rows.append(("tdpipe-local", n_stages,
+                                            dict(threads=threads, policy=policy, backend=backend)))
             if "tdpipe-dist" in systems:
                 for n_stages in dist_stages:
-                    run_tdpipe("tdpipe-distributed", n_stages, policy=policy, backend=backend,
-                               executor="distributed")
+                    tdpipe_rows.append(("tdpipe-distributed", n_stages,
+                                        dict(policy=policy, backend=backend, executor="distributed")))
+    for pass_ in range(rounds):
+        for system, n_stages, options in (tdpipe_rows if pass_ % 2 == 0 else reversed(tdpipe_rows)):
+            run_tdpipe(system, n_stages, pass_=pass_, **options)
     return rows
+
+
+def format_rounds(rows: list[BenchRow]) -> str:
+    """The tdpipe rows of a run with several rounds, one line per configuration: median tokens/s
+    over the rounds, the range, and the median over rounds of its ratio to the first
+    configuration's row of the same round (a ratio within a round, so the host's drift between
+    rounds cancels). Empty if the run had one round."""
+    repeated = [r for r in rows if r.stages and r.system.startswith("tdpipe")]
+    if not any(r.round for r in repeated):
+        return ""
+    def key(r: BenchRow):
+        return (r.system, r.policy, r.backend, r.stages, r.threads)
+    configs: dict = {}
+    for r in repeated:
+        configs.setdefault(key(r), {})[r.round] = r.tokens_per_s
+    first = next(iter(configs.values()))
+    name = " ".join(str(part) for part in next(iter(configs)) if part is not None)
+    lines = [f"| system | policy | backend | stages | rounds | median tokens/s | range | vs {name} "
+             "(median of per-round ratios) |", "|---|---|---|---|---|---|---|---|"]
+    for (system, policy, backend, n_stages, _), by_round in configs.items():
+        rates = sorted(by_round.values())
+        ratios = [rate / first[i] for i, rate in by_round.items() if i in first]
+        lines.append(f"| {system} | {policy} | {backend or '-'} | {n_stages} | {len(rates)} | "
+                     f"{statistics.median(rates):.1f} | {rates[0]:.1f}-{rates[-1]:.1f} | "
+                     f"{statistics.median(ratios):.3f}x |")
+    return "\n".join(lines)
 
 
 def matching_prefix(outputs: list[list[int]], reference: list[list[int]]) -> float:

@@ -225,6 +225,10 @@ def _parser() -> argparse.ArgumentParser:
                             "lists them; default tdpipe)")
     bench.add_argument("--hf-batch-size", type=_positive, default=16, help="static batch size for HF generate")
     bench.add_argument("--kv-blocks", type=_positive, default=None, help="tdpipe KV budget in blocks")
+    bench.add_argument("--rounds", type=_positive, default=1,
+                       help="run the tdpipe rows this many times, every other round in reverse order, and "
+                            "print each one's median and its ratio to the first row within a round (for "
+                            "hosts whose speed drifts; default 1)")
     bench.add_argument("--json", dest="json_path", help="write the result rows to this JSON file (rewritten "
                                                           "after each row, so an interrupted run keeps its rows)")
     bench.add_argument("--attention-backend", default="auto",
@@ -341,8 +345,12 @@ def _bench(args) -> int:
                                dist_stages=args.dist_stages, local_threads=args.local_threads,
                                trace=args.trace, vllm_python=args.vllm_python, backends=_names(args.attention_backend),
                                policies=_names(args.policies), log=lambda line: print(line, file=sys.stderr),
-                               on_row=(lambda so_far: bench.write_json(so_far, args.json_path)) if args.json_path else None)
+                               on_row=(lambda so_far: bench.write_json(so_far, args.json_path)) if args.json_path else None,
+                               rounds=args.rounds)
     print(bench.format_table(rows))
+    if args.rounds > 1:
+        print()
+        print(bench.format_rounds(rows))
     if args.json_path:
         bench.write_json(rows, args.json_path)
         print(f"wrote {args.json_path}", file=sys.stderr)
