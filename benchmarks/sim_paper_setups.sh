@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The six paper setups (4 GPUs, 2 000 ShareGPT-like requests, seed 0) under every schedule the
-# README compares; rows into benchmarks/sim/, then the README's tables. About 10 minutes on 2 cores.
+# README compares; rows into benchmarks/sim/, then the tables of the README and docs/simulator.md. About 10 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 policies=tdpipe,tdpipe-ahead,tdpipe-fill,tdpipe-oracle,tdpipe-no-overbook,tdpipe-fits,tdpipe-paper,vllm-v0-pp,vllm-v1-pp,vllm-v1-pp-capped,hybrid,hybrid-throttled,tp

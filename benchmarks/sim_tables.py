@@ -1,4 +1,4 @@
-"""The README's simulator tables from the rows in benchmarks/sim/ (written by benchmarks/sim_paper_setups.sh, which also prints these).
+"""The simulator tables of the README and docs/simulator.md from the rows in benchmarks/sim/ (written by benchmarks/sim_paper_setups.sh, which also prints these).
 
     python benchmarks/sim_tables.py [DIR]
 

@@ -82,7 +82,7 @@ def read_labels(input_path: str | Path, answers_path: str | Path, tokenizer, cha
 
 
 # Near-identical copies of a prompt (``train-predictor --augment``). Whether SmolLM2's greedy
-# answer runs to the cap changes under such a copy for about a fifth of the prompts (README,
+# answer runs to the cap changes under such a copy for about a fifth of the prompts (docs/predictor.md,
 # *Near-identical prompts*), so each copy is a label of its own for nearly the same meaning.
 def _first_letter_case_toggled(text: str) -> str:
     at = next((i for i, c in enumerate(text) if c.swapcase() != c), None)

@@ -1,7 +1,7 @@
 """The ``paged-cpu`` attention backend: decode rows attend straight from the paged cache.
 
 On a CPU most of the gather + SDPA backend's decode time is the copy of every request's blocks
-into a padded tensor, per layer and step (``index_select``; profile in the README). Here a small
+into a padded tensor, per layer and step (``index_select``; profile in benchmarks/HISTORY.md). Here a small
 C++ kernel (``paged_decode.cpp``, compiled on first use with the compiler the machine has and
 cached by torch) reads each block where it lies. Prefill segments keep SDPA, as in ``paged-sdpa``.
 The kernel sums in another order than SDPA does, so results agree to rounding, not bit for bit;
