@@ -13,10 +13,13 @@ Needs the ``serve`` extra (fastapi, uvicorn).
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
@@ -168,12 +171,25 @@ class OpenAIService:
 
     def __init__(self, server: Server, tokenizer, model_name: str, max_tokens_limit: int = 1024):
         self.server = server
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # decodes answers, on the event loop
+        # Prompts are tokenized off the event loop, so a long one holds up no other request, each
+        # worker thread with its own copy of the tokenizer: a fast tokenizer used from two threads
+        # at once can raise "Already borrowed" (transformers#47085).
+        self.tokenizing = ThreadPoolExecutor(max_workers=TOKENIZING_THREADS, thread_name_prefix="tdpipe-tokenize")
+        self._thread_local = threading.local()
         self.model_name = model_name
         self.max_tokens_limit = max_tokens_limit
         self.created = int(time.time())
         self.finished: dict[str, int] = {}  # finish reason -> requests, for /metrics
         self.http_requests = 0
+
+    @property
+    def prompt_tokenizer(self):
+        """This thread's copy of the tokenizer (made on its first use)."""
+        mine = getattr(self._thread_local, "tokenizer", None)
+        if mine is None:
+            mine = self._thread_local.tokenizer = _private_copy(self.tokenizer)
+        return mine
 
     # ---- request parsing --------------------------------------------------------------------
     def check_model(self, body: dict) -> None:
@@ -195,7 +211,7 @@ class OpenAIService:
                 check_text("'prompt'", prompt)
             except ValueError as exc:
                 raise APIError(str(exc), "prompt") from None
-            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            return self.prompt_tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt)
         raise APIError("'prompt' must be a non-empty string or a list of token ids (one prompt per request)", "prompt")
@@ -210,8 +226,8 @@ class OpenAIService:
                 raise APIError(f"messages[{i}].role {message['role']!r} is not one of {', '.join(CHAT_ROLES)}",
                                "messages")
         try:
-            return list(self.tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=False))
+            return list(self.prompt_tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True,
+                                                                  return_dict=False))
         except Exception as exc:
             raise APIError(f"the chat template rejected the messages: {exc}", "messages") from None
 
@@ -340,6 +356,7 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
     async def lifespan(app):
         yield
         server.close()  # open streams end with an error; the engine thread stops
+        service.tokenizing.shutdown(wait=False, cancel_futures=True)
         if close_engine:
             model.tdpipe_engine.close()
 
@@ -396,8 +413,8 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
         service.check_model(body)
         sampling = parse_sampling(body)
         loop = asyncio.get_running_loop()
-        # Tokenizing a long prompt takes a while: off the event loop, so other requests go on.
-        prompt = await loop.run_in_executor(None, service.chat_prompt if chat else service.completion_prompt, body)
+        prompt = await loop.run_in_executor(service.tokenizing, service.chat_prompt if chat else service.completion_prompt,
+                                            body)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise APIError("'stream' must be true or false", "stream")
@@ -447,6 +464,17 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
         return await complete(request, chat=True)
 
     return app
+
+
+TOKENIZING_THREADS = 4
+
+
+def _private_copy(tokenizer):
+    """A copy of ``tokenizer`` for one thread's use (the tokenizer itself if it cannot be copied)."""
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:  # an object that cannot be copied: shared, as before
+        return tokenizer
 
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # the roles OpenAI's chat API takes
