@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +115,8 @@ class TDPipeConfig:
             raise ValueError(f"TDPipeConfig.plan_ahead must be True or False, got {self.plan_ahead!r}")
         if self.kv_blocks is not None and self.kv_cache_bytes is not None:
             raise ValueError("TDPipeConfig: give kv_blocks or kv_cache_bytes, not both")
-        if not isinstance(self.switch_fraction, (int, float)) or not 0.0 <= self.switch_fraction <= 1.0:
+        if isinstance(self.switch_fraction, bool) or not isinstance(self.switch_fraction, (int, float)) \
+                or not 0.0 <= self.switch_fraction <= 1.0:
             raise ValueError(f"TDPipeConfig.switch_fraction must be in [0, 1], got {self.switch_fraction!r}")
         if self.overbooking is not None and self.overbooking not in OVERBOOKING:
             raise ValueError(f"TDPipeConfig.overbooking must be one of {OVERBOOKING} or None, "
@@ -138,8 +140,8 @@ class TDPipeConfig:
                              f"got {self.prefill_packing!r}")
         for name, low in (("kv_threshold", 0.0), ("length_scale", 0.0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
-                raise ValueError(f"TDPipeConfig.{name} must be a number > {low}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < math.inf:
+                raise ValueError(f"TDPipeConfig.{name} must be a finite number > {low}, got {value!r}")
         if not isinstance(self.online_learning, bool):
             raise ValueError(f"TDPipeConfig.online_learning must be True or False, got {self.online_learning!r}")
         if self.predictor is not None and not isinstance(self.predictor, str) \

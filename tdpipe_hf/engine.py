@@ -18,7 +18,7 @@ from .models import model_name
 from .predictors import ConstantPredictor, check_predictor, load_predictor, load_probe, shipped_name_for
 from .predictors.base import Trainable
 from .protocols import RefinesAfterPrefill, SchedulerPolicy
-from .runtime.kv_budget import available_memory, kv_blocks_on_devices
+from .runtime.kv_budget import available_memory, check_kv_fits, kv_blocks_on_devices
 from .runtime.placement import stage_devices, torchrun_device
 from .runtime.stage import build_stages
 from .runtime.torchrun import launched_by_torchrun, start_torchrun, torchrun_places
@@ -45,6 +45,8 @@ class TDPipeEngine:
             self.devices = dict(enumerate(stage_devices(model_device, config.num_stages, config.devices)))
         self.num_blocks = config.kv_blocks or kv_blocks_on_devices(model, stages, config.block_size, self.devices,
                                                                    config.kv_cache_bytes, available)
+        if config.kv_blocks:
+            check_kv_fits(model, stages, config.block_size, self.devices, config.kv_blocks, available)
         self.model_name = model_name(model)
         self.predictor_name = shipped_name_for(model)  # the shipped predictor's name, found by weights too
         self.predictor = self._make_predictor(config) if config.admission == "greedy" else None

@@ -194,8 +194,12 @@ def _check_inputs(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int, torch.int32):
         raise ValueError(f"input_ids must be a 2-D integer tensor [batch, length], got shape "
                          f"{tuple(input_ids.shape)} dtype {input_ids.dtype}")
+    if input_ids.shape[0] == 0:
+        raise ValueError("input_ids has no rows: give at least one prompt")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids has length 0: prompts must not be empty")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
                          f"shape {tuple(input_ids.shape)}")

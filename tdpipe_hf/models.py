@@ -100,10 +100,14 @@ def check_text(what: str, text: str) -> None:
         raise ValueError(f"{what} is not valid Unicode text: {exc.reason} at position {exc.start}") from None
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # the roles OpenAI's chat API takes
+
+
 def normalize_messages(messages) -> list[dict]:
     """Chat messages as the chat template takes them: each ``{"role": str, "content": str}``, where
     ``content`` may also be OpenAI's list of text parts (joined). A ``ValueError`` names the first
-    message that is not one (no role, non-text parts, content of another type)."""
+    message that is not one (no role or one OpenAI's API does not know, non-text parts, content of
+    another type)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list of {role, content} objects")
     clean = []
@@ -121,6 +125,8 @@ def normalize_messages(messages) -> list[dict]:
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts, got "
                              f"{type(content).__name__}")
         check_text(f"messages[{i}].content", content)
+        if message["role"] not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}].role {message['role']!r} is not one of {', '.join(CHAT_ROLES)}")
         clean.append({"role": message["role"], "content": content})
     return clean
 

@@ -65,6 +65,9 @@ def test_right_padding_is_rejected(model):
     ({"block_size": 0}, "block_size must be a positive integer"),
     ({"kv_blocks": 8, "kv_cache_bytes": 1 << 20}, "not both"),
     ({"switch_fraction": 2.0}, "switch_fraction"),
+    ({"switch_fraction": True}, "switch_fraction"),
+    ({"length_scale": float("inf")}, "length_scale must be a finite number > 0"),
+    ({"kv_blocks": 10**12}, r"kv_blocks=1000000000000 needs .* GiB of KV cache on cpu, more than the .* GiB free"),
     ({"decode_fill_tokens": -1}, "decode_fill_tokens must be a non-negative integer"),
     ({"plan_ahead": "yes"}, "plan_ahead must be True or False"),
     ({"blocks": 8}, r"unknown TD-Pipe option\(s\) \['blocks'\]"),
@@ -162,3 +165,11 @@ def test_an_unsupported_causal_lm_is_called_that():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(TypeError, match=r"model type 'gpt2' \(GPT2LMHeadModel\) is not supported yet; supported: llama"):
         tdpipe_hf.wrap(gpt2, num_stages=1)
+
+
+def test_an_empty_batch_and_a_mask_of_another_type_are_named(model):
+    with pytest.raises(ValueError, match="input_ids has no rows"):
+        model.generate(torch.zeros(0, 4, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(TypeError, match="attention_mask must be a torch.Tensor, got list"):
+        model.generate(torch.tensor([[5, 6, 7]]), attention_mask=[[1, 1, 1]], max_new_tokens=2)
+

@@ -234,6 +234,13 @@ def test_cli_names_a_missing_input(tmp_path, capsys):
     (["run", "--kv-blocks", "1.5"], "expected a positive integer, got 1.5"),
     (["serve", "--shutdown-grace", "-1"], "expected a number of seconds >= 0, got -1"),
     (["serve", "--shutdown-grace", "nan"], "expected a number of seconds >= 0, got nan"),
+    (["generate", "hi", "--temperature", "0.5"], "add --sample"),
+    (["bench", "--systems", "nope"], "unknown system(s) ['nope']"),
+    (["bench", "--local-threads", "0"], "expected comma-separated counts >= 1"),
+    (["simulate", "--gpus", "41", "--requests", "5"], "llama2-13b has 40 layers, so at most 40 pipeline stages"),
+    (["simulate", "--policies", ",", "--requests", "5"], "--policies names no policy"),
+    (["simulate", "--requests", "5", "--json", "/no/such/folder/rows.json"], "the folder /no/such/folder does not exist"),
+    (["bench", "--json", "/no/such/folder/rows.json"], "--json /no/such/folder/rows.json: the folder"),
 ])
 def test_cli_refuses_bad_arguments_with_the_reason(argv, message, capsys):
     from tdpipe_hf.apps import cli
@@ -303,3 +310,101 @@ def test_eval_predictor_compares_with_the_best_constant(tmp_path, capsys):
     bad = write_lines(tmp_path / "bad.jsonl", [{"prompt": "a", "output_tokens": "many"}])
     assert cli.main(["eval-predictor", str(bad), "--model", str(model_dir), "--predictor", "constant"]) == 2
     assert "line 1: 'output_tokens' must be a whole number" in capsys.readouterr().err
+
+
+def test_an_output_that_is_not_an_answers_file_is_left_untouched(tiny, tmp_path):
+    """A file that is not answers (or the input itself) as the output: refused by name, and not a
+    byte of it changed (its last line used to be cut off as a 'torn' answer)."""
+    model, tokenizer = tiny
+    source = write_lines(tmp_path / "in.jsonl", [{"prompt": "hello"}])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my important notes\nlast line without newline")
+    with pytest.raises(ValueError, match="notes.txt is not an answers file of tdpipe run"):
+        run_batch(model, tokenizer, source, notes, progress=False)
+    assert notes.read_text() == "my important notes\nlast line without newline"
+    before = source.read_bytes()
+    with pytest.raises(ValueError, match="is the input file"):
+        run_batch(model, tokenizer, source, source, progress=False)
+    assert source.read_bytes() == before
+    with pytest.raises(ValueError, match="is a folder"):
+        run_batch(model, tokenizer, source, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="folder .*nowhere does not exist"):
+        run_batch(model, tokenizer, source, tmp_path / "nowhere" / "out.jsonl", progress=False)
+
+
+def test_answers_of_another_input_with_the_same_ids_are_not_taken_as_done(tiny, tmp_path):
+    """Two inputs numbered line-1, line-2: the second run into the first one's output reports each
+    colliding id instead of skipping it (it used to hand back the first input's answers)."""
+    model, tokenizer = tiny
+    output = tmp_path / "answers.jsonl"
+    first = write_lines(tmp_path / "a.jsonl", [{"prompt": "hello"}, {"prompt": "pipelines"}])
+    assert run_batch(model, tokenizer, first, output, max_new_tokens=4, progress=False).requests == 2
+    again = run_batch(model, tokenizer, first, output, max_new_tokens=4, progress=False)
+    assert (again.requests, again.skipped, again.errors) == (0, 2, 0)  # the same input resumes
+    second = write_lines(tmp_path / "b.jsonl", [{"prompt": "hello"}, {"prompt": "something else"},
+                                                {"prompt": "a third"}])
+    summary = run_batch(model, tokenizer, second, output, max_new_tokens=4, progress=False)
+    assert summary.requests == 1 and summary.errors == 1  # line-1 is the same prompt: done
+    error = json.loads((tmp_path / "answers.jsonl.errors.jsonl").read_text())
+    assert error["id"] == "line-2" and "answered in" in error["error"] and "for another prompt" in error["error"]
+
+
+def test_two_runs_on_one_output_are_refused(tiny, tmp_path):
+    import fcntl
+
+    model, tokenizer = tiny
+    source = write_lines(tmp_path / "in.jsonl", [{"prompt": "hello"}])
+    output = tmp_path / "out.jsonl"
+    with open(output, "a") as other:  # another run holding the output
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="being written by another tdpipe run"):
+            run_batch(model, tokenizer, source, output, progress=False)
+    assert run_batch(model, tokenizer, source, output, max_new_tokens=3, progress=False).requests == 1
+
+
+def test_a_bom_a_null_id_unknown_roles_and_other_endpoints(tiny, tmp_path):
+    model, tokenizer = tiny
+    source = tmp_path / "in.jsonl"
+    lines = [{"prompt": "first", "id": None}, {"messages": [{"role": "wizard", "content": "hi"}]},
+             {"custom_id": "c1", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}},
+             {"custom_id": "c2", "method": "POST", "url": "/v1/chat/completions", "body": {"prompt": "hi"}}]
+    source.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(line) + "\n" for line in lines).encode())
+    summary = run_batch(model, tokenizer, source, tmp_path / "out.jsonl", max_new_tokens=3, progress=False)
+    answers = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [a["id"] for a in answers] == ["line-1"] and summary.errors == 3
+    errors = {e["line"]: e["error"] for e in map(json.loads, (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines())}
+    assert "role 'wizard' is not one of system, developer, user, assistant, tool" in errors[2]
+    assert "only /v1/chat/completions batch lines" in errors[3]
+    assert "body needs 'messages'" in errors[4]
+
+
+def test_a_stage_failure_in_tdpipe_run_says_what_it_kept(tmp_path, capsys, monkeypatch):
+    """A stage process that dies: exit 3 and a line naming the stage, the answers kept and that a
+    rerun resumes (a traceback and exit 1, the bad-lines code, before)."""
+    from tdpipe_hf.apps import cli, offline
+    from tdpipe_hf.runtime.local import StageError
+
+    def one_answer_then_a_dead_stage(model, tokenizer, input_path, output, *args, **kwargs):
+        with open(output, "a") as out:
+            out.write(json.dumps({"id": "line-1", "text": "hi"}) + "\n")
+        raise StageError("stage 1 (layers 2-3, pid 4242) died with exit code -9")
+
+    monkeypatch.setattr(offline, "run_batch", one_answer_then_a_dead_stage)
+    model_dir = tiny_model_dir(tmp_path / "tiny", seed=54)
+    source = write_lines(tmp_path / "in.jsonl", [{"prompt": "hello"}, {"prompt": "pipelines"}])
+    output = tmp_path / "out.jsonl"
+    assert cli.main(["run", str(source), "--model", str(model_dir), "-o", str(output), "--no-chat-template"]) == 3
+    err = capsys.readouterr().err
+    assert "stage 1 (layers 2-3, pid 4242) died" in err and f"1 answer(s) are in {output}" in err
+    assert "Traceback" not in err
+
+
+def test_tdpipe_run_checks_its_files_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    from tdpipe_hf.apps import cli
+
+    monkeypatch.setattr(tdpipe_hf, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    source = write_lines(tmp_path / "in.jsonl", [{"prompt": "hello"}])
+    assert cli.main(["run", str(source), "-o", str(tmp_path / "missing" / "out.jsonl")]) == 2
+    assert "the output's folder" in capsys.readouterr().err
+    assert cli.main(["run", str(source), "-o", str(source)]) == 2
+    assert "is the input file" in capsys.readouterr().err

@@ -55,13 +55,16 @@ def sample_prompts_path() -> Path:
 
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:
     """Prompts from a JSONL file with a ``prompt`` field (default: the samples shipped in the package)."""
-    text = Path(path or sample_prompts_path()).read_text()
+    text = Path(path or sample_prompts_path()).read_text(encoding="utf-8-sig")
     prompts = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            record = json.loads(line)
-            if "prompt" not in record:
-                raise ValueError(f"{path or SAMPLE_PROMPTS}:{number}: no 'prompt' field")
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path or SAMPLE_PROMPTS}:{number}: not valid JSON: {exc}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+                raise ValueError(f"{path or SAMPLE_PROMPTS}:{number}: needs a non-empty 'prompt' string")
             prompts.append(record["prompt"])
     return prompts[:limit] if limit else prompts
 
@@ -277,7 +280,8 @@ def format_rounds(rows: list[BenchRow]) -> str:
     for r in repeated:
         configs.setdefault(key(r), {})[r.round] = r.tokens_per_s
     first = next(iter(configs.values()))
-    name = " ".join(str(part) for part in next(iter(configs)) if part is not None)
+    system, policy, backend, n_stages, _ = next(iter(configs))
+    name = f"{system} {policy} ({backend or '-'}, {n_stages} stage{'s' if n_stages > 1 else ''})"
     lines = [f"| system | policy | backend | stages | rounds | median tokens/s | range | vs {name} "
              "(median of per-round ratios) |", "|---|---|---|---|---|---|---|---|"]
     for (system, policy, backend, n_stages, _), by_round in configs.items():

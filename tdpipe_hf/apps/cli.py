@@ -14,9 +14,9 @@ def _stage_list(text: str) -> tuple[int, ...]:
     try:
         stages = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--stages takes comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not stages or min(stages) < 1:
-        raise argparse.ArgumentTypeError(f"--stages needs stage counts >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated counts >= 1, got {text!r}")
     return stages
 
 
@@ -289,20 +289,29 @@ def _generate(args) -> int:
 
     import tdpipe_hf
 
+    from ..models import chat_prompt_ids
+
     if args.seed is not None:
         torch.manual_seed(args.seed)
     if not args.prompt.strip():
         raise ValueError("empty prompt: give the text to answer")
+    if not args.sample and (args.temperature is not None or args.top_p is not None):
+        raise ValueError("--temperature and --top-p apply to sampling: add --sample (without it the answer is greedy)")
     print("loading model ...", file=sys.stderr)
     model, tokenizer = tdpipe_hf.from_pretrained(args.model, **_engine_options(args))
-    messages = [{"role": "user", "content": args.prompt}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
+    if getattr(tokenizer, "chat_template", None) is not None:
+        ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
+    else:  # a base model: the prompt as plain text, as `tdpipe run` does
+        ids = tokenizer(args.prompt)["input_ids"]
+    inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     options = {"do_sample": args.sample}
     if args.temperature is not None:
         options["temperature"] = args.temperature
     if args.top_p is not None:
         options["top_p"] = args.top_p
+    launch = getattr(model.tdpipe_engine.executor, "start", None)
+    if callable(launch):  # stage processes start outside the timing
+        launch()
     start = time.perf_counter()
     output = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
                             max_new_tokens=args.max_new_tokens, **options)
@@ -313,6 +322,15 @@ def _generate(args) -> int:
     print(f"\n{generated} tokens in {seconds:.2f}s: {generated / seconds:.1f} tokens/s "
           f"({args.stages} stage{'s' if args.stages > 1 else ''})", file=sys.stderr)
     return 0
+
+
+def _check_output_files(**paths) -> None:
+    """Before a long run: a ValueError for an output option whose folder does not exist."""
+    from pathlib import Path
+
+    for option, path in paths.items():
+        if path and not Path(path).absolute().parent.is_dir():
+            raise ValueError(f"--{option.replace('_', '-')} {path}: the folder {Path(path).parent} does not exist")
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -327,8 +345,9 @@ def _bench(args) -> int:
 
     systems = _names(args.systems)
     unknown = sorted(set(systems) - set(bench.SYSTEMS))
-    if unknown:
-        raise SystemExit(f"tdpipe bench: unknown system(s) {unknown}; choose from {', '.join(bench.SYSTEMS)}")
+    if unknown or not systems:
+        raise ValueError(f"unknown system(s) {unknown or args.systems!r}; choose from {', '.join(bench.SYSTEMS)}")
+    _check_output_files(json=args.json_path, trace=args.trace)
     prompts = bench.load_prompts(args.prompts, limit=args.num_prompts)
     print(f"loading model ...; {len(prompts)} prompts, max_new_tokens={args.max_new_tokens}", file=sys.stderr)
     placement = _placement(args)
@@ -362,23 +381,32 @@ def _run(args) -> int:
 
     import tdpipe_hf
 
-    from .offline import run_batch
+    from ..runtime.local import StageError
+    from .offline import check_paths, errors_path_for, run_batch
 
     input_path = _input_path(args.input)
     output = Path(args.output) if args.output else Path(f"{input_path.stem}.answers.jsonl")
+    check_paths(input_path, output, errors_path_for(output, args.errors))  # before minutes of loading
     print(f"loading model ...; {input_path} -> {output}", file=sys.stderr)
     model, tokenizer = tdpipe_hf.from_pretrained(args.model, **_engine_options(args))
+
+    def kept() -> int:
+        if not output.exists():
+            return 0
+        with open(output, "rb") as answers:
+            return sum(1 for line in answers if line.endswith(b"\n"))
+
     try:
         summary = run_batch(model, tokenizer, input_path, output, args.errors, max_new_tokens=args.max_new_tokens,
                             chat_template=not args.no_chat_template)
     except KeyboardInterrupt:  # Ctrl-C: say what is kept instead of a traceback
-        done = 0
-        if output.exists():
-            with open(output, "rb") as answers:
-                done = sum(1 for line in answers if line.endswith(b"\n"))
-        print(f"tdpipe run: interrupted; {done} answer(s) are in {output}, and the same command resumes "
+        print(f"tdpipe run: interrupted; {kept()} answer(s) are in {output}, and the same command resumes "
               f"from there", file=sys.stderr)
         return 130
+    except StageError as exc:  # a stage process died or froze: the answers written are kept
+        print(f"tdpipe run: error: {exc}; {kept()} answer(s) are in {output}, and the same command resumes "
+              f"from there", file=sys.stderr)
+        return 3
     finally:
         model.tdpipe_engine.close()
     print(summary.format())
@@ -461,7 +489,7 @@ def _copy_kinds(text: str) -> list[str]:
 
 def _eval_predictor(args) -> int:
     from ..models import load_model_and_tokenizer
-    from ..predictors import load_predictor, load_probe, shipped_name_for
+    from ..predictors import OraclePredictor, load_predictor, load_probe, shipped_name_for
     from ..predictors.probe import last_token_states
     from .training import compare_with_constant, read_lengths_file
 
@@ -469,10 +497,15 @@ def _eval_predictor(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model)
     name = shipped_name_for(model)
     predictor = load_predictor(args.predictor, name)
+    if isinstance(predictor, OraclePredictor):
+        raise ValueError(f"--predictor {args.predictor} knows true lengths only inside the engine; give a trained "
+                         "predictor (a name or a .npz file)")
+    if not getattr(predictor, "is_trained", True):
+        raise ValueError(f"--predictor {args.predictor} is not trained: give a file from `tdpipe train-predictor`")
+    probe = load_probe(args.probe, name, model.config.num_hidden_layers, args.predictor)  # a bad file: fail first
     prompts, lengths = read_lengths_file(path, tokenizer, chat_template=not args.no_chat_template)
     print("before prefill (prompt only, what admission plans with):")
     print(compare_with_constant(args.predictor or "shipped", predictor, prompts, lengths))
-    probe = load_probe(args.probe, name, model.config.num_hidden_layers, args.predictor)
     if probe is not None:
         print(f"after prefill (the length probe on layer {probe.layer}'s hidden state):")
         states = last_token_states(model, prompts, [probe.layer], progress=True)[probe.layer]
@@ -515,10 +548,16 @@ def _simulate(args) -> int:
     from ..variants import variant
 
     policies = list(_names(args.policies))
+    if not policies:
+        raise ValueError("--policies names no policy (`tdpipe policies` lists them)")
+    _check_output_files(json=args.json_path)
     for policy in policies:
         variant(policy)  # unknown names fail before anything runs
     setup = SimSetup.named(args.model, args.gpu, args.gpus, vllm_step_cost=_vllm_step_cost(args.vllm_step_cost),
                            **_host_cost(args.host_cost))
+    if args.gpus > setup.model.num_layers:
+        raise ValueError(f"--gpus {args.gpus}: {args.model} has {setup.model.num_layers} layers, so at most "
+                         f"{setup.model.num_layers} pipeline stages")
     workload = sharegpt_like(args.requests, seed=args.seed)
     title = f"{setup.model.name} on {args.gpus} x {setup.gpu.name}"
     print(f"simulating {title}: {len(workload)} requests", file=sys.stderr)
@@ -615,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"generate": _generate, "run": _run, "bench": _bench, "train-predictor": _train_predictor,
                     "simulate": _simulate, "eval-predictor": _eval_predictor, "serve": _serve, "policies": _policies, "demo": _demo}
         return commands[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError) as exc:  # OSError: a file that cannot be read or written
         print(f"tdpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,6 +9,8 @@ already in the output. Bad lines go to an errors file with their line numbers; t
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import time
@@ -23,6 +25,7 @@ from ..models import chat_prompt_ids, check_text, normalize_messages
 from ..models import model_name as model_name_of
 
 FSYNC_SECONDS = 1.0
+CHAT_URL = "/v1/chat/completions"
 
 
 @dataclass
@@ -35,6 +38,13 @@ class Job:
     prompt: str | None
     max_new_tokens: int | None
     openai: bool = False
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of what decides the answer, kept with it: a rerun on another input whose
+        ids collide (two files both numbered ``line-N``) is told, not handed the old answers."""
+        what = json.dumps([self.messages, self.prompt, self.max_new_tokens], ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(what.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 @dataclass
@@ -91,7 +101,7 @@ def parse_line(text: str, line: int) -> Job:
 def _line_id(record: dict) -> str | None:
     """An OpenAI batch line's ``custom_id``, another line's ``id`` (either, failing that), or None."""
     for key in ("custom_id", "id") if "body" in record else ("id", "custom_id"):
-        if key in record:
+        if record.get(key) is not None:  # "id": null is no id
             return str(record[key])
     return None
 
@@ -101,7 +111,13 @@ def _job(record: dict, line: int, job_id: str | None) -> Job:
         body = record.get("body")
         if not isinstance(body, dict) or "custom_id" not in record:
             raise BadLine("an OpenAI batch line needs 'custom_id' and a 'body' object")
+        if record.get("url", CHAT_URL) != CHAT_URL:
+            raise BadLine(f"only {CHAT_URL} batch lines are answered, not {record.get('url')!r}")
+        if body.get("n", 1) != 1:
+            raise BadLine(f"'n' must be 1 (one answer a line), got {body.get('n')!r}")
         messages = body.get("messages")
+        if messages is None:
+            raise BadLine("an OpenAI batch line's body needs 'messages'")
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         openai = True
         prompt = None
@@ -146,6 +162,7 @@ def read_jobs(input_path: str | Path) -> Iterator[tuple[int, Job | BadLine]]:
 
 def decode_line(raw: bytes) -> str:
     """A job file's line as text; ``BadLine`` names the first byte that is not UTF-8."""
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark some editors put first
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -164,21 +181,49 @@ def answer_lengths(output: str | Path) -> dict[str, int]:
     return lengths
 
 
-def done_ids(output: Path) -> set[str]:
-    """Ids already answered in ``output``; a torn last line (crash mid-write) is cut off."""
+def done_ids(output: Path) -> dict[str, str | None]:
+    """Ids already answered in ``output``, each with its prompt's fingerprint (None in answers of
+    OpenAI batch lines and of older versions). A torn last line (crash mid-write) is cut off, but
+    only once every whole line has proved to be an answer: any other file is left as it is."""
     if not output.exists():
-        return set()
+        return {}
     with open(output, "rb+") as handle:
         data = handle.read()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            handle.truncate(keep)
-            data = data[:keep]
-    ids = set()
-    for raw in data.splitlines():
-        record = json.loads(raw)
-        ids.add(str(record.get("custom_id", record.get("id"))))
+        whole = data[:data.rfind(b"\n") + 1]
+        ids = {}
+        for number, raw in enumerate(whole.splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                record = None
+            answer_id = record.get("custom_id", record.get("id")) if isinstance(record, dict) else None
+            if answer_id is None:
+                raise ValueError(f"{output} is not an answers file of tdpipe run (line {number} is not an "
+                                 "answer); choose another output file")
+            ids[str(answer_id)] = record.get("prompt_hash")
+        if len(whole) < len(data):
+            handle.truncate(len(whole))
     return ids
+
+
+def check_paths(input_path: Path, output_path: Path, errors_path: Path) -> None:
+    """A ValueError naming the problem if the job's files cannot be what they are meant to be:
+    checked before the model loads, so a typo costs no minutes."""
+    if output_path.exists() and output_path.resolve() == input_path.resolve():
+        raise ValueError(f"the output {output_path} is the input file; choose another output file")
+    if errors_path.exists() and errors_path.resolve() in (input_path.resolve(), output_path.resolve()):
+        raise ValueError(f"the errors file {errors_path} is the input or the output file; choose another")
+    for what, path in (("output", output_path), ("errors file", errors_path)):
+        if path.is_dir():
+            raise ValueError(f"the {what} {path} is a folder; give a file name")
+        if not path.parent.is_dir():
+            raise ValueError(f"the {what}'s folder {path.parent} does not exist")
+
+
+def errors_path_for(output_path: Path, errors_path: str | Path | None) -> Path:
+    return Path(errors_path) if errors_path else output_path.with_name(output_path.name + ".errors.jsonl")
 
 
 class _Appender:
@@ -186,6 +231,12 @@ class _Appender:
 
     def __init__(self, path: Path):
         self.handle = open(path, "a", encoding="utf-8")
+        try:  # two runs appending to one file would answer every request twice
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise ValueError(f"{path} is being written by another tdpipe run; wait for it, or choose another "
+                             "output file") from None
         self.last_sync = time.monotonic()
 
     def write(self, record: dict) -> None:
@@ -212,19 +263,27 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
     """
     from ..metrics import bubble_ratios, mean_kv_utilisation
 
-    engine = model.tdpipe_engine
+    engine = getattr(model, "tdpipe_engine", None)
+    if engine is None:
+        raise TypeError("run_batch needs a model wrapped with tdpipe_hf.wrap (or tdpipe_hf.from_pretrained)")
     input_path, output_path = Path(input_path), Path(output_path)
-    errors_path = Path(errors_path) if errors_path else output_path.with_name(output_path.name + ".errors.jsonl")
+    errors_path = errors_path_for(output_path, errors_path)
+    check_paths(input_path, output_path, errors_path)
     with open(input_path, "rb") as handle:
         total_lines = sum(1 for line in handle if line.strip())
-    finished = done_ids(output_path)
+    out = _Appender(output_path)  # holds the output's lock from here on
+    try:
+        finished = done_ids(output_path)
+    except BaseException:
+        out.close()
+        raise
     summary = JobSummary(skipped=len(finished))
     eos = eos_token_ids(model.generation_config)
     context = getattr(model.config, "max_position_embeddings", None)
     use_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
     model_name = model_name or model_name_of(model)
     pending: dict[int, tuple[Job, int]] = {}
-    out, errors = _Appender(output_path), open(errors_path, "w", encoding="utf-8")
+    errors = open(errors_path, "w", encoding="utf-8")
 
     def report(line: int, job_id: str | None, message: str) -> None:
         summary.errors += 1
@@ -242,6 +301,10 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
                 continue
             seen.add(job.id)
             if job.id in finished:
+                if finished[job.id] not in (None, job.fingerprint):
+                    report(number, job.id, f"id {job.id!r} is answered in {output_path} for another prompt (an "
+                                           "earlier run on another input?); choose another output file, or "
+                                           "delete that answer to redo it")
                 continue
             try:
                 ids = tokenize_job(tokenizer, job, use_template)
@@ -301,7 +364,7 @@ def _answer(job: Job, text: str, prompt_tokens: int, completion_tokens: int, rea
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
     if not job.openai:
-        return {"id": job.id, "text": text, **usage, "finish_reason": reason}
+        return {"id": job.id, "text": text, **usage, "finish_reason": reason, "prompt_hash": job.fingerprint}
     body = {"object": "chat.completion", "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
             "usage": usage}

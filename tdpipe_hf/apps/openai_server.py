@@ -221,10 +221,6 @@ class OpenAIService:
             clean = normalize_messages(body.get("messages"))
         except ValueError as exc:
             raise APIError(str(exc), "messages") from None
-        for i, message in enumerate(clean):
-            if message["role"] not in CHAT_ROLES:
-                raise APIError(f"messages[{i}].role {message['role']!r} is not one of {', '.join(CHAT_ROLES)}",
-                               "messages")
         try:
             return list(self.prompt_tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True,
                                                                   return_dict=False))
@@ -477,7 +473,6 @@ def _private_copy(tokenizer):
         return tokenizer
 
 
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # the roles OpenAI's chat API takes
 KNOWN = {False: {"prompt", "max_tokens", "temperature", "top_p", "seed", "n", "stop", "stream"},
          True: {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stop",
                 "stream"}}

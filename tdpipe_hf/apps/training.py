@@ -416,5 +416,7 @@ def compare_with_constant(name: str, predictor, prompts: list[list[int]], length
     learned = evaluate(name, predictor, prompts, lengths)
     median = FixedGuess(np.median(lengths))
     constant = evaluate("median", median, prompts, lengths)
+    ratio = (f"ratio {learned.mae / constant.mae:.2f}x the best constant's error" if constant.mae > 0 else
+             "no ratio: the best constant is exact on these lengths (they are all the same)")
     return (f"{len(lengths)} labelled prompts\n  {learned.format()}\n  {constant.format()}   (the best constant, "
-            f"{median.length:.0f} tokens)\n  ratio {learned.mae / max(constant.mae, 1e-9):.2f}x the best constant's error")
+            f"{median.length:.0f} tokens)\n  {ratio}")

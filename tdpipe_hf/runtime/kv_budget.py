@@ -85,3 +85,23 @@ def kv_blocks_on_devices(model, stages: list, block_size: int, devices: dict[int
         raise ValueError(f"KV budget of {budgets[device][0]} bytes{where} is smaller than one block of "
                          f"{block_size} tokens")
     return fewest
+
+
+def check_kv_fits(model, stages: list, block_size: int, devices: dict[int, torch.device], num_blocks: int,
+                  available: dict[torch.device, int] | None = None) -> None:
+    """A ValueError naming ``kv_blocks`` if an explicit budget cannot fit in a device's free memory
+    beside the weights about to be placed there (rather than an allocator's error mid start-up)."""
+    kv_heads, head_dim = kv_geometry(model)
+    layers_on: dict[torch.device, int] = {}
+    arriving: dict[torch.device, int] = {}
+    for index, device in devices.items():
+        layers_on[device] = layers_on.get(device, 0) + len(stages[index].layers)
+        arriving[device] = arriving.get(device, 0) + stages[index].bytes_to_place(device)
+    for device, layers in layers_on.items():
+        need = num_blocks * PagedKVCache.bytes_per_block(layers, block_size, kv_heads, head_dim, model.dtype)
+        free = max(0, ((available or {}).get(device) or available_memory(device)) - arriving[device])
+        if need > free:
+            raise ValueError(f"kv_blocks={num_blocks} needs {need / 2**30:.1f} GiB of KV cache on {device}, more than "
+                             f"the {free / 2**30:.1f} GiB free there; lower kv_blocks, or leave it out to size the "
+                             "cache from free memory")
+
