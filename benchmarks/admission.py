@@ -56,14 +56,19 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--kv-blocks", type=int, default=None)
     parser.add_argument("--policies", default="overbook,greedy,fits,oracle")
+    parser.add_argument("--write-workload", metavar="FILE",
+                        help="only write the chosen prompts to FILE (JSONL, for `tdpipe bench --prompts`) and exit")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tdpipe-admission-"))
-    source = work / "prompts.jsonl"
+    source = Path(args.write_workload) if args.write_workload else work / "prompts.jsonl"
     with open(args.prompts) as handle:
         lines = [line for line in handle if line.strip()]
     chosen = range(len(lines)) if args.in_sample else split(len(lines), 0.2, 0)[1]
     source.write_text("".join(lines[i] for i in list(chosen)[:args.requests]))
+    if args.write_workload:
+        print(f"wrote {len(list(chosen)[:args.requests])} prompts to {source}")
+        return
     model, tokenizer = load_model_and_tokenizer()
     prompts, lengths = read_labels(args.prompts, LENGTHS, tokenizer)
     oracle = OraclePredictor().fit(prompts, lengths)
