@@ -237,6 +237,8 @@ class _Appender:
             self.handle.close()
             raise ValueError(f"{path} is being written by another tdpipe run; wait for it, or choose another "
                              "output file") from None
+        except OSError:  # a file system without locks: run unguarded rather than not at all
+            pass
         self.last_sync = time.monotonic()
 
     def write(self, record: dict) -> None:
