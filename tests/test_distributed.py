@@ -325,6 +325,40 @@ def test_a_script_without_a_main_guard_runs_once_with_stage_processes(tmp_path):
     assert marker.read_text() == "ran\n", "the script ran again inside a stage process"
 
 
+def test_a_logits_processor_that_cannot_reach_the_stages_is_explained(tmp_path):
+    """Defined in an unguarded script, a logits processor cannot be unpickled by a stage process:
+    the error says why and what to do, not only Python's "Can't get attribute"."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "processor_script.py"
+    script.write_text(UNGUARDED_PROCESSOR_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "StageError" in done.stdout and "Can't get attribute 'Keep'" in done.stdout, done.stdout
+    assert "define it in a module, or guard the script" in done.stdout
+
+
+UNGUARDED_PROCESSOR_SCRIPT = """
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+import tdpipe_hf
+from tdpipe_hf.models import tiny_random_model
+
+class Keep(LogitsProcessor):
+    def __call__(self, input_ids, scores):
+        return scores
+
+model = tiny_random_model("llama", seed=3)
+tdpipe_hf.wrap(model, num_stages=2, executor="distributed", kv_blocks=32, block_size=4)
+try:
+    model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, logits_processor=LogitsProcessorList([Keep()]))
+except Exception as exc:
+    print(type(exc).__name__, exc)
+tdpipe_hf.unwrap(model)
+"""
+
+
 def test_only_unguarded_scripts_skip_the_main_import(tmp_path, monkeypatch):
     """A guarded script is still imported in the workers (its classes can travel there)."""
     import types

@@ -241,6 +241,7 @@ def test_cli_names_a_missing_input(tmp_path, capsys):
     (["simulate", "--policies", ",", "--requests", "5"], "--policies names no policy"),
     (["simulate", "--requests", "5", "--json", "/no/such/folder/rows.json"], "the folder /no/such/folder does not exist"),
     (["bench", "--json", "/no/such/folder/rows.json"], "--json /no/such/folder/rows.json: the folder"),
+    (["simulate", "--requests", "5", "--out", "/proc/no-plots-here"], "/proc/no-plots-here"),
 ])
 def test_cli_refuses_bad_arguments_with_the_reason(argv, message, capsys):
     from tdpipe_hf.apps import cli

@@ -551,6 +551,10 @@ def _simulate(args) -> int:
     if not policies:
         raise ValueError("--policies names no policy (`tdpipe policies` lists them)")
     _check_output_files(json=args.json_path)
+    if not args.no_plots:
+        from pathlib import Path
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after the run
     for policy in policies:
         variant(policy)  # unknown names fail before anything runs
     setup = SimSetup.named(args.model, args.gpu, args.gpus, vllm_step_cost=_vllm_step_cost(args.vllm_step_cost),

@@ -260,6 +260,10 @@ class DistributedExecutor:
                         f"code {proc.exitcode}")
         if errors:
             rank, message = errors[0]
+            if "Can't get attribute" in message and "__main__" in message:
+                message += (" (a logits processor or other object defined in a script without an `if __name__ "
+                            "== \"__main__\":` guard, a notebook or `python -c` cannot reach the stage processes: "
+                            "define it in a module, or guard the script)")
             return f"stage {rank} ({self.stages[rank].layers_label}) failed: {message}"
         now = time.monotonic()
         for rank, proc in enumerate(self._procs if check_heartbeats else []):  # imports take a while at start
