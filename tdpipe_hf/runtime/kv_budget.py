@@ -61,6 +61,16 @@ def default_kv_bytes(device: torch.device, arriving: int = 0, available: int | N
     return free // 2 if device.type == "cuda" else min(free // 5, DEFAULT_CPU_KV_BYTES)
 
 
+def _per_device(stages: list, devices: dict[int, torch.device]) -> tuple[dict, dict]:
+    """(decoder layers, bytes of weights still to be placed) per device, over the stages it will hold."""
+    layers_on: dict[torch.device, int] = {}
+    arriving: dict[torch.device, int] = {}
+    for index, device in devices.items():
+        layers_on[device] = layers_on.get(device, 0) + len(stages[index].layers)
+        arriving[device] = arriving.get(device, 0) + stages[index].bytes_to_place(device)
+    return layers_on, arriving
+
+
 def kv_blocks_on_devices(model, stages: list, block_size: int, devices: dict[int, torch.device],
                          budget_bytes: int | None = None, available: dict[torch.device, int] | None = None) -> int:
     """The KV blocks the budget holds: ``budget_bytes`` for the whole model, or else each device's
@@ -70,11 +80,7 @@ def kv_blocks_on_devices(model, stages: list, block_size: int, devices: dict[int
     if budget_bytes is not None:
         budgets = {None: (budget_bytes, None)}
     else:
-        layers_on: dict[torch.device, int] = {}
-        arriving: dict[torch.device, int] = {}
-        for index, device in devices.items():
-            layers_on[device] = layers_on.get(device, 0) + len(stages[index].layers)
-            arriving[device] = arriving.get(device, 0) + stages[index].bytes_to_place(device)
+        layers_on, arriving = _per_device(stages, devices)
         budgets = {device: (default_kv_bytes(device, arriving[device], (available or {}).get(device)), layers)
                    for device, layers in layers_on.items()}
     blocks = {device: blocks_for_budget(model, budget, block_size, layers)
@@ -92,11 +98,7 @@ def check_kv_fits(model, stages: list, block_size: int, devices: dict[int, torch
     """A ValueError naming ``kv_blocks`` if an explicit budget cannot fit in a device's free memory
     beside the weights about to be placed there (rather than an allocator's error mid start-up)."""
     kv_heads, head_dim = kv_geometry(model)
-    layers_on: dict[torch.device, int] = {}
-    arriving: dict[torch.device, int] = {}
-    for index, device in devices.items():
-        layers_on[device] = layers_on.get(device, 0) + len(stages[index].layers)
-        arriving[device] = arriving.get(device, 0) + stages[index].bytes_to_place(device)
+    layers_on, arriving = _per_device(stages, devices)
     for device, layers in layers_on.items():
         need = num_blocks * PagedKVCache.bytes_per_block(layers, block_size, kv_heads, head_dim, model.dtype)
         free = max(0, ((available or {}).get(device) or available_memory(device)) - arriving[device])
@@ -104,4 +106,3 @@ def check_kv_fits(model, stages: list, block_size: int, devices: dict[int, torch
             raise ValueError(f"kv_blocks={num_blocks} needs {need / 2**30:.1f} GiB of KV cache on {device}, more than "
                              f"the {free / 2**30:.1f} GiB free there; lower kv_blocks, or leave it out to size the "
                              "cache from free memory")
-
