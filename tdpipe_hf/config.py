@@ -46,6 +46,10 @@ class TDPipeConfig:
     stage hands the tokens straight to stage 0, so the controller's turn-around (a result's trip
     to it, the scheduling, the plan's trip to stage 0) is off the path between decode steps; a
     request that stops on a token computes one step in vain. The other policies ignore it.
+    ``prefix_caching`` (default True, as in vLLM v1): full KV blocks stay indexed by their tokens
+    and everything before them, and a request whose sequence starts the same way (a shared system
+    prompt, a repeated question, a preempted request coming back) takes them instead of computing
+    them again; ``vllm-v0-pp`` never caches (vLLM v0 did not by default).
     ``policy``, ``admission``, ``decode_batcher``, ``switch_policy``, ``predictor`` and
     ``executor``, ``attention_backend`` are names in the plugin registry (``tdpipe_hf.plugins``): ``tdpipe policies``
     lists them; ``attention_backend="auto"`` picks ``paged-cpu`` when every stage runs on a CPU and
@@ -86,6 +90,7 @@ class TDPipeConfig:
     switch_policy: str = "intensity"
     decode_fill_tokens: int = 0
     plan_ahead: bool = False
+    prefix_caching: bool = True
     switch_fraction: float = 0.5
     executor: str = "local"
     threads_per_stage: int | None = None
@@ -111,8 +116,9 @@ class TDPipeConfig:
         fill = self.decode_fill_tokens
         if isinstance(fill, bool) or not isinstance(fill, int) or fill < 0:
             raise ValueError(f"TDPipeConfig.decode_fill_tokens must be a non-negative integer, got {fill!r}")
-        if not isinstance(self.plan_ahead, bool):
-            raise ValueError(f"TDPipeConfig.plan_ahead must be True or False, got {self.plan_ahead!r}")
+        for name in ("plan_ahead", "prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TDPipeConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.kv_blocks is not None and self.kv_cache_bytes is not None:
             raise ValueError("TDPipeConfig: give kv_blocks or kv_cache_bytes, not both")
         if isinstance(self.switch_fraction, bool) or not isinstance(self.switch_fraction, (int, float)) \

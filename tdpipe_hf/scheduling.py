@@ -94,5 +94,5 @@ def throttled_hybrid_scheduler(config: TDPipeConfig, blocks: BlockManager, num_s
 def build_scheduler(config: TDPipeConfig, num_blocks: int, in_flight: int, predictor=None):
     """A fresh scheduler of ``config.policy`` for one run over ``num_blocks`` KV blocks and
     ``in_flight`` micro-batches."""
-    blocks = BlockManager(num_blocks, config.block_size)
+    blocks = BlockManager(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
     return plugins.build(plugins.SCHEDULERS, config.policy, config, blocks, in_flight, predictor)

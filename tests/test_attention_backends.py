@@ -137,6 +137,28 @@ def test_every_backend_serves_mixed_micro_batches_of_chunks_and_decodes(backend)
     assert batches.get("mixed", 0) > 0, f"no micro-batch mixed chunks with decodes: {dict(batches)}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_every_backend_prefills_on_top_of_blocks_from_the_prefix_cache(backend, model_type):
+    """Prompts that share a start of 26 tokens, and repeats: those prefilled after the first
+    take its cached blocks, attend to KV another request computed, and still give HF's tokens."""
+    if backend == "paged-cpu" and not cpu_attention.available():
+        pytest.skip("no C++ compiler for the paged-cpu kernel")
+    model = tiny_model(model_type, seed=75)
+    start = random_prompts(1, low=26, high=26, seed=76)[0]
+    ends = random_prompts(8, low=1, high=9, seed=77)
+    ids, mask = left_padded([start + end for end in ends] + [start + ends[0], start])
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, attention_backend=backend, prefill_chunk_tokens=36)
+    try:
+        actual = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        stats = model.tdpipe_engine.last_stats
+    finally:
+        tdpipe_hf.unwrap(model)
+    assert torch.equal(actual, expected)
+    assert stats.cached_tokens >= 6 * 24, "most prompts should have taken the shared start from the cache"
+
+
 def test_auto_picks_the_kernel_on_cpus_and_one_call_per_layer_with_a_gpu(monkeypatch):
     kernel_here = cpu_attention.available()
     assert attention.resolve("auto", ("cpu", "cpu")) == ("paged-cpu" if kernel_here else "paged-sdpa")

@@ -161,6 +161,22 @@ def test_every_policy_matches_hf(variant, num_stages, executor):
     assert torch.equal(actual, expected)
 
 
+@pytest.mark.parametrize("variant", ENGINE_VARIANTS)
+def test_every_policy_matches_hf_with_prompts_sharing_their_start(variant):
+    """A shared start of 18 tokens (a system prompt) and repeated prompts on a tight budget: the
+    prefix cache hands computed blocks to later requests (and back to preempted ones) under
+    every policy but vLLM v0's, which never caches, and the tokens stay HF's."""
+    model = tiny_model("llama", seed=57)
+    start = random_prompts(1, low=18, high=18, seed=58)[0]
+    ends = random_prompts(9, low=1, high=12, seed=59)
+    ids, mask = left_padded([start + end for end in ends] + [start + ends[1]] * 2)
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    actual, stats = tdpipe_generate(model, ids, mask, 20, num_stages=2, block_size=4, kv_blocks=48,
+                                    prefill_chunk_tokens=24, **VARIANTS[variant].options)
+    assert torch.equal(actual, expected)
+    assert (stats.cached_tokens > 0) == (variant != "vllm-v0-pp")
+
+
 @pytest.mark.parametrize("num_stages", [2, 3])
 def test_decode_fill_chunks_match_hf(num_stages):
     """Prompt chunks riding decode micro-batches (``decode_fill_tokens``), split over several of

@@ -344,8 +344,21 @@ def test_answers_of_another_input_with_the_same_ids_are_not_taken_as_done(tiny, 
     assert (again.requests, again.skipped, again.errors) == (0, 2, 0)  # the same input resumes
     second = write_lines(tmp_path / "b.jsonl", [{"prompt": "hello"}, {"prompt": "something else"},
                                                 {"prompt": "a third"}])
-    summary = run_batch(model, tokenizer, second, output, max_new_tokens=4, progress=False)
+    engine = model.tdpipe_engine
+    totals = []
+
+    def counting_run_stream(*args, total=None, **kwargs):
+        totals.append(total)
+        return run_stream(*args, total=total, **kwargs)
+
+    run_stream = engine.run_stream
+    engine.run_stream = counting_run_stream
+    try:
+        summary = run_batch(model, tokenizer, second, output, max_new_tokens=4, progress=False)
+    finally:
+        engine.run_stream = run_stream
     assert summary.requests == 1 and summary.errors == 1  # line-1 is the same prompt: done
+    assert summary.skipped == 1 and totals == [1]  # neither counts the colliding line-2
     error = json.loads((tmp_path / "answers.jsonl.errors.jsonl").read_text())
     assert error["id"] == "line-2" and "answered in" in error["error"] and "for another prompt" in error["error"]
 

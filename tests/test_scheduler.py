@@ -77,8 +77,8 @@ class FakePipeline:
 
 
 def run(prompts, max_new, num_stages=2, num_blocks=64, block_size=4, chunk=32, fraction=0.5, admission=None,
-        fill=0, ahead=False):
-    blocks = BlockManager(num_blocks, block_size)
+        fill=0, ahead=False, caching=False):
+    blocks = BlockManager(num_blocks, block_size, prefix_caching=caching)
     scheduler = Scheduler(blocks, num_stages, admission or AdmitWhileFits(), ReadyPoolBatcher(), ThresholdSwitch(fraction),
                           prefill_chunk_tokens=chunk, decode_fill_tokens=fill, plan_ahead=ahead)
     pipeline = FakePipeline(num_stages, block_size, relays_tokens=ahead)
@@ -107,6 +107,88 @@ def test_every_request_gets_exactly_its_tokens(prompts, max_new, num_stages, num
     assert blocks.num_free == blocks.num_blocks, "KV blocks leaked"
     assert pipeline.max_in_flight <= num_stages + ahead  # one step planned ahead at a time
     assert stats.generated_tokens == sum(len(r.output_ids) for r in requests)
+
+
+shared_starts = st.lists(st.lists(st.integers(1, VOCAB - 1), min_size=0, max_size=14), min_size=1, max_size=3)
+
+
+@settings(max_examples=80, deadline=None)
+@given(starts=shared_starts, picks=st.lists(st.tuples(st.integers(0, 2), st.lists(st.integers(1, VOCAB - 1),
+                                                                                    max_size=9)), min_size=1, max_size=12),
+       max_new=st.integers(1, 12), num_stages=st.integers(1, 3), num_blocks=st.integers(12, 40),
+       fill=st.sampled_from([0, 5]), ahead=st.booleans())
+def test_prompts_sharing_their_start_take_it_from_the_cache_and_get_exactly_their_tokens(
+        starts, picks, max_new, num_stages, num_blocks, fill, ahead):
+    """Prompts made of a few shared starts and their own ends (repeats too), with the prefix
+    cache: every request's tokens are what its own context gives (the fake pipeline computes
+    each token from the KV its blocks hold, so a wrong or overwritten shared block shows), no
+    block leaks, and cached tokens are never computed."""
+    prompts = [starts[i % len(starts)] + end or [1] for i, end in picks]
+    requests, stats, pipeline, blocks = run(prompts, max_new, num_stages, num_blocks, fill=fill, ahead=ahead,
+                                            caching=True)
+    for request, prompt in zip(requests, prompts):
+        assert request.output_ids == reference(prompt, max_new)
+    assert blocks.num_free == blocks.num_blocks, "KV blocks leaked"
+    assert stats.cached_tokens == blocks.cached_tokens
+    _, plain_stats, plain, _ = run(prompts, max_new, num_stages, num_blocks, fill=fill, ahead=ahead)
+    if not stats.preemptions and not plain_stats.preemptions:  # else the two runs recompute different work
+        assert computed_tokens(pipeline) + stats.cached_tokens == computed_tokens(plain)
+
+
+def computed_tokens(pipeline: FakePipeline) -> int:
+    return sum(len(seq.token_ids) for batch in pipeline.submitted for seq in batch.seqs)
+
+
+def test_a_shared_system_prompt_is_taken_from_the_cache():
+    """Twelve prompts of 14 tokens that start with the same three blocks, two to a prefill
+    micro-batch, two stages: the first two micro-batches are in the pipeline before the first
+    comes back, and the eight prompts admitted after it take the three blocks from the cache."""
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8] + [i + 1, i + 2] for i in range(12)]
+    requests, stats, pipeline, _ = run(prompts, 6, num_stages=2, num_blocks=60, chunk=28, caching=True)
+    assert [r.output_ids for r in requests] == [reference(p, 6) for p in prompts]
+    starts = [seq.start for batch in pipeline.submitted if batch.phase == "prefill" for seq in batch.seqs]
+    assert starts == [0] * 4 + [12] * 8 and stats.cached_tokens == 8 * 12
+
+
+def test_a_repeated_prompt_takes_every_full_block_but_its_last_token():
+    """Two identical prompts of three full blocks, the second admitted after the first is
+    computed: it takes two blocks (its last block holds its last token, which must be computed
+    for its logits), shares them, and each block returns to the pool once both are done."""
+    blocks = BlockManager(8, 4, prefix_caching=True)
+    first, second = Request(0, list(range(1, 13)), 4), Request(1, list(range(1, 13)), 4)
+    assert blocks.take_cached_prefix(first) == 0
+    blocks.reserve(first, 12)
+    first.num_cached = 12
+    blocks.cache_computed_blocks(first)
+    assert blocks.take_cached_prefix(second) == 8 and second.num_cached == 8
+    assert second.block_table == first.block_table[:2] and blocks.num_free == 5
+    blocks.reserve(second, 12)
+    assert second.block_table[2] != first.block_table[2] and blocks.num_free == 4
+    blocks.release(first)
+    assert blocks.num_free == 5  # the two shared blocks are still held by the second
+    blocks.release(second)
+    assert blocks.num_free == 8 and blocks.cached_tokens == 8
+
+
+def test_a_cached_block_matches_only_after_the_same_tokens():
+    """A block is found by its tokens and everything before them: the same block of tokens after
+    a different start is not a hit; a cached block no one holds is reused last, and then forgotten."""
+    blocks = BlockManager(3, 2, prefix_caching=True)
+    owner = Request(0, [5, 6, 7, 8, 9], 1)
+    blocks.reserve(owner, 5)
+    owner.num_cached = 5
+    blocks.cache_computed_blocks(owner)  # blocks for [5, 6] and [5, 6, 7, 8]
+    blocks.release(owner)
+    assert blocks.num_free == 3
+    assert blocks.take_cached_prefix(Request(1, [1, 2, 7, 8, 9], 1)) == 0  # [7, 8] after another start
+    hit = Request(2, [5, 6, 7, 8, 1, 2], 1)
+    assert blocks.take_cached_prefix(hit) == 4
+    blocks.release(hit)
+    filler = Request(3, [9] * 6, 1)
+    blocks.reserve(filler, 6)  # the plain free block first, then the cached ones, oldest first
+    blocks.release(filler)
+    assert blocks.take_cached_prefix(Request(4, [5, 6, 7, 8, 1], 1)) == 0
+    assert not BlockManager(3, 2).take_cached_prefix(Request(5, [5, 6, 7], 1))  # caching off
 
 
 def test_decode_steps_are_planned_ahead_of_their_tokens():

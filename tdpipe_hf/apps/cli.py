@@ -105,6 +105,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan-ahead", action="store_true",
                         help="plan each decode step before the previous one's tokens come back; the last stage "
                              "hands them to stage 0, taking the controller off the path between decode steps")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="compute every prompt in full, never taking KV blocks a request with the same "
+                             "start computed before")
     parser.add_argument("--online-learning", action="store_true",
                         help="finished answers' lengths keep training the predictor during the run")
     _add_placement(parser)
@@ -117,7 +120,8 @@ def _engine_options(args) -> dict:
                "paper_rules": args.paper_rules, "pack_weights": PACK_WEIGHTS[args.pack_weights], "admission": args.admission,
                "predictor": args.predictor, "kv_threshold": args.kv_threshold,
                "overbooking": args.overbooking, "decode_fill_tokens": args.decode_fill_tokens,
-               "plan_ahead": args.plan_ahead, "online_learning": args.online_learning, **_placement(args)}
+               "plan_ahead": args.plan_ahead, "prefix_caching": not args.no_prefix_caching,
+               "online_learning": args.online_learning, **_placement(args)}
     if args.kv_blocks:
         options["kv_blocks"] = args.kv_blocks
     return options

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,31 @@ def read_jobs(input_path: str | Path) -> Iterator[tuple[int, Job | BadLine]]:
                     yield number, exc
 
 
+TO_ANSWER, ANSWERED = "", "answered"  # screen_jobs' verdicts besides an error message
+
+
+def screen_jobs(input_path: Path, finished: dict[str, str | None], output_path: Path) -> Iterator[tuple]:
+    """Every line of a job file as ``(number, job, verdict)``: ``TO_ANSWER``, ``ANSWERED`` (its
+    answer for the same prompt is in the output) or the message for the errors file. The first
+    line with an id owns it, in every run."""
+    seen: set[str] = set()
+    for number, job in read_jobs(input_path):
+        if isinstance(job, BadLine):
+            yield number, job, str(job)
+        elif job.id in seen:
+            yield number, job, f"duplicate id {job.id!r}"
+        else:
+            seen.add(job.id)
+            if job.id not in finished:
+                yield number, job, TO_ANSWER
+            elif finished[job.id] in (None, job.fingerprint):
+                yield number, job, ANSWERED
+            else:
+                yield number, job, (f"id {job.id!r} is answered in {output_path} for another prompt (an "
+                                    "earlier run on another input?); choose another output file, or delete "
+                                    "that answer to redo it")
+
+
 def decode_line(raw: bytes) -> str:
     """A job file's line as text; ``BadLine`` names the first byte that is not UTF-8."""
     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark some editors put first
@@ -271,15 +297,15 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
     input_path, output_path = Path(input_path), Path(output_path)
     errors_path = errors_path_for(output_path, errors_path)
     check_paths(input_path, output_path, errors_path)
-    with open(input_path, "rb") as handle:
-        total_lines = sum(1 for line in handle if line.strip())
     out = _Appender(output_path)  # holds the output's lock from here on
     try:
         finished = done_ids(output_path)
+        verdicts = Counter(verdict for _, _, verdict in screen_jobs(input_path, finished, output_path)
+                           if verdict in (TO_ANSWER, ANSWERED))  # a first pass, for the progress bar
     except BaseException:
         out.close()
         raise
-    summary = JobSummary(skipped=len(finished))
+    summary = JobSummary(skipped=verdicts[ANSWERED])
     eos = eos_token_ids(model.generation_config)
     context = getattr(model.config, "max_position_embeddings", None)
     use_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
@@ -293,20 +319,11 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
         errors.flush()
 
     def requests() -> Iterator[Request]:
-        seen: set[str] = set()
-        for number, job in read_jobs(input_path):
-            if isinstance(job, BadLine):
-                report(number, job.id, str(job))
+        for number, job, verdict in screen_jobs(input_path, finished, output_path):
+            if verdict == ANSWERED:
                 continue
-            if job.id in seen:  # the first line with an id owns it, in every run
-                report(number, job.id, f"duplicate id {job.id!r}")
-                continue
-            seen.add(job.id)
-            if job.id in finished:
-                if finished[job.id] not in (None, job.fingerprint):
-                    report(number, job.id, f"id {job.id!r} is answered in {output_path} for another prompt (an "
-                                           "earlier run on another input?); choose another output file, or "
-                                           "delete that answer to redo it")
+            if verdict != TO_ANSWER:
+                report(number, job.id, verdict)
                 continue
             try:
                 ids = tokenize_job(tokenizer, job, use_template)
@@ -333,7 +350,7 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
     start = time.perf_counter()
     try:
         stats: RunStats = engine.run_stream(requests(), on_finish=on_finish, progress=progress,
-                                            total=max(0, total_lines - len(finished)), description="tdpipe run",
+                                            total=verdicts[TO_ANSWER], description="tdpipe run",
                                             lookahead=lookahead)
     finally:
         out.close()

@@ -327,6 +327,8 @@ class OpenAIService:
         metric("generated_tokens_total", "counter", "Tokens generated.", [("", totals["generated_tokens"])])
         metric("kv_blocks_used", "gauge", "KV cache blocks in use.", [("", blocks.num_used)])
         metric("kv_blocks_total", "gauge", "KV cache blocks in the budget.", [("", blocks.num_blocks)])
+        metric("prefix_cache_tokens_total", "counter", "Prompt tokens taken from the prefix cache, not computed.",
+               [("", totals["cached_tokens"])])
         metric("preemptions_total", "counter", "Requests preempted (recomputed later).", [("", totals["preemptions"])])
         metric("phase_switches_total", "counter", "Prefill/decode phase switches.", [("", totals["phase_switches"])])
         metric("engine_failures_total", "counter", "Runs that failed (their requests with them) and restarted.",

@@ -75,7 +75,7 @@ class Server:
         self._idle_checked = time.monotonic()
         self.stage_restarts = 0  # stage failures noticed between requests (see ``_check_idle_stages``)
         self.engine_failures = 0  # runs that failed and were started afresh
-        self._earlier = {"generated_tokens": 0, "preemptions": 0, "phase_switches": 0}  # of replaced controllers
+        self._earlier = dict.fromkeys(("generated_tokens", "preemptions", "phase_switches", "cached_tokens"), 0)
         self.controller = self.engine.controller(on_token=self._on_token, on_finish=self._on_finish)
         self._thread = threading.Thread(target=self._loop, name="tdpipe-server", daemon=True)
         self._thread.start()
@@ -89,11 +89,13 @@ class Server:
     def _counts(self) -> dict[str, int]:
         scheduler = self.controller.scheduler
         return {"generated_tokens": self.controller.stats.generated_tokens,
-                "preemptions": scheduler.num_preemptions, "phase_switches": scheduler.num_phase_switches}
+                "preemptions": scheduler.num_preemptions, "phase_switches": scheduler.num_phase_switches,
+                "cached_tokens": getattr(scheduler.blocks, "cached_tokens", 0)}
 
     @property
     def totals(self) -> dict[str, int]:
-        """Tokens generated, preemptions and phase switches since the server started (``stats``
+        """Tokens generated, preemptions, phase switches and prompt tokens taken from the prefix
+        cache since the server started (``stats``
         restarts with the engine after a failure; these do not, as counters must not)."""
         return {name: self._earlier[name] + value for name, value in self._counts().items()}
 
@@ -163,6 +165,13 @@ class Server:
             logger.warning("tdpipe_hf: %s while the server was idle; the stages restart with the next request",
                            failure)
             self.stage_restarts += 1
+            self._new_controller()  # the new stages' caches are empty: so must the prefix cache's index be
+
+    def _new_controller(self) -> None:
+        """Start afresh after a failure: a new scheduler (its prefix cache empty, as the KV is)."""
+        for name, value in self._counts().items():  # totals stay totals across a restart
+            self._earlier[name] += value
+        self.controller = self.engine.controller(on_token=self._on_token, on_finish=self._on_finish)
 
     def _loop(self) -> None:
         while not self._closed.is_set():
@@ -185,8 +194,6 @@ class Server:
                     stream.error = exc
                     stream.put(DONE)
                 self._streams.clear()
-                for name, value in self._counts().items():  # totals stay totals across a restart
-                    self._earlier[name] += value
                 self.engine_failures += 1
-                self.controller = self.engine.controller(on_token=self._on_token, on_finish=self._on_finish)
+                self._new_controller()
             del self.controller.stats.timeline[:-KEEP_EVENTS]

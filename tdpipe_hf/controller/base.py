@@ -4,7 +4,7 @@ A scheduler is the only writer of request state. Subclasses decide *what* runs n
 (``schedule``) from these public parts:
 
 - ``admissible()``: how many waiting requests the admission policy lets in now;
-- ``admit(request, tokens)``: a request leaves the queue and gets KV for ``tokens`` tokens;
+- ``admit(request, tokens)``: a request leaves the queue, takes its cached prefix and gets KV for ``tokens`` more;
 - ``take_decodes(candidates)``: reserve the next token's KV for as many candidates as fit,
   preempting younger requests where needed (``make_room``, ``preempt``);
 - ``plan(request, max_tokens)`` and ``new_batch(phase, plans)``: write the micro-batch;
@@ -141,6 +141,7 @@ class BaseScheduler:
                 output.finished.append(request)
                 continue
             request.num_cached = seq.context_len
+            self.kv_of(request).cache_computed_blocks(request)
             if not seq.sample:
                 continue
             token = result.tokens[seq.request_id]
@@ -179,9 +180,14 @@ class BaseScheduler:
         """How many requests at the head of ``waiting`` the admission policy admits now."""
         return self.admission.admit(self.waiting, self.running, self.blocks, self.max_num_seqs)
 
-    def admit(self, request: Request, num_tokens: int) -> None:
-        """``request`` (already taken off ``waiting``) starts prefilling with KV for ``num_tokens``."""
-        self.kv_of(request).reserve(request, num_tokens)
+    def admit(self, request: Request, num_tokens: int | None = None) -> None:
+        """``request`` (already taken off ``waiting``) starts prefilling: it takes the blocks the
+        prefix cache holds of its sequence, and KV for its first ``num_tokens`` tokens still to
+        compute (all of them by default)."""
+        blocks = self.kv_of(request)
+        blocks.take_cached_prefix(request)
+        pending = request.num_tokens - request.num_cached
+        blocks.reserve(request, request.num_cached + (pending if num_tokens is None else min(num_tokens, pending)))
         request.status = Status.PREFILLING
         request.admitted_at = next(self._admissions)
         self.running.append(request)

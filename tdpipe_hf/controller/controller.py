@@ -23,6 +23,7 @@ class RunStats:
     micro_batches: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     generated_tokens: int = 0
     preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
     phase_switches: int = 0
     timeline: list[tuple] = field(default_factory=list)  # executors' (stage, kind, batch, phase, start, end)
     kv_blocks: int = 0
@@ -112,6 +113,7 @@ class Controller:
     def finish_stats(self) -> RunStats:
         self.stats.kv_used.append((self.clock(), self.scheduler.blocks.num_used))
         self.stats.preemptions = self.scheduler.num_preemptions
+        self.stats.cached_tokens = getattr(self.scheduler.blocks, "cached_tokens", 0)  # a plugin's pool may not cache
         self.stats.phase_switches = self.scheduler.num_phase_switches
         return self.stats
 

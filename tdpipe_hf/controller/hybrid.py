@@ -97,6 +97,7 @@ class HybridScheduler(BaseScheduler):
             self.waiting.popleft()
             count -= 1
             self.admit(request, size)
+            size = min(size, request.num_tokens - request.num_cached)  # less where the cache held its start
             if lane is not None:
                 self._lane[request.request_id] = lane
             chunks.append((request, size))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections import Counter, OrderedDict
+
 from .request import Request
 
 
@@ -10,45 +14,120 @@ class BlockManager:
 
     One table serves every stage: each stage stores the same blocks for its own layers, so the
     usable block count is the same on all of them.
+
+    With ``prefix_caching``, a full block whose KV is computed stays indexed by a digest of every
+    token up to its end; a request admitted later whose sequence starts the same way takes those
+    blocks instead of computing them (a shared system prompt, a repeated question, a preempted
+    request coming back). Shared blocks are only read: a request writes from its first uncached
+    token on, which always lies in a block of its own. A cached block no request holds counts as
+    free and is reused, least recently released first, when no plain free block is left.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, first_block: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, first_block: int = 0, prefix_caching: bool = False):
         """Blocks ``first_block ... first_block + num_blocks - 1`` of the cache (a share of it, for
         schedulers that split one cache into pools)."""
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
         self._free = list(range(first_block + num_blocks - 1, first_block - 1, -1))
+        self._block_of: dict[bytes, int] = {}  # digest of a full block's tokens and all before -> block
+        self._digest_of: dict[int, bytes] = {}
+        self._holders: Counter[int] = Counter()  # cached block -> requests holding it
+        self._idle: OrderedDict[int, None] = OrderedDict()  # cached blocks no request holds, oldest first
+        self.cached_tokens = 0  # prompt tokens taken from the cache instead of computed (a statistic)
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._idle)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def extra_blocks(self, request: Request, num_tokens: int) -> int:
-        """Blocks ``request`` still needs to hold ``num_tokens`` tokens."""
+        """Blocks ``request`` still needs to hold ``num_tokens`` tokens (counting none as cached:
+        an admission that plans with this is never short)."""
         return max(0, self.blocks_for(num_tokens) - len(request.block_table))
 
     def can_hold(self, request: Request, num_tokens: int) -> bool:
-        return self.extra_blocks(request, num_tokens) <= len(self._free)
+        return self.extra_blocks(request, num_tokens) <= self.num_free
 
     def reserve(self, request: Request, num_tokens: int) -> None:
         need = self.extra_blocks(request, num_tokens)
-        if need > len(self._free):
-            raise RuntimeError(f"request {request.request_id} needs {need} KV blocks, {len(self._free)} free")
+        if need > self.num_free:
+            raise RuntimeError(f"request {request.request_id} needs {need} KV blocks, {self.num_free} free")
         for _ in range(need):
-            request.block_table.append(self._free.pop())
+            request.block_table.append(self._take())
 
     def release(self, request: Request) -> None:
-        self._free.extend(reversed(request.block_table))
+        for block in reversed(request.block_table):
+            if block not in self._digest_of:
+                self._free.append(block)
+                continue
+            self._holders[block] -= 1
+            if not self._holders[block]:
+                del self._holders[block]
+                self._idle[block] = None
         request.block_table = []
+
+    # ---- prefix caching -------------------------------------------------------------------
+    def take_cached_prefix(self, request: Request) -> int:
+        """Give a request that holds no KV yet the cached blocks its sequence starts with, and
+        count their tokens as computed; the tokens taken. At least its last token is left to
+        compute (its logits are what the step is for)."""
+        if not self.prefix_caching or request.block_table or request.num_cached:
+            return 0
+        digests = self._digests(request, (request.num_tokens - 1) // self.block_size)
+        for digest in digests:
+            block = self._block_of.get(digest)
+            if block is None:
+                break
+            self._idle.pop(block, None)
+            self._holders[block] += 1
+            request.block_table.append(block)
+        request.num_cached = len(request.block_table) * self.block_size
+        self.cached_tokens += request.num_cached
+        return request.num_cached
+
+    def cache_computed_blocks(self, request: Request) -> None:
+        """Index ``request``'s full blocks whose KV is now computed, for later requests to take."""
+        if not self.prefix_caching:
+            return
+        full = min(request.num_cached // self.block_size, len(request.block_table))
+        for index, digest in enumerate(self._digests(request, full)):
+            block = request.block_table[index]
+            if block in self._digest_of or digest in self._block_of:
+                continue  # cached already (taken from the cache, or the same tokens computed twice)
+            self._block_of[digest] = block
+            self._digest_of[block] = digest
+            self._holders[block] = 1
+
+    def _digests(self, request: Request, count: int) -> list[bytes]:
+        """The digests of ``request``'s first ``count`` full blocks, each of its tokens and of all
+        before it (SHA-256: a crafted prompt must not find another user's blocks). Kept on the
+        request: its tokens only grow."""
+        digests = request.block_digests
+        size = self.block_size
+        if len(digests) < count:
+            ids = request.all_ids
+            previous = digests[-1] if digests else b""
+            for index in range(len(digests), count):
+                previous = hashlib.sha256(previous + array("q", ids[index * size:(index + 1) * size]).tobytes()).digest()
+                digests.append(previous)
+        return digests[:count]
+
+    def _take(self) -> int:
+        """A block for new KV: a plain free one, else the cached block released longest ago."""
+        if self._free:
+            return self._free.pop()
+        block, _ = self._idle.popitem(last=False)
+        del self._block_of[self._digest_of.pop(block)]
+        return block
 
 
 class SplitBlocks:
@@ -73,3 +152,7 @@ class SplitBlocks:
     @property
     def num_used(self) -> int:
         return sum(pool.num_used for pool in self.pools)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(pool.cached_tokens for pool in self.pools)

@@ -44,6 +44,7 @@ class Request:
     cancelled: bool = False  # aborted while in flight: retired when its micro-batch returns
     num_preemptions: int = 0
     finish_reason: str | None = None
+    block_digests: list[bytes] = field(default_factory=list)  # see BlockManager.take_cached_prefix
 
     @property
     def all_ids(self) -> list[int]:

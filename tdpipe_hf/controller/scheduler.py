@@ -231,7 +231,7 @@ class Scheduler(BaseScheduler):
             del self.waiting[i]
         self._quota = count - len(chosen)
         for request in chosen:
-            self.admit(request, request.num_tokens)
+            self.admit(request)
         return self.new_batch(PREFILL, [self.plan(r) for r in chosen]) if chosen else None
 
     def _decode_batch(self, decoding: tuple[int, int, list[Request]]) -> MicroBatch | None:
@@ -335,8 +335,8 @@ class Scheduler(BaseScheduler):
                 break
             self.waiting.popleft()
             self._quota -= 1
-            self.admit(request, request.num_tokens)
-            size = min(request.num_tokens, budget)
+            self.admit(request)
+            size = min(request.num_tokens - request.num_cached, budget)
             chunks.append((request, size))
             budget -= size
         return chunks

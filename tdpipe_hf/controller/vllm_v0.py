@@ -102,7 +102,7 @@ class VllmV0Scheduler(BaseScheduler):
         if chosen:
             for request in chosen:
                 self.waiting.remove(request)
-                self.admit(request, request.num_tokens)
+                self.admit(request)
             return self.new_batch(PREFILL, [self.plan(r) for r in chosen])
         decodes = self.take_decodes([r for r in running if r.status is Status.DECODING])
         return self.new_batch(DECODE, [self.plan(r) for r in decodes]) if decodes else None
