@@ -70,6 +70,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("tdpipe-ahead", "TD-Pipe planning each decode step before the previous one's tokens come back: "
                             "the last stage hands them to stage 0, so the controller's turn-around is off the "
                             "path between decode steps.", {"plan_ahead": True}, sim_predictor="realistic"),
+    Variant("tdpipe-no-prefix-cache", "TD-Pipe computing every prompt in full (no prefix caching: a request "
+                                      "whose start another computed computes it again).",
+            {"prefix_caching": False}, sim_predictor="realistic"),
     Variant("tdpipe-fits", "TD-Pipe admitting requests while their prompts fit in the KV cache free now (no "
                            "output-length prediction): more preemptions when answers grow.", {"admission": "fits"}),
     Variant("hybrid", "Baseline, vLLM-style: every micro-batch mixes prefill chunks with decode steps, one KV "

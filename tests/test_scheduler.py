@@ -131,7 +131,7 @@ def test_prompts_sharing_their_start_take_it_from_the_cache_and_get_exactly_thei
     assert blocks.num_free == blocks.num_blocks, "KV blocks leaked"
     assert stats.cached_tokens == blocks.cached_tokens
     _, plain_stats, plain, _ = run(prompts, max_new, num_stages, num_blocks, fill=fill, ahead=ahead)
-    if not stats.preemptions and not plain_stats.preemptions:  # else the two runs recompute different work
+    if not (stats.preemptions or plain_stats.preemptions or ahead):  # else they compute different (void) steps
         assert computed_tokens(pipeline) + stats.cached_tokens == computed_tokens(plain)
 
 

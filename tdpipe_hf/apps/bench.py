@@ -37,6 +37,7 @@ class BenchRow:
     same_as_hf: int | None = None  # requests whose tokens equal HF generate's (greedy)
     policy: str = "tdpipe"
     preemptions: int | None = None
+    cached_tokens: int | None = None  # prompt tokens taken from the prefix cache
     kv_utilisation: float | None = None  # time-weighted mean share of KV blocks in use
     decode_imbalance: float | None = None  # mean (max - min) / mean rows of decode batches in flight together
     decode_bubble: list[float] | None = None  # per stage, idle share of the decode phase
@@ -171,6 +172,7 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
                 f"{seconds:.1f}s -> {row.tokens_per_s:.1f} tok/s" + (f" (round {pass_ + 1})" if rounds > 1 else ""))
         if stats is not None:
             row.preemptions = stats.preemptions
+            row.cached_tokens = stats.cached_tokens
             row.kv_utilisation = round(metrics.mean_kv_utilisation(stats.kv_used, stats.kv_blocks), 4)
             row.decode_imbalance = round(metrics.decode_imbalance(stats.decode_batches, n_stages)["rows"], 4)
             bubbles = metrics.bubble_ratios(stats.timeline)
