@@ -53,7 +53,8 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving():
 
 def test_a_stage_that_dies_between_requests_does_not_fail_the_next_one():
     """A stage process killed while the server is idle is noticed by the server (its stages are
-    closed and restart with the next request), instead of the next request failing on it."""
+    closed and restart with the next request), instead of the next request failing on it; the
+    new stages' KV is empty, so the prefix cache must not hand out the old blocks."""
     import os
     import signal
     import time
@@ -66,12 +67,16 @@ def test_a_stage_that_dies_between_requests_does_not_fail_the_next_one():
     executor = model.tdpipe_engine.executor
     try:
         assert list(server.submit(prompt, max_new_tokens=6)) == expected  # starts the stage processes
+        assert list(server.submit(prompt, max_new_tokens=6)) == expected
+        cached = server.totals["cached_tokens"]
+        assert cached >= len(prompt) - 4  # the repeat took the first one's blocks
         os.kill(executor._procs[1].pid, signal.SIGKILL)
         deadline = time.monotonic() + 60  # a hang guard: the idle check runs every second
         while executor.running and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not executor.running and server.stage_restarts == 1
         assert list(server.submit(prompt, max_new_tokens=6)) == expected
+        assert server.totals["cached_tokens"] == cached  # nothing taken from before the restart
     finally:
         server.close()
         tdpipe_hf.unwrap(model)
