@@ -142,12 +142,14 @@ def computed_tokens(pipeline: FakePipeline) -> int:
 def test_a_shared_system_prompt_is_taken_from_the_cache():
     """Twelve prompts of 14 tokens that start with the same three blocks, two to a prefill
     micro-batch, two stages: the first two micro-batches are in the pipeline before the first
-    comes back, and the eight prompts admitted after it take the three blocks from the cache."""
+    comes back, and the eight prompts admitted after it take the three blocks from the cache and
+    share one micro-batch, packed by the two tokens each still computes."""
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8] + [i + 1, i + 2] for i in range(12)]
     requests, stats, pipeline, _ = run(prompts, 6, num_stages=2, num_blocks=60, chunk=28, caching=True)
     assert [r.output_ids for r in requests] == [reference(p, 6) for p in prompts]
     starts = [seq.start for batch in pipeline.submitted if batch.phase == "prefill" for seq in batch.seqs]
     assert starts == [0] * 4 + [12] * 8 and stats.cached_tokens == 8 * 12
+    assert stats.micro_batches["prefill"] == 3
 
 
 def test_a_repeated_prompt_takes_every_full_block_but_its_last_token():

@@ -76,21 +76,30 @@ class BlockManager:
         request.block_table = []
 
     # ---- prefix caching -------------------------------------------------------------------
+    def cached_prefix_tokens(self, request: Request) -> int:
+        """How many tokens ``take_cached_prefix`` would give ``request`` now."""
+        if not self.prefix_caching or request.block_table or request.num_cached:
+            return 0
+        count = 0
+        for digest in self._digests(request, (request.num_tokens - 1) // self.block_size):
+            if digest not in self._block_of:
+                break
+            count += 1
+        return count * self.block_size
+
     def take_cached_prefix(self, request: Request) -> int:
         """Give a request that holds no KV yet the cached blocks its sequence starts with, and
         count their tokens as computed; the tokens taken. At least its last token is left to
         compute (its logits are what the step is for)."""
-        if not self.prefix_caching or request.block_table or request.num_cached:
+        count = self.cached_prefix_tokens(request) // self.block_size
+        if not count:
             return 0
-        digests = self._digests(request, (request.num_tokens - 1) // self.block_size)
-        for digest in digests:
-            block = self._block_of.get(digest)
-            if block is None:
-                break
+        for digest in request.block_digests[:count]:
+            block = self._block_of[digest]
             self._idle.pop(block, None)
             self._holders[block] += 1
             request.block_table.append(block)
-        request.num_cached = len(request.block_table) * self.block_size
+        request.num_cached = count * self.block_size
         self.cached_tokens += request.num_cached
         return request.num_cached
 

@@ -219,7 +219,7 @@ class Scheduler(BaseScheduler):
             if need > free:  # the decision is older than the KV it saw: stop, ask again next time
                 count = i
                 break
-            size = request.num_tokens
+            size = request.num_tokens - self.blocks.cached_prefix_tokens(request)  # what it will compute
             if not picked or tokens + size <= self.prefill_chunk_tokens:
                 picked.append(i)
                 tokens += size
