@@ -65,7 +65,8 @@ def test_models_health_and_metrics(served):
     assert [m["id"] for m in models["data"]] == [NAME]
     text = client.get("/metrics").text
     for name in ("requests_running", "requests_waiting", "generated_tokens_total", "kv_blocks_used",
-                 "kv_blocks_total", "preemptions_total", "phase_switches_total", "stage_bubble_ratio"):
+                 "kv_blocks_total", "preemptions_total", "phase_switches_total", "stage_bubble_ratio",
+                 "prefix_cache_tokens_total"):
         assert f"# TYPE tdpipe_{name} " in text
     assert metric(client, "kv_blocks_total") == 400
 
@@ -82,6 +83,11 @@ def test_chat_and_completion_are_greedy_generate(served):
     assert body["object"] == "chat.completion"
     assert body["usage"]["prompt_tokens"] == len(chat_ids(tokenizer, question))
     assert 1 <= body["usage"]["completion_tokens"] <= 24
+    cached = metric(client, "prefix_cache_tokens_total")
+    again = client.post("/v1/chat/completions", json={
+        "model": NAME, "messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0})
+    assert again.json()["choices"][0]["message"]["content"] == expected  # from blocks the first one computed
+    assert metric(client, "prefix_cache_tokens_total") - cached == 16 * ((len(chat_ids(tokenizer, question)) - 1) // 16)
     prompt = "The three primary colours are"
     body = client.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 16,
                                                 "temperature": 0}).json()

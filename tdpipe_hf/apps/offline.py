@@ -57,6 +57,7 @@ class JobSummary:
     generated_tokens: int = 0
     seconds: float = 0.0
     preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     kv_utilisation: float = 0.0
     bubble: dict = field(default_factory=dict)
 
@@ -67,7 +68,8 @@ class JobSummary:
     def format(self) -> str:
         text = (f"{self.requests} requests done ({self.skipped} already in the output, {self.errors} bad lines), "
                 f"{self.generated_tokens} tokens generated in {self.seconds:.1f}s: {self.tokens_per_s:.1f} tokens/s, "
-                f"{self.preemptions} preemptions, mean KV use {100 * self.kv_utilisation:.0f} %")
+                f"{self.preemptions} preemptions, {self.cached_tokens} prompt tokens from the prefix cache, "
+                f"mean KV use {100 * self.kv_utilisation:.0f} %")
         if self.bubble:
             from ..metrics import format_bubbles
 
@@ -357,6 +359,7 @@ def run_batch(model, tokenizer, input_path: str | Path, output_path: str | Path,
         errors.close()
     summary.seconds = time.perf_counter() - start
     summary.preemptions = stats.preemptions
+    summary.cached_tokens = stats.cached_tokens
     summary.kv_utilisation = mean_kv_utilisation(stats.kv_used, stats.kv_blocks)
     summary.bubble = bubble_ratios(stats.timeline) if engine.config.num_stages > 1 else {}
     return summary
