@@ -87,7 +87,13 @@ def test_chat_and_completion_are_greedy_generate(served):
     again = client.post("/v1/chat/completions", json={
         "model": NAME, "messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0})
     assert again.json()["choices"][0]["message"]["content"] == expected  # from blocks the first one computed
-    assert metric(client, "prefix_cache_tokens_total") - cached == 16 * ((len(chat_ids(tokenizer, question)) - 1) // 16)
+    cached_now = metric(client, "prefix_cache_tokens_total")
+    assert cached_now - cached == 16 * ((len(chat_ids(tokenizer, question)) - 1) // 16)
+    salted = client.post("/v1/chat/completions", json={  # another tenant's salt: computed afresh
+        "model": NAME, "messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0,
+        "cache_salt": "tenant-b"})
+    assert salted.json()["choices"][0]["message"]["content"] == expected
+    assert metric(client, "prefix_cache_tokens_total") == cached_now
     prompt = "The three primary colours are"
     body = client.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 16,
                                                 "temperature": 0}).json()
@@ -203,6 +209,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": NAME, "prompt": "a", "n": 0}, "'n' must be"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "stop": 3}, "'stop' must be"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "seed": "x"}, "'seed' must be"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "cache_salt": 7}, "'cache_salt' must be"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "stream": "yes"}, "'stream' must be"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 2}, "'logprobs' is not supported"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "presence_penalty": 0.5}, "not supported"),

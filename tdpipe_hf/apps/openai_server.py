@@ -71,6 +71,7 @@ class Sampling:
     seed: int | None = None
     n: int = 1
     stop: list[str] = field(default_factory=list)
+    cache_salt: str | None = None  # vLLM's field: requests share prefix-cached KV only with the same salt
 
     def spec(self, choice: int) -> SamplingSpec:
         """The engine's sampling for choice ``choice``: greedy at temperature 0 (and below
@@ -118,9 +119,12 @@ def parse_sampling(body: dict) -> Sampling:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise APIError(f"'seed' must be an integer, got {seed!r}", "seed")
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise APIError(f"'cache_salt' must be a non-empty string, got {salt!r}", "cache_salt")
     return Sampling(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                     top_p=_number(body, "top_p", 1.0, 0.0, 1.0), seed=seed,
-                    n=_number(body, "n", 1, 1, MAX_N, integer=True), stop=stop)
+                    n=_number(body, "n", 1, 1, MAX_N, integer=True), stop=stop, cache_salt=salt)
 
 
 class TextTracker:
@@ -254,7 +258,8 @@ class OpenAIService:
                 def sink(item, index=index):
                     loop.call_soon_threadsafe(queue.put_nowait, (index, item))
 
-                stream = self.server.submit(prompt, sampling.max_tokens, sampling.spec(index), sink=sink)
+                stream = self.server.submit(prompt, sampling.max_tokens, sampling.spec(index), sink=sink,
+                                            cache_salt=sampling.cache_salt)
                 choices.append(Choice(index, stream, TextTracker(self.tokenizer, sampling.stop)))
         except ValueError as exc:
             self.cancel(choices)
@@ -475,9 +480,9 @@ def _private_copy(tokenizer):
         return tokenizer
 
 
-KNOWN = {False: {"prompt", "max_tokens", "temperature", "top_p", "seed", "n", "stop", "stream"},
+KNOWN = {False: {"prompt", "max_tokens", "temperature", "top_p", "seed", "n", "stop", "stream", "cache_salt"},
          True: {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stop",
-                "stream"}}
+                "stream", "cache_salt"}}
 
 
 async def _collect(service: OpenAIService, choices: list[Choice], queue: asyncio.Queue, texts: dict) -> None:

@@ -113,10 +113,11 @@ class Server:
         return len(self.controller.scheduler.waiting) + self._incoming.qsize()
 
     def submit(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: SamplingSpec = GREEDY,
-               sink: Callable[[object], None] | None = None) -> TokenStream:
+               sink: Callable[[object], None] | None = None, cache_salt: str | None = None) -> TokenStream:
         """Queue one prompt (token ids, chat template applied). A ``ValueError`` naming the problem
         if it can never run (empty, ids outside the vocabulary, longer than the KV budget); the
-        requests already queued are untouched."""
+        requests already queued are untouched. Requests share prefix-cached KV blocks only with
+        requests of the same ``cache_salt`` (give each tenant its own)."""
         if self._closed.is_set():
             raise RuntimeError("the server is closed")
         if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__len__"):
@@ -126,7 +127,10 @@ class Server:
         check_vocabulary("the prompt", prompt_ids, self.vocab_size)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        request = Request(next(self._ids), list(prompt_ids), max_new_tokens, self.eos, sampling=sampling)
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
+        request = Request(next(self._ids), list(prompt_ids), max_new_tokens, self.eos, sampling=sampling,
+                          cache_salt=cache_salt)
         self.engine.check_fits([request])
         stream = TokenStream(request, sink)
         self._streams[request.request_id] = stream

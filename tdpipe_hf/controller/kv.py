@@ -118,13 +118,14 @@ class BlockManager:
 
     def _digests(self, request: Request, count: int) -> list[bytes]:
         """The digests of ``request``'s first ``count`` full blocks, each of its tokens and of all
-        before it (SHA-256: a crafted prompt must not find another user's blocks). Kept on the
-        request: its tokens only grow."""
+        before it and of its ``cache_salt`` (SHA-256: a crafted prompt must not find another
+        user's blocks). Kept on the request: its tokens only grow."""
         digests = request.block_digests
         size = self.block_size
         if len(digests) < count:
             ids = request.all_ids
-            previous = digests[-1] if digests else b""
+            salt = b"" if request.cache_salt is None else hashlib.sha256(request.cache_salt.encode()).digest()
+            previous = digests[-1] if digests else salt
             for index in range(len(digests), count):
                 previous = hashlib.sha256(previous + array("q", ids[index * size:(index + 1) * size]).tobytes()).digest()
                 digests.append(previous)

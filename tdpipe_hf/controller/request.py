@@ -44,6 +44,7 @@ class Request:
     cancelled: bool = False  # aborted while in flight: retired when its micro-batch returns
     num_preemptions: int = 0
     finish_reason: str | None = None
+    cache_salt: str | None = None  # requests share cached KV blocks only with the same salt
     block_digests: list[bytes] = field(default_factory=list)  # see BlockManager.take_cached_prefix
 
     @property
