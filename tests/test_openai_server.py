@@ -74,26 +74,23 @@ def test_models_health_and_metrics(served):
 def test_chat_and_completion_are_greedy_generate(served):
     client, model, tokenizer = served
     question = "Name three colours."
-    reply = client.post("/v1/chat/completions", json={
-        "model": NAME, "messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0})
+    ask = {"model": NAME, "messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0}
+    reply = client.post("/v1/chat/completions", json=ask)
     assert reply.status_code == 200, reply.text
+    cached = metric(client, "prefix_cache_tokens_total")
+    again = client.post("/v1/chat/completions", json=ask)  # from the blocks the first one computed
+    cached_now = metric(client, "prefix_cache_tokens_total")
+    assert cached_now - cached == 16 * ((len(chat_ids(tokenizer, question)) - 1) // 16)
+    salted = client.post("/v1/chat/completions", json={**ask, "cache_salt": "tenant-b"})  # computed afresh
+    assert metric(client, "prefix_cache_tokens_total") == cached_now
     body = reply.json()
     expected = greedy_text(model, tokenizer, chat_ids(tokenizer, question), 24)
     assert body["choices"][0]["message"] == {"role": "assistant", "content": expected}
+    assert again.json()["choices"][0]["message"]["content"] == expected
+    assert salted.json()["choices"][0]["message"]["content"] == expected
     assert body["object"] == "chat.completion"
     assert body["usage"]["prompt_tokens"] == len(chat_ids(tokenizer, question))
     assert 1 <= body["usage"]["completion_tokens"] <= 24
-    cached = metric(client, "prefix_cache_tokens_total")
-    again = client.post("/v1/chat/completions", json={
-        "model": NAME, "messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0})
-    assert again.json()["choices"][0]["message"]["content"] == expected  # from blocks the first one computed
-    cached_now = metric(client, "prefix_cache_tokens_total")
-    assert cached_now - cached == 16 * ((len(chat_ids(tokenizer, question)) - 1) // 16)
-    salted = client.post("/v1/chat/completions", json={  # another tenant's salt: computed afresh
-        "model": NAME, "messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0,
-        "cache_salt": "tenant-b"})
-    assert salted.json()["choices"][0]["message"]["content"] == expected
-    assert metric(client, "prefix_cache_tokens_total") == cached_now
     prompt = "The three primary colours are"
     body = client.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 16,
                                                 "temperature": 0}).json()

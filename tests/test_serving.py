@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import hf_generate, random_prompts, tiny_model
+from conftest import hf_generate, left_padded, random_prompts, tiny_model
 
 import tdpipe_hf
 from tdpipe_hf.apps.serving import Server
@@ -77,6 +77,31 @@ def test_a_stage_that_dies_between_requests_does_not_fail_the_next_one():
         assert not executor.running and server.stage_restarts == 1
         assert list(server.submit(prompt, max_new_tokens=6)) == expected
         assert server.totals["cached_tokens"] == cached  # nothing taken from before the restart
+    finally:
+        server.close()
+        tdpipe_hf.unwrap(model)
+
+
+def test_generate_on_the_served_model_does_not_leave_the_server_a_stale_prefix_cache():
+    """``model.generate`` on a model a server also runs writes the same KV cache blocks with its
+    own run; the server's prefix cache must not hand them out afterwards as the start it cached
+    (it did: the next request that shared the start answered from another prompt's KV)."""
+    model = tiny_model("llama", seed=75)
+    start = random_prompts(1, low=12, high=12, seed=76)[0]
+    first, second = start + [5, 6, 7], start + [8, 9]
+    others = random_prompts(3, low=20, high=30, seed=77)
+
+    def hf(prompt):
+        return hf_generate(model, torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
+
+    expected = hf(second)
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=64)
+    server = Server(model)
+    try:
+        list(server.submit(first, max_new_tokens=6))  # caches the start's three blocks
+        ids, mask = left_padded(others)
+        model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)  # overwrites blocks 0, 1, ...
+        assert list(server.submit(second, max_new_tokens=6)) == expected
     finally:
         server.close()
         tdpipe_hf.unwrap(model)

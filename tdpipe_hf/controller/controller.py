@@ -50,6 +50,7 @@ class Controller:
         self.plan_ahead = bool(getattr(scheduler, "plan_ahead", False) and getattr(executor, "relays_tokens", False))
         self._followed: set[int] = set()  # in-flight batches whose next step is planned (or declined)
         self._ahead: set[int] = set()  # in-flight batches whose next step is in flight too
+        self._kv_token = object()  # marks the executor's KV as last written by this controller
 
     def run(self, requests: Iterable[Request], lookahead: int | None = None) -> RunStats:
         """Drive ``requests`` to completion. On an executor error nothing is half-applied: the
@@ -127,6 +128,7 @@ class Controller:
         return False
 
     def _dispatch(self) -> None:
+        self._claim_kv()
         while len(self._in_flight) - len(self._ahead) < self.max_in_flight:
             batch = self.scheduler.schedule()
             if batch is None:
@@ -149,6 +151,19 @@ class Controller:
                     self._ahead.add(batch.batch_id)
                     self._submit(follow)
                     return
+
+    def _claim_kv(self) -> None:
+        """Before scheduling: the prefix cache trusts the KV this controller's micro-batches wrote,
+        but another controller on the same executor (``model.generate`` on a model a ``Server``
+        also runs) writes the same cache blocks, so after one has run the index is dropped."""
+        if getattr(self.executor, "kv_writer", self._kv_token) is not self._kv_token:
+            forget = getattr(self.scheduler.blocks, "forget_cached", None)
+            if forget is not None:
+                forget()
+        try:
+            self.executor.kv_writer = self._kv_token
+        except AttributeError:  # an executor that takes no attributes: nothing can be tracked
+            pass
 
     def _submit(self, batch: MicroBatch) -> None:
         self._in_flight[batch.batch_id] = batch

@@ -66,13 +66,15 @@ class BlockManager:
 
     def release(self, request: Request) -> None:
         for block in reversed(request.block_table):
-            if block not in self._digest_of:
-                self._free.append(block)
-                continue
-            self._holders[block] -= 1
-            if not self._holders[block]:
+            if block in self._holders:  # cached, or was until ``forget_cached``: maybe shared
+                self._holders[block] -= 1
+                if self._holders[block]:
+                    continue
                 del self._holders[block]
-                self._idle[block] = None
+                if block in self._digest_of:
+                    self._idle[block] = None
+                    continue
+            self._free.append(block)
         request.block_table = []
 
     # ---- prefix caching -------------------------------------------------------------------
@@ -110,11 +112,19 @@ class BlockManager:
         full = min(request.num_cached // self.block_size, len(request.block_table))
         for index, digest in enumerate(self._digests(request, full)):
             block = request.block_table[index]
-            if block in self._digest_of or digest in self._block_of:
+            if block in self._holders or digest in self._block_of:
                 continue  # cached already (taken from the cache, or the same tokens computed twice)
             self._block_of[digest] = block
             self._digest_of[block] = digest
             self._holders[block] = 1
+
+    def forget_cached(self) -> None:
+        """Drop the whole index: the KV it points to may have been overwritten (another run used
+        the stages' caches). Blocks held now stay with their holders and are freed as usual."""
+        self._free.extend(self._idle)
+        self._idle.clear()
+        self._block_of.clear()
+        self._digest_of.clear()
 
     def _digests(self, request: Request, count: int) -> list[bytes]:
         """The digests of ``request``'s first ``count`` full blocks, each of its tokens and of all
