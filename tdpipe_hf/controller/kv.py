@@ -76,16 +76,17 @@ class BlockManager:
                     continue
             self._free.append(block)
         request.block_table = []
+        request.blocks_indexed = 0
 
     # ---- prefix caching -------------------------------------------------------------------
     def cached_prefix_tokens(self, request: Request) -> int:
         """How many tokens ``take_cached_prefix`` would give ``request`` now."""
         if not self.prefix_caching or request.block_table or request.num_cached:
             return 0
+        limit = (request.num_tokens - 1) // self.block_size
+        digests = self._digests(request, limit)
         count = 0
-        for digest in self._digests(request, (request.num_tokens - 1) // self.block_size):
-            if digest not in self._block_of:
-                break
+        while count < limit and digests[count] in self._block_of:
             count += 1
         return count * self.block_size
 
@@ -102,6 +103,7 @@ class BlockManager:
             self._holders[block] += 1
             request.block_table.append(block)
         request.num_cached = count * self.block_size
+        request.blocks_indexed = count
         self.cached_tokens += request.num_cached
         return request.num_cached
 
@@ -110,13 +112,17 @@ class BlockManager:
         if not self.prefix_caching:
             return
         full = min(request.num_cached // self.block_size, len(request.block_table))
-        for index, digest in enumerate(self._digests(request, full)):
-            block = request.block_table[index]
+        if full <= request.blocks_indexed:
+            return  # no block filled since the last call (most decode steps)
+        digests = self._digests(request, full)
+        for index in range(request.blocks_indexed, full):
+            block, digest = request.block_table[index], digests[index]
             if block in self._holders or digest in self._block_of:
                 continue  # cached already (taken from the cache, or the same tokens computed twice)
             self._block_of[digest] = block
             self._digest_of[block] = digest
             self._holders[block] = 1
+        request.blocks_indexed = full
 
     def forget_cached(self) -> None:
         """Drop the whole index: the KV it points to may have been overwritten (another run used
@@ -127,9 +133,9 @@ class BlockManager:
         self._digest_of.clear()
 
     def _digests(self, request: Request, count: int) -> list[bytes]:
-        """The digests of ``request``'s first ``count`` full blocks, each of its tokens and of all
-        before it and of its ``cache_salt`` (SHA-256: a crafted prompt must not find another
-        user's blocks). Kept on the request: its tokens only grow."""
+        """The digests of (at least) ``request``'s first ``count`` full blocks, each of its tokens
+        and of all before it and of its ``cache_salt`` (SHA-256: a crafted prompt must not find
+        another user's blocks). Kept on the request: its tokens only grow."""
         digests = request.block_digests
         size = self.block_size
         if len(digests) < count:
@@ -139,7 +145,7 @@ class BlockManager:
             for index in range(len(digests), count):
                 previous = hashlib.sha256(previous + array("q", ids[index * size:(index + 1) * size]).tobytes()).digest()
                 digests.append(previous)
-        return digests[:count]
+        return digests
 
     def _take(self) -> int:
         """A block for new KV: a plain free one, else the cached block released longest ago."""

@@ -46,6 +46,7 @@ class Request:
     finish_reason: str | None = None
     cache_salt: str | None = None  # requests share cached KV blocks only with the same salt
     block_digests: list[bytes] = field(default_factory=list)  # see BlockManager.take_cached_prefix
+    blocks_indexed: int = 0  # leading blocks of block_table the prefix cache has looked at
 
     @property
     def all_ids(self) -> list[int]:
