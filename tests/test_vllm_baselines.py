@@ -20,32 +20,41 @@ EVERY_KIND = ["tdpipe", "hybrid", "naive", *KINDS]
 
 
 class CheckedBlocks:
-    """Wraps a scheduler's block pools: fails the moment a block is handed out twice, freed twice
-    or the budget is exceeded."""
+    """Wraps a scheduler's block pools: fails the moment a block still held is handed out as a
+    new one, a block is freed by a request that does not hold it, or the budget is exceeded.
+    Blocks taken from the prefix cache are held by every request that took them."""
 
     def __init__(self, scheduler):
-        self.owner: dict[int, int] = {}
+        self.holders: dict[int, set[int]] = {}
         pools = getattr(scheduler.blocks, "pools", [scheduler.blocks])
         for pool in pools:
             self._watch(pool)
 
     def _watch(self, pool):
-        reserve, release = pool.reserve, pool.release
+        reserve, release, take = pool.reserve, pool.release, pool.take_cached_prefix
 
         def checked_reserve(request, num_tokens):
             before = len(request.block_table)
             reserve(request, num_tokens)
             for block in request.block_table[before:]:
-                assert block not in self.owner, f"block {block} handed out twice"
-                self.owner[block] = request.request_id
+                assert not self.holders.get(block), f"block {block} handed out while {self.holders[block]} hold it"
+                self.holders[block] = {request.request_id}
             assert pool.num_used <= pool.num_blocks
+
+        def checked_take(request):
+            before = len(request.block_table)
+            taken = take(request)
+            for block in request.block_table[before:]:
+                self.holders.setdefault(block, set()).add(request.request_id)  # shared, or idle until now
+            return taken
 
         def checked_release(request):
             for block in request.block_table:
-                assert self.owner.pop(block, None) == request.request_id, f"block {block} freed by a non-owner"
+                assert request.request_id in self.holders.get(block, ()), f"block {block} freed by a non-holder"
+                self.holders[block].discard(request.request_id)
             release(request)
 
-        pool.reserve, pool.release = checked_reserve, checked_release
+        pool.reserve, pool.release, pool.take_cached_prefix = checked_reserve, checked_release, checked_take
 
 
 @pytest.mark.parametrize("kind", EVERY_KIND)
@@ -77,7 +86,7 @@ def test_no_scheduler_kind_leaks_double_frees_overbooks_or_starves(kind, prompts
         assert request.status is Status.FINISHED
         if request.finish_reason != "abort":
             assert request.output_ids == reference(prompt, limits[request.request_id])
-    assert not watch.owner and scheduler.blocks.num_used == 0
+    assert not any(watch.holders.values()) and scheduler.blocks.num_used == 0
 
 
 class Recording(FakePipeline):
