@@ -184,6 +184,7 @@ def test_a_cached_block_matches_only_after_the_same_tokens():
     assert blocks.num_free == 3
     assert blocks.take_cached_prefix(Request(1, [1, 2, 7, 8, 9], 1)) == 0  # [7, 8] after another start
     assert blocks.take_cached_prefix(Request(6, [5, 6, 7, 8, 1, 2], 1, cache_salt="tenant")) == 0  # another salt
+    assert blocks.take_cached_prefix(Request(7, [5, 6, 7, 8, 1, 2], 1, cache_salt="\ud800")) == 0  # JSON allows it
     hit = Request(2, [5, 6, 7, 8, 1, 2], 1)
     assert blocks.take_cached_prefix(hit) == 4
     blocks.release(hit)

@@ -140,7 +140,7 @@ class BlockManager:
         size = self.block_size
         if len(digests) < count:
             ids = request.all_ids
-            salt = b"" if request.cache_salt is None else hashlib.sha256(request.cache_salt.encode()).digest()
+            salt = b"" if request.cache_salt is None else hashlib.sha256(request.cache_salt.encode("utf-8", "surrogatepass")).digest()
             previous = digests[-1] if digests else salt
             for index in range(len(digests), count):
                 previous = hashlib.sha256(previous + array("q", ids[index * size:(index + 1) * size]).tobytes()).digest()
