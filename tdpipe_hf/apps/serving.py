@@ -95,8 +95,8 @@ class Server:
     @property
     def totals(self) -> dict[str, int]:
         """Tokens generated, preemptions, phase switches and prompt tokens taken from the prefix
-        cache since the server started (``stats``
-        restarts with the engine after a failure; these do not, as counters must not)."""
+        cache since the server started (``stats`` restarts with the engine after a failure; these
+        do not, as counters must not)."""
         return {name: self._earlier[name] + value for name, value in self._counts().items()}
 
     @property
