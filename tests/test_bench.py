@@ -72,8 +72,8 @@ def test_run_vllm_finds_a_relative_python_from_its_scratch_directory(tmp_path, m
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
-    outputs, seconds = run_vllm("../venv/bin/python", "model-dir", [[1, 2, 3]], max_new_tokens=2, eos={0})
-    assert (outputs, seconds) == ([[7, 8]], 0.5)
+    outputs, seconds, cached = run_vllm("../venv/bin/python", "model-dir", [[1, 2, 3]], max_new_tokens=2, eos={0})
+    assert (outputs, seconds, cached) == ([[7, 8]], 0.5, None)
 
 
 def test_rounds_alternate_the_order_and_pair_ratios_within_a_round():

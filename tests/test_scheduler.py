@@ -36,13 +36,17 @@ def reference(prompt: list[int], max_new: int) -> list[int]:
 
 
 class FakePipeline:
-    def __init__(self, num_stages: int, block_size: int, relays_tokens: bool = False):
+    def __init__(self, num_stages: int, block_size: int, relays_tokens: bool = False,
+                 salts: dict[int, str | None] | None = None):
         self.num_stages = num_stages
         self.relays_tokens = relays_tokens  # runs steps planned ahead: hands tokens to "stage 0"
         self.sampled: dict[int, dict[int, int]] = {}
         self.planned_ahead = 0  # rows that were
         self.block_size = block_size
-        self.store: dict[tuple[int, int], int] = {}
+        # a slot's "KV": the salt of the request that computed it and every token up to its own,
+        # as real KV depends on the whole prefix (a block taken after another start shows)
+        self.store: dict[tuple[int, int], tuple[str | None, tuple[int, ...]]] = {}
+        self.salts = salts or {}
         self.queue: deque[MicroBatch] = deque()
         self.max_in_flight = 0
         self.log: list[tuple[str, int]] = []  # (phase, in flight at submit)
@@ -62,12 +66,15 @@ class FakePipeline:
         for seq in batch.seqs:
             if batch.phase == "decode":
                 assert len(seq.token_ids) == 1
+            salt = self.salts.get(seq.request_id)
+            slot = lambda p: (seq.block_table[p // self.block_size], p % self.block_size)  # noqa: E731
+            prefix = self.store[slot(seq.start - 1)][1] if seq.start else ()
             for offset, token in enumerate(seq.token_ids):
-                pos = seq.start + offset
-                self.store[(seq.block_table[pos // self.block_size], pos % self.block_size)] = token
-            context = [self.store[(seq.block_table[p // self.block_size], p % self.block_size)]
-                       for p in range(seq.context_len)]
-            tokens[seq.request_id] = next_token(context)
+                prefix += (token,)
+                self.store[slot(seq.start + offset)] = (salt, prefix)
+            for p in range(seq.context_len):  # every slot read was computed after this context, same tenant
+                assert self.store[slot(p)] == (salt, prefix[:p + 1]), f"request {seq.request_id}: stale KV at {p}"
+            tokens[seq.request_id] = next_token(list(prefix))
         if batch.forward_tokens:
             self.sampled[batch.batch_id] = tokens
         return StepResult(batch.batch_id, tokens)
@@ -77,12 +84,13 @@ class FakePipeline:
 
 
 def run(prompts, max_new, num_stages=2, num_blocks=64, block_size=4, chunk=32, fraction=0.5, admission=None,
-        fill=0, ahead=False, caching=False):
+        fill=0, ahead=False, caching=False, salts=None):
     blocks = BlockManager(num_blocks, block_size, prefix_caching=caching)
     scheduler = Scheduler(blocks, num_stages, admission or AdmitWhileFits(), ReadyPoolBatcher(), ThresholdSwitch(fraction),
                           prefill_chunk_tokens=chunk, decode_fill_tokens=fill, plan_ahead=ahead)
-    pipeline = FakePipeline(num_stages, block_size, relays_tokens=ahead)
-    requests = [Request(i, p, max_new, frozenset({EOS})) for i, p in enumerate(prompts)]
+    salts = dict(enumerate(salts or []))
+    pipeline = FakePipeline(num_stages, block_size, relays_tokens=ahead, salts=salts)
+    requests = [Request(i, p, max_new, frozenset({EOS}), cache_salt=salts.get(i)) for i, p in enumerate(prompts)]
     stats = Controller(pipeline, scheduler).run(requests)
     return requests, stats, pipeline, blocks
 
@@ -109,28 +117,32 @@ def test_every_request_gets_exactly_its_tokens(prompts, max_new, num_stages, num
     assert stats.generated_tokens == sum(len(r.output_ids) for r in requests)
 
 
-shared_starts = st.lists(st.lists(st.integers(1, VOCAB - 1), min_size=0, max_size=14), min_size=1, max_size=3)
+# few token values, so that equal blocks after different starts (which must not match) are common
+few_tokens = st.integers(1, 3)
+shared_starts = st.lists(st.lists(few_tokens, min_size=0, max_size=14), min_size=1, max_size=3)
 
 
 @settings(max_examples=80, deadline=None)
-@given(starts=shared_starts, picks=st.lists(st.tuples(st.integers(0, 2), st.lists(st.integers(1, VOCAB - 1),
-                                                                                    max_size=9)), min_size=1, max_size=12),
+@given(starts=shared_starts, picks=st.lists(st.tuples(st.integers(0, 2), st.lists(few_tokens, max_size=9),
+                                                     st.sampled_from([None, None, "a", "b"])), min_size=1, max_size=12),
        max_new=st.integers(1, 12), num_stages=st.integers(1, 3), num_blocks=st.integers(12, 40),
        fill=st.sampled_from([0, 5]), ahead=st.booleans())
 def test_prompts_sharing_their_start_take_it_from_the_cache_and_get_exactly_their_tokens(
         starts, picks, max_new, num_stages, num_blocks, fill, ahead):
-    """Prompts made of a few shared starts and their own ends (repeats too), with the prefix
-    cache: every request's tokens are what its own context gives (the fake pipeline computes
-    each token from the KV its blocks hold, so a wrong or overwritten shared block shows), no
-    block leaks, and cached tokens are never computed."""
-    prompts = [starts[i % len(starts)] + end or [1] for i, end in picks]
+    """Prompts made of a few shared starts and their own ends (repeats too), some under a cache
+    salt, with the prefix cache: every request's tokens are what its own context gives (the fake
+    pipeline computes each token from the KV its blocks hold and checks that each slot read was
+    computed after the same tokens for the same salt, so a wrong, shifted, overwritten or other
+    tenant's block shows), no block leaks, and cached tokens are never computed."""
+    prompts = [starts[i % len(starts)] + end or [1] for i, end, _ in picks]
+    salts = [salt for _, _, salt in picks]
     requests, stats, pipeline, blocks = run(prompts, max_new, num_stages, num_blocks, fill=fill, ahead=ahead,
-                                            caching=True)
+                                            caching=True, salts=salts)
     for request, prompt in zip(requests, prompts):
         assert request.output_ids == reference(prompt, max_new)
     assert blocks.num_free == blocks.num_blocks, "KV blocks leaked"
     assert stats.cached_tokens == blocks.cached_tokens
-    _, plain_stats, plain, _ = run(prompts, max_new, num_stages, num_blocks, fill=fill, ahead=ahead)
+    _, plain_stats, plain, _ = run(prompts, max_new, num_stages, num_blocks, fill=fill, ahead=ahead, salts=salts)
     if not (stats.preemptions or plain_stats.preemptions or ahead):  # else they compute different (void) steps
         assert computed_tokens(pipeline) + stats.cached_tokens == computed_tokens(plain)
 
@@ -193,6 +205,21 @@ def test_a_cached_block_matches_only_after_the_same_tokens():
     blocks.release(filler)
     assert blocks.take_cached_prefix(Request(4, [5, 6, 7, 8, 1], 1)) == 0
     assert not BlockManager(3, 2).take_cached_prefix(Request(5, [5, 6, 7], 1))  # caching off
+
+
+def test_a_salt_spelling_a_block_cannot_shift_the_chain():
+    """A salt whose bytes are one block's tokens must not make its chain start where that
+    block's ends: it would take the next block, computed for other positions, as its first."""
+    from array import array
+
+    blocks = BlockManager(4, 4, prefix_caching=True)
+    owner = Request(0, [0x41, 0x42, 0x43, 0x44, 7, 8, 9, 10, 3], 1)
+    blocks.reserve(owner, 9)
+    owner.num_cached = 9
+    blocks.cache_computed_blocks(owner)
+    blocks.release(owner)
+    salt = array("q", [0x41, 0x42, 0x43, 0x44]).tobytes().decode()
+    assert blocks.take_cached_prefix(Request(1, [7, 8, 9, 10, 5, 6], 1, cache_salt=salt)) == 0
 
 
 def test_decode_steps_are_planned_ahead_of_their_tokens():

@@ -133,3 +133,43 @@ def test_totals_survive_a_failed_run():
     finally:
         server.close()
         tdpipe_hf.unwrap(model)
+
+
+def test_a_failed_step_leaves_nothing_behind_for_the_next_requests(monkeypatch):
+    """A step that fails outside the stages (here sampling) while another micro-batch is in the
+    pipeline: the callers learn of it, and the fresh controller must not receive the old one's
+    micro-batches (it would fail on them, and every request after them) nor lose requests
+    queued behind the failure."""
+    import tdpipe_hf.runtime.local as local
+
+    model = tiny_model("llama", seed=71)
+    prompts = random_prompts(6, low=2, high=20, seed=75)
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=64)
+    server = Server(model)
+    try:
+        expected = [list(server.submit(p, max_new_tokens=6)) for p in prompts]
+        sample, calls = local.sample_batch, []
+
+        queued = server.engine.executor._queue
+
+        def fails_once(hidden, batch):  # the first time another micro-batch waits in the pipeline
+            if queued and not calls:
+                calls.append(batch.batch_id)
+                raise RuntimeError("sampling failed")
+            return sample(hidden, batch)
+
+        monkeypatch.setattr(local, "sample_batch", fails_once)
+        streams = [server.submit(p, max_new_tokens=6) for p in prompts]
+        outcomes = []
+        for stream in streams:
+            try:
+                outcomes.append(list(stream))
+            except RuntimeError as exc:
+                outcomes.append(str(exc))
+        assert calls and "sampling failed" in outcomes and server.engine_failures == 1
+        assert all(o == "sampling failed" or o == e for o, e in zip(outcomes, expected))
+        assert [list(server.submit(p, max_new_tokens=6)) for p in prompts] == expected
+        assert server.engine_failures == 1
+    finally:
+        server.close()
+        tdpipe_hf.unwrap(model)

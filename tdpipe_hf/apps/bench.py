@@ -160,16 +160,19 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
     reference = None
 
     def add(system: str, n_stages: int, outputs: list[list[int]], seconds: float, stats=None,
-            threads: int | None = None, policy: str = "-", backend: str | None = None, pass_: int = 0) -> None:
+            threads: int | None = None, policy: str = "-", backend: str | None = None, pass_: int = 0,
+            cached_tokens: int | None = None) -> None:
         generated = sum(len(o) for o in outputs)
         same = None if reference is None else sum(a == b for a, b in zip(outputs, reference))
         row = BenchRow(system, n_stages, len(outputs), generated, round(seconds, 3),
                        round(generated / seconds, 2), threads or torch.get_num_threads(), same, policy,
-                       backend=backend, round=pass_)
+                       backend=backend, round=pass_, cached_tokens=cached_tokens)
         if reference is not None:
             row.matching_prefix = round(matching_prefix(outputs, reference), 4)
         line = (f"  {system:<20} {policy:<16} {backend or '-':<14} stages={n_stages} {generated} tokens in "
                 f"{seconds:.1f}s -> {row.tokens_per_s:.1f} tok/s" + (f" (round {pass_ + 1})" if rounds > 1 else ""))
+        if cached_tokens is not None:
+            line += f"; {cached_tokens} prompt tokens from its prefix cache"
         if stats is not None:
             row.preemptions = stats.preemptions
             row.cached_tokens = stats.cached_tokens
@@ -235,8 +238,9 @@ def run_benchmark(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
             directory = vllm_peer.export_hf_directory(model, tokenizer, Path(scratch) / "model")
             dtype = str(model.dtype).removeprefix("torch.")
             try:
-                outputs, seconds = vllm_peer.run_vllm(vllm_python or "", directory, ids, max_new_tokens, eos, dtype)
-                add("vllm", 1, [_trim_at_eos(o, eos) for o in outputs], seconds)
+                outputs, seconds, cached = vllm_peer.run_vllm(vllm_python or "", directory, ids, max_new_tokens,
+                                                              eos, dtype)
+                add("vllm", 1, [_trim_at_eos(o, eos) for o in outputs], seconds, cached_tokens=cached)
             except (RuntimeError, FileNotFoundError, OSError) as exc:  # report, keep benchmarking the rest
                 log(f"  vllm failed: {exc}")
     if "gemm-bound" in systems:

@@ -70,11 +70,13 @@ class Server:
         self.engine_model_config = model.config
         self._incoming: queue.Queue = queue.Queue()
         self._streams: dict[int, TokenStream] = {}
+        self._in_engine: set[int] = set()  # ids of the requests handed to the current controller
         self._ids = itertools.count()
         self._closed = threading.Event()
         self._idle_checked = time.monotonic()
         self.stage_restarts = 0  # stage failures noticed between requests (see ``_check_idle_stages``)
         self.engine_failures = 0  # runs that failed and were started afresh
+        self._totals_lock = threading.Lock()
         self._earlier = dict.fromkeys(("generated_tokens", "preemptions", "phase_switches", "cached_tokens"), 0)
         self.controller = self.engine.controller(on_token=self._on_token, on_finish=self._on_finish)
         self._thread = threading.Thread(target=self._loop, name="tdpipe-server", daemon=True)
@@ -97,7 +99,8 @@ class Server:
         """Tokens generated, preemptions, phase switches and prompt tokens taken from the prefix
         cache since the server started (``stats`` restarts with the engine after a failure; these
         do not, as counters must not)."""
-        return {name: self._earlier[name] + value for name, value in self._counts().items()}
+        with self._totals_lock:
+            return {name: self._earlier[name] + value for name, value in self._counts().items()}
 
     @property
     def is_running(self) -> bool:
@@ -154,6 +157,7 @@ class Server:
         self._streams[request.request_id].put(token)
 
     def _on_finish(self, request: Request) -> None:
+        self._in_engine.discard(request.request_id)
         self._streams.pop(request.request_id).put(DONE)
 
     def _check_idle_stages(self) -> None:
@@ -173,9 +177,11 @@ class Server:
 
     def _new_controller(self) -> None:
         """Start afresh after a failure: a new scheduler (its prefix cache empty, as the KV is)."""
-        for name, value in self._counts().items():  # totals stay totals across a restart
-            self._earlier[name] += value
-        self.controller = self.engine.controller(on_token=self._on_token, on_finish=self._on_finish)
+        controller = self.engine.controller(on_token=self._on_token, on_finish=self._on_finish)
+        with self._totals_lock:  # totals stay totals across a restart, and never count one run twice
+            for name, value in self._counts().items():
+                self._earlier[name] += value
+            self.controller = controller
 
     def _loop(self) -> None:
         while not self._closed.is_set():
@@ -184,6 +190,7 @@ class Server:
                 item = self._incoming.get(timeout=0.1) if idle else self._incoming.get_nowait()
                 if isinstance(item, Request):
                     self.controller.add(item)
+                    self._in_engine.add(item.request_id)
                 else:  # a request id to cancel
                     self.controller.abort(item)
                 continue
@@ -193,11 +200,13 @@ class Server:
                     continue
             try:
                 self.controller.step()
-            except Exception as exc:  # every caller learns of it; the server starts afresh
-                for stream in list(self._streams.values()):
+            except Exception as exc:  # its requests' callers learn of it; the server starts afresh
+                self.controller.drain()  # the next controller must not receive this one's micro-batches
+                for request_id in self._in_engine:
+                    stream = self._streams.pop(request_id)
                     stream.error = exc
                     stream.put(DONE)
-                self._streams.clear()
+                self._in_engine.clear()  # requests still queued go to the fresh controller
                 self.engine_failures += 1
                 self._new_controller()
             del self.controller.stats.timeline[:-KEEP_EVENTS]

@@ -35,8 +35,9 @@ def main():
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    json.dump({"seconds": seconds, "outputs": [list(o.outputs[0].token_ids) for o in outputs]},
-              open(sys.argv[2], "w"))
+    cached = [getattr(o, "num_cached_tokens", None) for o in outputs]  # prompt tokens its prefix cache gave
+    json.dump({"seconds": seconds, "outputs": [list(o.outputs[0].token_ids) for o in outputs],
+               "cached_tokens": None if None in cached else sum(cached)}, open(sys.argv[2], "w"))
 
 
 if __name__ == "__main__":  # vLLM starts its engine core with multiprocessing spawn
@@ -59,8 +60,9 @@ def export_hf_directory(model, tokenizer, directory: str | os.PathLike) -> Path:
 
 def run_vllm(python: str, model_dir: str | os.PathLike, prompts: list[list[int]], max_new_tokens: int,
              eos: set[int], dtype: str = "float32", threads: int | None = None,
-             timeout: float = 1800) -> tuple[list[list[int]], float]:
-    """Generate greedily with vLLM under ``python``; returns (generated ids per prompt, seconds)."""
+             timeout: float = 1800) -> tuple[list[list[int]], float, int | None]:
+    """Generate greedily with vLLM under ``python``; returns (generated ids per prompt, seconds,
+    prompt tokens vLLM took from its prefix cache, None where it does not say)."""
     if not Path(python).exists():
         raise FileNotFoundError(f"no Python at {python!r}: build vLLM's CPU environment with "
                                 "benchmarks/vllm_peer.sh, or pass --vllm-python")
@@ -85,4 +87,4 @@ def run_vllm(python: str, model_dir: str | os.PathLike, prompts: list[list[int]]
             tail = "\n".join(done.stdout.splitlines()[-25:])
             raise RuntimeError(f"vLLM exited with code {done.returncode}:\n{tail}")
         result = json.loads((scratch / "result.json").read_text())
-    return result["outputs"], result["seconds"]
+    return result["outputs"], result["seconds"], result.get("cached_tokens")

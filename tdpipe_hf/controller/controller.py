@@ -9,6 +9,7 @@ the micro-batches (in-process or one process per stage) is invisible to it.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -16,6 +17,9 @@ from ..metrics import BUSY
 from ..plan import MicroBatch, StepResult
 from .request import Request
 from .scheduler import Scheduler
+
+# executor -> the token of the controller whose micro-batches last wrote its KV (see ``_claim_kv``)
+_KV_WRITERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -156,14 +160,15 @@ class Controller:
         """Before scheduling: the prefix cache trusts the KV this controller's micro-batches wrote,
         but another controller on the same executor (``model.generate`` on a model a ``Server``
         also runs) writes the same cache blocks, so after one has run the index is dropped."""
-        if getattr(self.executor, "kv_writer", self._kv_token) is not self._kv_token:
+        try:
+            last = _KV_WRITERS.get(self.executor, self._kv_token)
+            _KV_WRITERS[self.executor] = self._kv_token
+        except TypeError:  # an executor no weak reference can name: no cached block can be trusted
+            last = None
+        if last is not self._kv_token:
             forget = getattr(self.scheduler.blocks, "forget_cached", None)
             if forget is not None:
                 forget()
-        try:
-            self.executor.kv_writer = self._kv_token
-        except AttributeError:  # an executor that takes no attributes: nothing can be tracked
-            pass
 
     def _submit(self, batch: MicroBatch) -> None:
         self._in_flight[batch.batch_id] = batch

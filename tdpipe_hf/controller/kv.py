@@ -104,7 +104,8 @@ class BlockManager:
             request.block_table.append(block)
         request.num_cached = count * self.block_size
         request.blocks_indexed = count
-        self.cached_tokens += request.num_cached
+        # a recomputed request takes back its own output's blocks too: only prompt tokens count
+        self.cached_tokens += min(request.num_cached, len(request.prompt_ids))
         return request.num_cached
 
     def cache_computed_blocks(self, request: Request) -> None:
@@ -140,8 +141,7 @@ class BlockManager:
         size = self.block_size
         if len(digests) < count:
             ids = request.all_ids
-            salt = b"" if request.cache_salt is None else hashlib.sha256(request.cache_salt.encode("utf-8", "surrogatepass")).digest()
-            previous = digests[-1] if digests else salt
+            previous = digests[-1] if digests else _chain_start(request.cache_salt)
             for index in range(len(digests), count):
                 previous = hashlib.sha256(previous + array("q", ids[index * size:(index + 1) * size]).tobytes()).digest()
                 digests.append(previous)
@@ -154,6 +154,15 @@ class BlockManager:
         block, _ = self._idle.popitem(last=False)
         del self._block_of[self._digest_of.pop(block)]
         return block
+
+
+def _chain_start(salt: str | None) -> bytes:
+    """Where a request's digest chain starts: a tagged digest of its salt, which no block's digest
+    can equal (with the salt's own bytes as the start, a salt spelling one block's tokens would
+    match the blocks after that block, at the wrong positions)."""
+    if salt is None:
+        return hashlib.sha256(b"tdpipe-prefix\0").digest()
+    return hashlib.sha256(b"tdpipe-salt\0" + salt.encode("utf-8", "surrogatepass")).digest()
 
 
 class SplitBlocks:
