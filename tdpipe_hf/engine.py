@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -58,6 +59,9 @@ class TDPipeEngine:
         if self.torchrun:
             self.num_blocks = self.executor.num_blocks  # the smallest budget of all ranks
         self.last_stats: RunStats | None = None
+        # held by whoever drives the pipeline (a run, or a Server with work in it): two controllers
+        # interleaving micro-batches on one executor would read each other's results and KV blocks
+        self.pipeline_lock = threading.Lock()
 
     def _make_predictor(self, config: TDPipeConfig):
         """The configured predictor; with none configured, the one shipped for this model, or the
@@ -137,7 +141,13 @@ class TDPipeEngine:
 
         controller = self.controller(on_token=on_token, on_finish=finished)
         try:
-            self.last_stats = controller.run(requests, lookahead)
+            if not self.pipeline_lock.acquire(blocking=False):
+                logger.info("tdpipe_hf: a server is running requests on this model; this run waits for it to be idle")
+                self.pipeline_lock.acquire()
+            try:
+                self.last_stats = controller.run(requests, lookahead)
+            finally:
+                self.pipeline_lock.release()
         finally:
             bar.close()
         return self.last_stats

@@ -61,6 +61,36 @@ def test_dead_worker_is_named_quickly_and_nothing_is_left_behind():
     assert not engine.executor.running
 
 
+def test_a_plan_larger_than_the_pipe_for_a_dead_stage_0_is_an_error_not_a_hang():
+    """Stage 0 killed while idle, then a plan bigger than a pipe's buffer (64 KiB): the write
+    must fail at once (the controller holds no reading end of its own), naming the dead stage."""
+    import threading
+
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=43), num_stages=2, executor="distributed")
+    executor = model.tdpipe_engine.executor
+    try:
+        model.generate_batch(random_prompts(2, seed=45), max_new_tokens=2)  # starts the workers
+        victim = executor._procs[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(timeout=10)
+        raised = []
+
+        def submit():
+            try:
+                executor.submit(list(range(100_000)))  # what it holds does not matter: it cannot arrive
+            except StageError as exc:
+                raised.append(exc)
+
+        writer = threading.Thread(target=submit, daemon=True)
+        writer.start()
+        writer.join(timeout=30)
+        assert not writer.is_alive(), "submit hung on a dead stage 0"
+        assert raised and re.search(rf"stage 0 \(layers 0-1, pid {victim.pid}\) died", str(raised[0]))
+        assert not executor.running
+    finally:
+        tdpipe_hf.unwrap(model)
+
+
 def test_worker_error_carries_the_traceback():
     model = tdpipe_hf.wrap(tiny_model("llama", seed=45), num_stages=2, executor="distributed",
                            block_size=4, kv_blocks=8)

@@ -157,7 +157,7 @@ def test_stop_strings_cut_the_text_and_free_the_kv(served):
 
 def test_text_tracker_holds_back_partial_characters_and_stop_prefixes():
     class Bytes:
-        def decode(self, ids, skip_special_tokens=True):
+        def decode(self, ids, skip_special_tokens=True, **_):
             return bytes(ids).decode("utf-8", errors="replace")
 
     tracker = TextTracker(Bytes(), ["END"])
@@ -167,6 +167,25 @@ def test_text_tracker_holds_back_partial_characters_and_stop_prefixes():
     assert tracker.add(ord("D")) == "" and tracker.stopped and tracker.text == "héllo "
     free = TextTracker(Bytes(), [])
     assert "".join(free.add(b) for b in "né".encode()) == "né" and not free.stopped
+
+
+def test_text_tracker_waits_for_every_byte_of_a_byte_fallback_character():
+    """A SentencePiece byte-fallback tokenizer (Llama-2, Mistral) decodes one U+FFFD per byte of an
+    unfinished character: none may be sent, and the character must come whole once finished."""
+    from tokenizers import decoders
+
+    decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    pieces = ["A", "<0xE4>", "<0xBD>", "<0xA0>", "▁B", "<0xC3>"]  # "A你 B" and a byte left unfinished
+
+    class Pieces:
+        def decode(self, ids, skip_special_tokens=True, **_):
+            return decoder.decode([pieces[i] for i in ids])
+
+    for stop in ([], ["zz"]):
+        tracker = TextTracker(Pieces(), stop)
+        sent = [tracker.add(i) for i in range(len(pieces))]
+        assert not any("\ufffd" in piece for piece in sent)
+        assert "".join(sent) + tracker.flush() == "A你▁B\ufffd"  # ended mid-character: sent as decoded
 
 
 def test_n_choices_with_a_seed_are_reproducible(served):
@@ -512,3 +531,10 @@ def test_the_server_answers_others_while_a_prompt_is_tokenized():
     assert answers and answers[0].status_code == 200, answers[0].text
     assert answers[0].json()["usage"]["completion_tokens"] == 3
 
+
+
+def test_a_null_max_completion_tokens_leaves_max_tokens_in_force():
+    from tdpipe_hf.apps.openai_server import parse_sampling
+
+    assert parse_sampling({"max_completion_tokens": None, "max_tokens": 5}).max_tokens == 5
+    assert parse_sampling({"max_completion_tokens": 3, "max_tokens": 5}).max_tokens == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -170,6 +171,97 @@ def test_a_failed_step_leaves_nothing_behind_for_the_next_requests(monkeypatch):
         assert all(o == "sampling failed" or o == e for o, e in zip(outcomes, expected))
         assert [list(server.submit(p, max_new_tokens=6)) for p in prompts] == expected
         assert server.engine_failures == 1
+    finally:
+        server.close()
+        tdpipe_hf.unwrap(model)
+
+
+def test_closing_the_engine_under_a_live_server_drops_its_prefix_cache():
+    """``engine.close()`` while a server lives drops the stages' KV; the server's next request
+    that shares a cached start must compute it again, not read the new, empty cache."""
+    model = tiny_model("llama", seed=75)
+    prompt = random_prompts(1, low=14, high=14, seed=78)[0]
+    expected = hf_generate(model, torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=64)
+    server = Server(model)
+    try:
+        assert list(server.submit(prompt, max_new_tokens=6)) == expected
+        cached = server.totals["cached_tokens"]
+        model.tdpipe_engine.close()
+        assert list(server.submit(prompt, max_new_tokens=6)) == expected
+        assert server.totals["cached_tokens"] == cached  # nothing taken from the closed stages
+    finally:
+        server.close()
+        tdpipe_hf.unwrap(model)
+
+
+def test_a_closed_server_leaves_the_engine_ready_for_generate():
+    """Closing a server while its requests run leaves no micro-batch in the engine's pipeline:
+    ``model.generate`` afterwards gets HF's tokens (it failed on the server's leftovers)."""
+    model = tiny_model("llama", seed=79)
+    prompts = random_prompts(4, low=4, high=20, seed=80)
+    ids, mask = left_padded(prompts)
+    expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=256)
+    server = Server(model)
+    try:
+        streams = [server.submit(p, max_new_tokens=400) for p in prompts]
+        next(iter(streams[0]))  # running
+        server.close()
+        for stream in streams:
+            with pytest.raises(RuntimeError, match="closed"):
+                list(stream)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False), expected)
+    finally:
+        server.close()
+        tdpipe_hf.unwrap(model)
+
+
+def test_a_sink_that_raises_ends_its_own_request_only():
+    """A caller's token sink that raises cancels that request; the others sharing the run get
+    their exact tokens and the engine run does not fail."""
+    model = tiny_model("llama", seed=81)
+    prompts = random_prompts(3, low=4, high=20, seed=82)
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=64)
+    server = Server(model)
+    try:
+        expected = [list(server.submit(p, max_new_tokens=8)) for p in prompts]
+
+        def broken(item):
+            raise OSError("the caller went away")
+
+        bad = server.submit(prompts[0], max_new_tokens=8, sink=broken)
+        good = [server.submit(p, max_new_tokens=8) for p in prompts[1:]]
+        assert [list(s) for s in good] == expected[1:]
+        assert server.engine_failures == 0 and isinstance(bad.error, OSError)
+        deadline = time.monotonic() + 30
+        while server.num_running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.controller.scheduler.blocks.num_used == 0  # the cancelled request's KV is free
+    finally:
+        server.close()
+        tdpipe_hf.unwrap(model)
+
+
+def test_generate_beside_a_busy_server_waits_its_turn_and_both_are_exact():
+    """``model.generate`` while the server's requests are in the pipeline: the run waits until
+    the server is idle (mixing micro-batches on one executor mixed their results and KV), and
+    both get HF's tokens."""
+    model = tiny_model("llama", seed=83)
+    served = random_prompts(3, low=4, high=16, seed=84)
+    asked = random_prompts(2, low=4, high=16, seed=85)
+    expected_served = [hf_generate(model, torch.tensor([p]), max_new_tokens=60, do_sample=False)[0, len(p):].tolist()
+                       for p in served]
+    ids, mask = left_padded(asked)
+    expected_asked = hf_generate(model, ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=128)
+    server = Server(model)
+    try:
+        streams = [server.submit(p, max_new_tokens=60) for p in served]
+        next(iter(streams[0]))  # the server's requests are running
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected_asked)
+        tails = [list(s) for s in streams]
+        assert [expected_served[0][1:]] + expected_served[1:] == tails
     finally:
         server.close()
         tdpipe_hf.unwrap(model)

@@ -61,11 +61,14 @@ class CheckedBlocks:
 @settings(max_examples=20, deadline=None)
 @given(prompts=st.lists(st.lists(st.integers(1, VOCAB - 1), min_size=1, max_size=14), min_size=1, max_size=10),
        limits=st.lists(st.integers(1, 14), min_size=10, max_size=10), num_stages=st.integers(1, 3),
-       num_blocks=st.integers(30, 60), aborts=st.sets(st.integers(0, 9), max_size=3))
+       num_blocks=st.integers(30, 60), aborts=st.sets(st.integers(0, 9), max_size=3),
+       start=st.lists(st.integers(1, VOCAB - 1), max_size=9), shares=st.lists(st.booleans(), min_size=10, max_size=10))
 def test_no_scheduler_kind_leaks_double_frees_overbooks_or_starves(kind, prompts, limits, num_stages, num_blocks,
-                                                                    aborts):
-    """Random prompts, lengths, budgets and aborts mid-run: every block goes to one owner at a
-    time and comes back, no request waits forever, every survivor gets its exact tokens."""
+                                                                    aborts, start, shares):
+    """Random prompts (some after a shared start, so that cached blocks have several holders),
+    lengths, budgets and aborts mid-run: every block goes to its holders only and comes back, no
+    request waits forever, every survivor gets its exact tokens."""
+    prompts = [start + p if share else p for p, share in zip(prompts, shares)]
     config = TDPipeConfig(policy=kind, num_stages=num_stages, block_size=4, kv_blocks=num_blocks,
                           prefill_chunk_tokens=16, predictor="constant")
     scheduler = build_scheduler(config, num_blocks, num_stages, ConstantPredictor(4.0))

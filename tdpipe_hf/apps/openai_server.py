@@ -105,8 +105,8 @@ def parse_sampling(body: dict) -> Sampling:
     for name in body:
         if name in UNSUPPORTED and body[name] not in UNSUPPORTED[name]:
             raise APIError(f"'{name}' is not supported by tdpipe_hf", name, code="unsupported_parameter")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(param)  # null is unset, as OpenAI reads it
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise APIError(f"'{param}' must be a positive integer, got {max_tokens!r}", param)
     stop = body.get("stop")
@@ -129,37 +129,58 @@ def parse_sampling(body: dict) -> Sampling:
 
 class TextTracker:
     """Turns one choice's tokens into text as they come: emits only complete characters, holds
-    back what could still become a stop string, and cuts the text at the first stop string."""
+    back what could still become a stop string, and cuts the text at the first stop string.
+
+    Decoding is incremental (each token decodes a short window of the tokens before it, as vLLM's
+    detokenizer does), so a long answer costs linear time, and a window whose text ends in an
+    unfinished character (one or more U+FFFD: a byte-fallback tokenizer spends one per byte)
+    waits for the tokens that finish it; text once emitted never changes."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
         self.tokens: list[int] = []
-        self.text = ""
-        self.sent = 0
+        self.text = ""  # decoded so far (complete characters)
+        self.sent = 0  # characters of ``text`` handed out
         self.stopped = False
         self._hold = max((len(s) for s in stop), default=1) - 1
+        self._window = self._read = 0  # token offsets: the decoding window's start; the first token not in ``text``
 
     def add(self, token: int) -> str:
         """The new text ``token`` makes safe to send ("" if none yet)."""
         self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        for stop in self.stop:
-            at = self.text.find(stop)
-            if at >= 0:
-                self.text, self.stopped = self.text[:at], True
+        if self.stopped:
+            return ""
+        self._decode(final=False)
         if self.stopped:
             return self.flush()
         ready = len(self.text) - self._hold
-        if self.text.endswith("\ufffd"):  # a character split over tokens: wait for the rest
-            ready = min(ready, len(self.text) - 1)
         if ready <= self.sent:
             return ""
         delta, self.sent = self.text[self.sent:ready], ready
         return delta
 
     def flush(self) -> str:
+        """All the text not sent yet (the answer is over: unfinished characters are decoded as they are)."""
+        if not self.stopped:
+            self._decode(final=True)
         delta, self.sent = self.text[self.sent:], len(self.text)
         return delta
+
+    def _decode(self, final: bool) -> None:
+        def decode(ids):  # no clean-up of spaces: it can change text already sent (" ," -> ",")
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+        before, after = decode(self.tokens[self._window:self._read]), decode(self.tokens[self._window:])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return  # nothing new yet, or a character still split over tokens
+        searched_from = max(0, len(self.text) - self._hold)  # a stop string may end in the new text
+        self.text += after[len(before):]
+        self._window, self._read = self._read, len(self.tokens)
+        for stop in self.stop:
+            at = self.text.find(stop, searched_from)
+            if at >= 0:
+                self.text, self.stopped = self.text[:at], True
+                searched_from = min(searched_from, at)
 
 
 @dataclass
@@ -246,7 +267,7 @@ class OpenAIService:
                 raise APIError(f"the prompt has {len(prompt)} tokens: the {where} of {limit} tokens leaves no room "
                                f"for an answer", prompt_field, code="context_length_exceeded")
         if sampling.max_tokens is None:  # as much as fits, up to the server's default cap
-            room = min(self.server.engine.request_capacity_tokens, context or self.max_tokens_limit) - len(prompt)
+            room = min(limit for limit, _ in limits) - len(prompt) if limits else self.max_tokens_limit
             sampling.max_tokens = max(1, min(self.max_tokens_limit, room))
         for limit, where in limits:
             if len(prompt) + sampling.max_tokens > limit:
@@ -446,6 +467,7 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
         except RuntimeError as exc:  # the engine failed: every caller hears of it
             raise APIError(str(exc), status=500, kind="server_error") from None
         finally:
+            service.cancel(choices)  # choices still running (after a failure) have no reader any more
             service.record(choices)
         out = []
         for c in choices:

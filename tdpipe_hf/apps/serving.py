@@ -71,6 +71,7 @@ class Server:
         self._incoming: queue.Queue = queue.Queue()
         self._streams: dict[int, TokenStream] = {}
         self._in_engine: set[int] = set()  # ids of the requests handed to the current controller
+        self._holding = False  # whether this server holds the engine's pipeline (``_hold_pipeline``)
         self._ids = itertools.count()
         self._closed = threading.Event()
         self._idle_checked = time.monotonic()
@@ -146,19 +147,45 @@ class Server:
         self._incoming.put(stream.request.request_id)
 
     def close(self) -> None:
+        """Stop the engine thread; requests not finished end with an error. The engine's pipeline
+        is left empty (the thread drains it), so ``model.generate`` or another server can go on."""
         self._closed.set()
         self._thread.join(timeout=30)
-        for stream in list(self._streams.values()):  # nothing may wait forever on a closed server
-            stream.error = RuntimeError("the server closed before this request finished")
-            stream.put(DONE)
-        self._streams.clear()
+        for request_id in list(self._streams):  # nothing may wait forever on a closed server
+            self._end(request_id, RuntimeError("the server closed before this request finished"))
 
     def _on_token(self, request: Request, token: int) -> None:
-        self._streams[request.request_id].put(token)
+        self._deliver(request.request_id, token)
 
     def _on_finish(self, request: Request) -> None:
         self._in_engine.discard(request.request_id)
-        self._streams.pop(request.request_id).put(DONE)
+        self._deliver(request.request_id, DONE)
+        self._streams.pop(request.request_id, None)
+
+    def _deliver(self, request_id: int, item: object) -> None:
+        """Hand ``item`` to a request's stream. A caller's sink that raises ends that request
+        alone (it is cancelled), not the engine run every other request shares."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        try:
+            stream.put(item)
+        except Exception as exc:
+            logger.warning("tdpipe_hf: request %d's token sink raised %r; the request is cancelled", request_id, exc)
+            self._streams.pop(request_id, None)
+            stream.error = exc
+            if item is not DONE:
+                self._incoming.put(request_id)
+
+    def _end(self, request_id: int, error: BaseException) -> None:
+        """End a request's stream with ``error`` (its caller's iteration raises it)."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.error = error
+            try:
+                stream.put(DONE)
+            except Exception:  # a sink that raises cannot be told more
+                logger.warning("tdpipe_hf: request %d's token sink raised on its end", request_id)
 
     def _check_idle_stages(self) -> None:
         """Every ``IDLE_CHECK_SECONDS`` while idle: a stage process that died (or froze) between
@@ -184,29 +211,60 @@ class Server:
             self.controller = controller
 
     def _loop(self) -> None:
-        while not self._closed.is_set():
-            try:  # wait for work when idle; otherwise only take what has arrived
-                idle = not self.controller.has_work
-                item = self._incoming.get(timeout=0.1) if idle else self._incoming.get_nowait()
-                if isinstance(item, Request):
-                    self.controller.add(item)
-                    self._in_engine.add(item.request_id)
-                else:  # a request id to cancel
-                    self.controller.abort(item)
-                continue
-            except queue.Empty:
-                if not self.controller.has_work:
-                    self._check_idle_stages()
-                    continue
+        try:
+            while not self._closed.is_set():
+                try:
+                    self._serve_once()
+                except Exception as exc:  # its requests' callers learn of it; the server starts afresh
+                    self._fail_run(exc)
+        finally:  # closed: leave the engine's pipeline empty for whoever runs it next
             try:
-                self.controller.step()
-            except Exception as exc:  # its requests' callers learn of it; the server starts afresh
-                self.controller.drain()  # the next controller must not receive this one's micro-batches
-                for request_id in self._in_engine:
-                    stream = self._streams.pop(request_id)
-                    stream.error = exc
-                    stream.put(DONE)
-                self._in_engine.clear()  # requests still queued go to the fresh controller
-                self.engine_failures += 1
-                self._new_controller()
-            del self.controller.stats.timeline[:-KEEP_EVENTS]
+                self.controller.drain()
+            finally:
+                self._hold_pipeline(False)
+
+    def _hold_pipeline(self, hold: bool) -> None:
+        """Hold the engine's pipeline while this server has work in it, so that a
+        ``model.generate`` on the same model waits for the server to be idle (and the other way
+        round) instead of mixing its micro-batches with the server's."""
+        if hold and not self._holding:
+            self.engine.pipeline_lock.acquire()
+        elif not hold and self._holding:
+            self.engine.pipeline_lock.release()
+        self._holding = hold
+
+    def _serve_once(self) -> None:
+        """Take one arrival (a request, or a request id to cancel), or run one engine step."""
+        try:  # wait for work when idle; otherwise only take what has arrived
+            idle = not self.controller.has_work
+            item = self._incoming.get(timeout=0.1) if idle else self._incoming.get_nowait()
+        except queue.Empty:
+            if not self.controller.has_work:
+                self._hold_pipeline(False)
+                if self.engine.pipeline_lock.acquire(blocking=False):  # not while a run uses the stages
+                    try:
+                        self._check_idle_stages()
+                    finally:
+                        self.engine.pipeline_lock.release()
+                return
+        else:
+            if isinstance(item, Request):
+                self._in_engine.add(item.request_id)
+                self.controller.add(item)
+            else:
+                self.controller.abort(item)
+            return
+        self._hold_pipeline(True)
+        self.controller.step()
+        del self.controller.stats.timeline[:-KEEP_EVENTS]
+
+    def _fail_run(self, error: Exception) -> None:
+        """The engine run failed: end the requests it held with ``error``, empty the pipeline (the
+        next controller must not receive this one's micro-batches) and start a fresh controller;
+        requests still queued go to it."""
+        self.controller.drain()
+        for request_id in self._in_engine:
+            self._end(request_id, error)
+        self._in_engine.clear()
+        self.engine_failures += 1
+        self._new_controller()

@@ -18,7 +18,8 @@ from ..plan import MicroBatch, StepResult
 from .request import Request
 from .scheduler import Scheduler
 
-# executor -> the token of the controller whose micro-batches last wrote its KV (see ``_claim_kv``)
+# executor -> (the token of the controller whose micro-batches last wrote its KV, the executor's
+# ``kv_epoch`` then: an executor counts up when it drops its KV caches, as on close) (``_claim_kv``)
 _KV_WRITERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -159,13 +160,15 @@ class Controller:
     def _claim_kv(self) -> None:
         """Before scheduling: the prefix cache trusts the KV this controller's micro-batches wrote,
         but another controller on the same executor (``model.generate`` on a model a ``Server``
-        also runs) writes the same cache blocks, so after one has run the index is dropped."""
+        also runs) writes the same cache blocks, and an executor that closed (a failure, or
+        ``engine.close()``) restarts with empty caches: after either the index is dropped."""
+        mark = (self._kv_token, getattr(self.executor, "kv_epoch", 0))  # the epoch moves when its KV is dropped
         try:
-            last = _KV_WRITERS.get(self.executor, self._kv_token)
-            _KV_WRITERS[self.executor] = self._kv_token
+            last = _KV_WRITERS.get(self.executor)
+            _KV_WRITERS[self.executor] = mark
         except TypeError:  # an executor no weak reference can name: no cached block can be trusted
             last = None
-        if last is not self._kv_token:
+        if last != mark:
             forget = getattr(self.scheduler.blocks, "forget_cached", None)
             if forget is not None:
                 forget()

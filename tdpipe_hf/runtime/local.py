@@ -29,6 +29,7 @@ class LocalExecutor:
     """
 
     relays_tokens = True  # runs micro-batches in order, so a step planned ahead finds its tokens
+    kv_epoch = 0  # counts the times the KV caches were dropped (see ``Controller._claim_kv``)
 
     def __init__(self, stages: list[Stage], setup: StageSetup, devices: list[torch.device] | None = None):
         self.stages = stages
@@ -99,6 +100,7 @@ class LocalExecutor:
     def close(self) -> None:
         """Drop queued work and the KV cache, and give the model's modules back their own weights
         on their own devices; the next micro-batch prepares the stages again."""
+        self.kv_epoch += 1  # the KV is gone: a controller's prefix cache must not trust it
         self._queue.clear()
         for stage in self.stages:
             stage.release()

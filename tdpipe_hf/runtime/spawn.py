@@ -2,7 +2,9 @@
 
 The controller's process talks to the pipeline through two pipes: plans go to stage 0, token ids
 come back from the last stage; between stages the workers speak ``wire.py``'s protocol. Workers
-send heartbeats, so a dead or hung stage becomes a ``StageError`` naming it within seconds.
+send heartbeats from a thread of their own, so a dead or frozen (stopped) stage process becomes
+a ``StageError`` naming it within seconds; a stage whose main thread waits forever while its
+process runs is not detected by them.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class DistributedExecutor:
     """Spawns ``len(stages)`` worker processes; same ``submit``/``collect`` interface as
     :class:`LocalExecutor`. Workers start on first use and are restarted after a failure."""
 
+    kv_epoch = 0  # counts the times the workers (and their KV caches) were stopped (``Controller._claim_kv``)
+
     def __init__(self, stages: list[Stage], setup: StageSetup, threads_per_stage: int | None = None,
                  resplit: Callable[[StageCosts], list[Stage]] | None = None,
                  devices: list[torch.device] | None = None):
@@ -153,6 +157,13 @@ class DistributedExecutor:
             with _without_main_reimport(), _sigint_blocked():
                 proc.start()
             self._procs.append(proc)
+        # keep only the ends this process uses: a dead worker then breaks the pipe (an error
+        # here) instead of leaving a write to a full pipe, or a read of a cut message, waiting
+        unused = [self._plans.reader, self._results.writer, *(p.reader for p in self._restage if p is not None)]
+        if self._tokens is not None:
+            unused += [self._tokens.reader, self._tokens.writer]
+        for end in unused:
+            end.close()
 
     def _answers(self, kind: str) -> list:
         """Wait for every worker's ``kind`` message; their payloads in rank order."""
@@ -170,6 +181,7 @@ class DistributedExecutor:
         (at once with ``force``, after a failure)."""
         if not self._procs:
             return
+        self.kv_epoch += 1  # the workers' KV goes with them: a controller's prefix cache must not trust it
         if not force and all(p.is_alive() for p in self._procs):
             self._plans.put(None)
             for proc in self._procs:
@@ -207,7 +219,10 @@ class DistributedExecutor:
 
     def submit(self, batch: MicroBatch) -> None:
         self.start()
-        self._plans.put(batch)
+        try:
+            self._plans.put(batch)
+        except OSError as exc:  # stage 0 is gone (its end of the pipe closed with it)
+            self._broken(exc)
         self._in_flight += 1
 
     def collect(self) -> StepResult:
@@ -235,12 +250,21 @@ class DistributedExecutor:
                 return source.get(timeout=_POLL_SECONDS)
             except queue.Empty:
                 pass
+            except (EOFError, OSError) as exc:  # the sending worker died, mid-message or before
+                self._broken(exc)
             failure = self._failure(check_heartbeats=what == "running")
             if failure is None and deadline is not None and time.monotonic() > deadline:
                 failure = f"stage workers did not start within {_START_TIMEOUT:.0f}s"
             if failure is not None:
                 self.close(force=True)
                 raise StageError(failure)
+
+    def _broken(self, exc: BaseException) -> None:
+        """A pipe to the workers broke: a StageError naming the worker that died, if one did."""
+        time.sleep(_POLL_SECONDS)  # let the death become visible
+        failure = self._failure(check_heartbeats=False) or f"the connection to the stage workers broke: {exc!r}"
+        self.close(force=True)
+        raise StageError(failure) from exc
 
     def _failure(self, check_heartbeats: bool = True) -> str | None:
         """What went wrong, if anything. A killed worker makes its neighbours fail too (their
