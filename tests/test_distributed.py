@@ -91,6 +91,25 @@ def test_a_plan_larger_than_the_pipe_for_a_dead_stage_0_is_an_error_not_a_hang()
         tdpipe_hf.unwrap(model)
 
 
+def test_a_controller_resumed_after_a_stop_gives_the_workers_a_turn_before_judging_them():
+    """Ctrl-Z stops the controller and its workers together; after ``fg`` the controller must not
+    call the workers silent before their heartbeat threads could beat again. A worker that stays
+    silent after that is still reported."""
+    model = tdpipe_hf.wrap(tiny_model("llama", seed=43), num_stages=2, executor="distributed")
+    executor = model.tdpipe_engine.executor
+    try:
+        model.generate_batch(random_prompts(2, seed=46), max_new_tokens=2)  # starts the workers
+        frozen = executor._procs[0]
+        os.kill(frozen.pid, signal.SIGSTOP)  # it cannot beat: its last beat stays as set below
+        long_ago = time.monotonic() - 10 * HEARTBEAT_TIMEOUT
+        executor._beats[0] = long_ago
+        executor._looked = long_ago  # as if this process had been stopped as long
+        assert executor._failure() is None
+        assert re.search(r"stage 0 \(layers 0-1, pid \d+\) is not responding", executor._failure() or "")
+    finally:
+        tdpipe_hf.unwrap(model)
+
+
 def test_worker_error_carries_the_traceback():
     model = tdpipe_hf.wrap(tiny_model("llama", seed=45), num_stages=2, executor="distributed",
                            block_size=4, kv_blocks=8)

@@ -267,6 +267,21 @@ def test_bad_requests_get_openai_errors_and_others_are_untouched(served):
     assert text == expected
 
 
+def test_a_body_over_the_limit_is_refused_before_it_is_read_whole(served, monkeypatch):
+    """413 in OpenAI's shape, whether the body says its length or streams it in chunks."""
+    import tdpipe_hf.apps.openai_server as api
+
+    client, _, _ = served
+    monkeypatch.setattr(api, "MAX_BODY_BYTES", 1000)
+    body = json.dumps({"model": NAME, "prompt": "x" * 2000, "max_tokens": 2}).encode()
+    for content in (body, iter([body[:600], body[600:]])):  # with a Content-Length, then chunked
+        reply = client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+        assert reply.status_code == 413, reply.text
+        assert "over the server's limit of 1000" in reply.json()["error"]["message"]
+    small = client.post("/v1/completions", json={"model": NAME, "prompt": "Hi", "max_tokens": 2})
+    assert small.status_code == 200
+
+
 def test_a_tiny_or_whole_number_temperature_is_served(served):
     """A temperature of 1e-300 overflowed float32 logits and failed every request in the
     micro-batch; below 1e-5 it is greedy now (as in vLLM). A whole number such as 2 was refused

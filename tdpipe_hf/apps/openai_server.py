@@ -405,8 +405,18 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
         return JSONResponse(APIError(f"invalid request: {exc.errors()[0].get('msg', exc)}").body(), status_code=400)
 
     async def read_json(request: Request) -> dict:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise APIError(f"the request body ({int(declared)} bytes) is over the server's limit of {MAX_BODY_BYTES}",
+                           status=413)
+        chunks, size = [], 0
+        async for chunk in request.stream():  # read what a body without a length sends, up to the limit
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise APIError(f"the request body is over the server's limit of {MAX_BODY_BYTES} bytes", status=413)
+            chunks.append(chunk)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
             raise APIError(f"the request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
@@ -492,6 +502,10 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
 
 
 TOKENIZING_THREADS = 4
+# a request body larger than this is refused (413) before it is parsed: one huge body must not
+# take the memory of the process that holds the model (a context of 128k tokens as JSON text or
+# token ids is a few MiB)
+MAX_BODY_BYTES = 32 * 2**20
 
 
 def _private_copy(tokenizer):

@@ -146,6 +146,7 @@ class DistributedExecutor:
         self._errors = ctx.Queue()
         port = free_port()
         self._beats = ctx.Array("d", [time.monotonic()] * self.num_stages, lock=False)
+        self._looked = time.monotonic()  # when ``_failure`` last looked at the heartbeats
         for rank, stage in enumerate(self.stages):
             proc = ctx.Process(target=_worker_main, name=f"tdpipe-stage-{rank}", daemon=True,
                                args=(rank, self.num_stages, port, stage, self.setup, self.threads,
@@ -290,7 +291,11 @@ class DistributedExecutor:
                             "define it in a module, or guard the script)")
             return f"stage {rank} ({self.stages[rank].layers_label}) failed: {message}"
         now = time.monotonic()
-        for rank, proc in enumerate(self._procs if check_heartbeats else []):  # imports take a while at start
+        # this process was itself stopped (Ctrl-Z, then fg) since it last looked: the workers were
+        # too, so their silence says nothing until their heartbeat threads have had a turn
+        resumed = now - self._looked > HEARTBEAT_TIMEOUT
+        self._looked = now
+        for rank, proc in enumerate(self._procs if check_heartbeats and not resumed else []):  # imports take a while at start
             silent = now - self._beats[rank]
             if silent > HEARTBEAT_TIMEOUT:
                 return (f"stage {rank} ({self.stages[rank].layers_label}, pid {proc.pid}) is not responding: "
