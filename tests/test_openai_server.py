@@ -201,7 +201,6 @@ def test_n_choices_with_a_seed_are_reproducible(served):
 
 
 BAD_REQUESTS = [
-    ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, "does not exist"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "'model' is required"),
     ("/v1/chat/completions", {"model": NAME, "messages": "hi"}, "'messages' must be"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"content": "hi"}]}, "'role'"),
@@ -228,6 +227,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": NAME, "prompt": "a", "cache_salt": 7}, "'cache_salt' must be"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "stream": "yes"}, "'stream' must be"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 2}, "'logprobs' is not supported"),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 0}, "'logprobs' is not supported"),  # not False
+    ("/v1/completions", {"model": NAME, "prompt": "a", "stream": 0}, "'stream' must be true or false"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "presence_penalty": 0.5}, "not supported"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "best_of": 3}, "not supported"),
     ("/v1/completions", {"model": NAME, "prompt": "a", "tempreature": 0}, "unknown parameter 'tempreature'"),
@@ -265,6 +266,15 @@ def test_bad_requests_get_openai_errors_and_others_are_untouched(served):
     runner.join(timeout=120)
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in result["events"][:-1])
     assert text == expected
+
+
+def test_an_unknown_model_is_not_found_and_a_null_stream_is_unset(served):
+    client, _, _ = served
+    reply = client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 404 and reply.json()["error"]["code"] == "model_not_found"
+    assert "does not exist" in reply.json()["error"]["message"]
+    reply = client.post("/v1/completions", json={"model": NAME, "prompt": "Hi", "max_tokens": 2, "stream": None})
+    assert reply.status_code == 200 and reply.json()["object"] == "text_completion"
 
 
 def test_a_body_over_the_limit_is_refused_before_it_is_read_whole(served, monkeypatch):
@@ -338,7 +348,7 @@ def test_the_openai_client_package_gets_greedy_generate(live):
     completion = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0)
     assert completion.choices[0].text == greedy_text(model, tokenizer, ids, 10)
     assert completion.usage.prompt_tokens == len(ids)
-    with pytest.raises(openai.BadRequestError, match="does not exist"):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):  # 404, as OpenAI and vLLM answer
         client.completions.create(model="gpt-4", prompt=prompt, max_tokens=5)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -11,6 +12,18 @@ from conftest import hf_generate, left_padded, random_prompts, tiny_model
 
 import tdpipe_hf
 from tdpipe_hf.apps.serving import Server
+
+
+@contextmanager
+def serving(model, **options):
+    """A server over ``model`` wrapped with ``options``; closed and unwrapped afterwards."""
+    tdpipe_hf.wrap(model, **options)
+    server = Server(model)
+    try:
+        yield server
+    finally:
+        server.close()
+        tdpipe_hf.unwrap(model)
 
 
 def test_concurrent_callers_get_their_own_exact_tokens():
@@ -63,10 +76,8 @@ def test_a_stage_that_dies_between_requests_does_not_fail_the_next_one():
     model = tiny_model("llama", seed=71)
     prompt = random_prompts(1, low=2, high=20, seed=73)[0]
     expected = hf_generate(model, torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
-    tdpipe_hf.wrap(model, num_stages=2, executor="distributed", block_size=4, kv_blocks=64)
-    server = Server(model)
-    executor = model.tdpipe_engine.executor
-    try:
+    with serving(model, num_stages=2, executor="distributed", block_size=4, kv_blocks=64) as server:
+        executor = model.tdpipe_engine.executor
         assert list(server.submit(prompt, max_new_tokens=6)) == expected  # starts the stage processes
         assert list(server.submit(prompt, max_new_tokens=6)) == expected
         cached = server.totals["cached_tokens"]
@@ -78,9 +89,6 @@ def test_a_stage_that_dies_between_requests_does_not_fail_the_next_one():
         assert not executor.running and server.stage_restarts == 1
         assert list(server.submit(prompt, max_new_tokens=6)) == expected
         assert server.totals["cached_tokens"] == cached  # nothing taken from before the restart
-    finally:
-        server.close()
-        tdpipe_hf.unwrap(model)
 
 
 def test_generate_on_the_served_model_does_not_leave_the_server_a_stale_prefix_cache():
@@ -96,16 +104,11 @@ def test_generate_on_the_served_model_does_not_leave_the_server_a_stale_prefix_c
         return hf_generate(model, torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
 
     expected = hf(second)
-    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=64)
-    server = Server(model)
-    try:
+    with serving(model, num_stages=2, block_size=4, kv_blocks=64) as server:
         list(server.submit(first, max_new_tokens=6))  # caches the start's three blocks
         ids, mask = left_padded(others)
         model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)  # overwrites blocks 0, 1, ...
         assert list(server.submit(second, max_new_tokens=6)) == expected
-    finally:
-        server.close()
-        tdpipe_hf.unwrap(model)
 
 
 def test_totals_survive_a_failed_run():
@@ -113,9 +116,7 @@ def test_totals_survive_a_failed_run():
     Prometheus counter reports must not go back to 0."""
     model = tiny_model("llama", seed=71)
     prompt = random_prompts(1, low=2, high=20, seed=74)[0]
-    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=64)
-    server = Server(model)
-    try:
+    with serving(model, num_stages=2, block_size=4, kv_blocks=64) as server:
         first = list(server.submit(prompt, max_new_tokens=5))
         before = server.totals["generated_tokens"]
         assert before == len(first) > 0
@@ -131,9 +132,6 @@ def test_totals_survive_a_failed_run():
         assert server.totals["generated_tokens"] == before
         assert list(server.submit(prompt, max_new_tokens=5)) == first  # the fresh controller serves
         assert server.totals["generated_tokens"] == 2 * before
-    finally:
-        server.close()
-        tdpipe_hf.unwrap(model)
 
 
 def test_a_failed_step_leaves_nothing_behind_for_the_next_requests(monkeypatch):
@@ -145,9 +143,7 @@ def test_a_failed_step_leaves_nothing_behind_for_the_next_requests(monkeypatch):
 
     model = tiny_model("llama", seed=71)
     prompts = random_prompts(6, low=2, high=20, seed=75)
-    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=64)
-    server = Server(model)
-    try:
+    with serving(model, num_stages=2, block_size=4, kv_blocks=64) as server:
         expected = [list(server.submit(p, max_new_tokens=6)) for p in prompts]
         sample, calls = local.sample_batch, []
 
@@ -171,9 +167,6 @@ def test_a_failed_step_leaves_nothing_behind_for_the_next_requests(monkeypatch):
         assert all(o == "sampling failed" or o == e for o, e in zip(outcomes, expected))
         assert [list(server.submit(p, max_new_tokens=6)) for p in prompts] == expected
         assert server.engine_failures == 1
-    finally:
-        server.close()
-        tdpipe_hf.unwrap(model)
 
 
 def test_closing_the_engine_under_a_live_server_drops_its_prefix_cache():
@@ -182,17 +175,12 @@ def test_closing_the_engine_under_a_live_server_drops_its_prefix_cache():
     model = tiny_model("llama", seed=75)
     prompt = random_prompts(1, low=14, high=14, seed=78)[0]
     expected = hf_generate(model, torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
-    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=64)
-    server = Server(model)
-    try:
+    with serving(model, num_stages=2, block_size=4, kv_blocks=64) as server:
         assert list(server.submit(prompt, max_new_tokens=6)) == expected
         cached = server.totals["cached_tokens"]
         model.tdpipe_engine.close()
         assert list(server.submit(prompt, max_new_tokens=6)) == expected
         assert server.totals["cached_tokens"] == cached  # nothing taken from the closed stages
-    finally:
-        server.close()
-        tdpipe_hf.unwrap(model)
 
 
 def test_a_closed_server_leaves_the_engine_ready_for_generate():
@@ -202,9 +190,7 @@ def test_a_closed_server_leaves_the_engine_ready_for_generate():
     prompts = random_prompts(4, low=4, high=20, seed=80)
     ids, mask = left_padded(prompts)
     expected = hf_generate(model, ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=256)
-    server = Server(model)
-    try:
+    with serving(model, num_stages=2, block_size=4, kv_blocks=256) as server:
         streams = [server.submit(p, max_new_tokens=400) for p in prompts]
         next(iter(streams[0]))  # running
         server.close()
@@ -212,9 +198,6 @@ def test_a_closed_server_leaves_the_engine_ready_for_generate():
             with pytest.raises(RuntimeError, match="closed"):
                 list(stream)
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False), expected)
-    finally:
-        server.close()
-        tdpipe_hf.unwrap(model)
 
 
 def test_a_sink_that_raises_ends_its_own_request_only():
@@ -222,9 +205,7 @@ def test_a_sink_that_raises_ends_its_own_request_only():
     their exact tokens and the engine run does not fail."""
     model = tiny_model("llama", seed=81)
     prompts = random_prompts(3, low=4, high=20, seed=82)
-    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=64)
-    server = Server(model)
-    try:
+    with serving(model, num_stages=2, block_size=4, kv_blocks=64) as server:
         expected = [list(server.submit(p, max_new_tokens=8)) for p in prompts]
 
         def broken(item):
@@ -238,9 +219,6 @@ def test_a_sink_that_raises_ends_its_own_request_only():
         while server.num_running and time.monotonic() < deadline:
             time.sleep(0.05)
         assert server.controller.scheduler.blocks.num_used == 0  # the cancelled request's KV is free
-    finally:
-        server.close()
-        tdpipe_hf.unwrap(model)
 
 
 def test_generate_beside_a_busy_server_waits_its_turn_and_both_are_exact():
@@ -254,14 +232,9 @@ def test_generate_beside_a_busy_server_waits_its_turn_and_both_are_exact():
                        for p in served]
     ids, mask = left_padded(asked)
     expected_asked = hf_generate(model, ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    tdpipe_hf.wrap(model, num_stages=2, block_size=4, kv_blocks=128)
-    server = Server(model)
-    try:
+    with serving(model, num_stages=2, block_size=4, kv_blocks=128) as server:
         streams = [server.submit(p, max_new_tokens=60) for p in served]
         next(iter(streams[0]))  # the server's requests are running
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected_asked)
         tails = [list(s) for s in streams]
         assert [expected_served[0][1:]] + expected_served[1:] == tails
-    finally:
-        server.close()
-        tdpipe_hf.unwrap(model)

@@ -101,9 +101,15 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
     return value
 
 
+def _means_unused(value, unused: tuple) -> bool:
+    """Whether ``value`` is one of ``unused``, type included: ``logprobs: 0`` (an int: the sampled
+    token's log-probability, in the completions API) is not ``logprobs: false``."""
+    return any(value is v or (type(value) is type(v) and value == v) for v in unused)
+
+
 def parse_sampling(body: dict) -> Sampling:
     for name in body:
-        if name in UNSUPPORTED and body[name] not in UNSUPPORTED[name]:
+        if name in UNSUPPORTED and not _means_unused(body[name], UNSUPPORTED[name]):
             raise APIError(f"'{name}' is not supported by tdpipe_hf", name, code="unsupported_parameter")
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(param)  # null is unset, as OpenAI reads it
@@ -223,7 +229,7 @@ class OpenAIService:
             raise APIError("'model' is required", "model")
         if model != self.model_name:
             raise APIError(f"model {model!r} does not exist; this server serves {self.model_name!r}", "model",
-                           code="model_not_found")
+                           status=404, code="model_not_found")
 
     def completion_prompt(self, body: dict) -> list[int]:
         prompt = body.get("prompt")
@@ -449,7 +455,8 @@ def build_app(model, tokenizer, model_name: str = "tdpipe", max_tokens_limit: in
         loop = asyncio.get_running_loop()
         prompt = await loop.run_in_executor(service.tokenizing, service.chat_prompt if chat else service.completion_prompt,
                                             body)
-        stream = body.get("stream", False)
+        stream = body.get("stream")
+        stream = False if stream is None else stream  # null is unset
         if not isinstance(stream, bool):
             raise APIError("'stream' must be true or false", "stream")
         options = body.get("stream_options") or {}
