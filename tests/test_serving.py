@@ -71,7 +71,6 @@ def test_a_stage_that_dies_between_requests_does_not_fail_the_next_one():
     new stages' KV is empty, so the prefix cache must not hand out the old blocks."""
     import os
     import signal
-    import time
 
     model = tiny_model("llama", seed=71)
     prompt = random_prompts(1, low=2, high=20, seed=73)[0]

@@ -185,8 +185,7 @@ class TextTracker:
         for stop in self.stop:
             at = self.text.find(stop, searched_from)
             if at >= 0:
-                self.text, self.stopped = self.text[:at], True
-                searched_from = min(searched_from, at)
+                self.text, self.stopped = self.text[:at], True  # a later stop found in what is left comes earlier
 
 
 @dataclass
